@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs the system packages the stack, the tests and the benchmarks run.
+# Each line below: a program that must be found, and the Debian package that has it.
+# Missing programs are installed with apt-get when we are root; otherwise we say
+# exactly what to install and fail, so `make` never goes on half set up.
+set -euo pipefail
+
+PG_BIN=/usr/lib/postgresql/15/bin
+NEEDED=(
+  "$PG_BIN/initdb postgresql-15"
+  "$PG_BIN/pg_ctl postgresql-15"
+  "$PG_BIN/postgres postgresql-15"
+  "psql postgresql-client-15"
+)
+
+found() {
+  case "$1" in
+    /*) [ -x "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
+  esac
+}
+
+missing=()
+for entry in "${NEEDED[@]}"; do
+  read -r prog pkg <<<"$entry"
+  if ! found "$prog"; then
+    missing+=("$pkg")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+# one package may have been listed for several programs
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "system packages missing: ${missing[*]}" >&2
+  echo "install them as root:  apt-get update && apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

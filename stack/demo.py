@@ -1,0 +1,52 @@
+"""A short walk through the API of the running stack, printed for a person."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+
+from .errors import StackError
+from .state import StackState
+from .topology import Topology
+
+
+def entry_url(topology: Topology) -> str:
+    """Where clients talk to the service: the entry proxy, or backend 1 without proxies."""
+    port = topology.ports.backend_1 if topology.proxies == "none" else topology.ports.entry
+    return f"http://127.0.0.1:{port}"
+
+
+async def run(state_dir: Path, say: Callable[[str], None]) -> None:
+    state = StackState.load(state_dir)
+    if state is None:
+        raise StackError("no stack is up; run `python -m stack up` first")
+    base = entry_url(state.topology)
+    say(f"talking to {base}")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
+        async def call(method: str, path: str, **kwargs: object) -> object:
+            async with http.request(method, base + path, **kwargs) as response:  # type: ignore[arg-type]
+                body = await response.json()
+                shown = json.dumps(body, ensure_ascii=False)
+                say(f"{method} {path} -> {response.status} {shown[:300]}")
+                return body
+
+        user = {
+            "first_name": "Иван",
+            "second_name": "Петров",
+            "birthdate": "1990-05-17",
+            "biography": "Интересы: шахматы, походы",
+            "city": "Казань",
+            "password": "s3cret-pass",
+        }
+        created = await call("POST", "/user/register", json=user)
+        user_id = created["user_id"]  # type: ignore[index]
+        await call("POST", "/login", json={"id": user_id, "password": user["password"]})
+        await call("GET", f"/user/get/{user_id}")
+        await call(
+            "GET", "/user/search", params={"first_name": "Ив", "last_name": "Пе", "limit": "3"}
+        )
+        await call("GET", "/user/get/not-a-uuid")

@@ -1,0 +1,209 @@
+"""What the stack is made of: ports, credentials, and how each service is started."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import StackError
+from .postgres import REPO_ROOT, find_bindir, run_as, server_argv
+
+PROFILES = ("none", "python", "classic")
+Profile = Literal["none", "python", "classic"]
+
+MASTER = "service-db"
+REPLICA = "service-db-replica"
+BACKENDS = ("users-backend-1", "users-backend-2")
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """Every port of the stack; CLI keys are the field names with '-' for '_'."""
+
+    entry: int = 8080
+    backend_1: int = 8081
+    backend_2: int = 8082
+    master: int = 54320
+    replica: int = 54321
+    db_rw: int = 6432
+    db_ro: int = 6433
+    db_any: int = 6434
+    lb_admin: int = 9101
+    dbproxy_admin: int = 9102
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    def with_overrides(self, overrides: Mapping[str, int]) -> Ports:
+        unknown = sorted(set(overrides) - set(self.keys()))
+        if unknown:
+            raise StackError(
+                f"unknown port name(s): {', '.join(unknown)}; known: {', '.join(self.keys())}"
+            )
+        for key, port in overrides.items():
+            if not 1 <= port <= 65535:
+                raise StackError(f"port {key}={port} is out of range 1-65535")
+        return dataclasses.replace(self, **{k.replace("-", "_"): v for k, v in overrides.items()})
+
+    def backend(self, index: int) -> int:
+        return (self.backend_1, self.backend_2)[index]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Passwords of the local stack's roles (see infra/postgres/roles.sql).
+
+    Development defaults, overridable from the environment; they are written to
+    the state file (mode 0600) so `stack start` can restart a service alone.
+    """
+
+    app_password: str = field(default="users_app", repr=False)
+    check_password: str = field(default="balance_check", repr=False)
+    replication_password: str = field(default="replicator", repr=False)
+    token_secret: str = field(default="local-stack-token-secret", repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Credentials:
+        d = cls()
+        return cls(
+            app_password=env.get("BALANCE_APP_PASSWORD", d.app_password),
+            check_password=env.get("BALANCE_CHECK_PASSWORD", d.check_password),
+            replication_password=env.get("BALANCE_REPLICATION_PASSWORD", d.replication_password),
+            token_secret=env.get("BALANCE_TOKEN_SECRET", d.token_secret),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    kind: Literal["postgres", "http"]
+    port: int
+    path: str = "/health"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    listens: tuple[int, ...]
+    ready: Readiness
+    log: Path
+    address: str
+    user: str | None = None
+    stop_signal: int = signal.SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    state_dir: Path
+    pg_root: Path
+    ports: Ports = Ports()
+    proxies: Profile = "none"
+    users: int = 100_000
+    seed: int = 1
+    credentials: Credentials = Credentials()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def datadir(self, name: str) -> Path:
+        return self.pg_root / name
+
+    def services(self) -> list[str]:
+        """Every service, in start order."""
+        return [MASTER, REPLICA, *BACKENDS]
+
+    def backend_dsns(self) -> tuple[str, str]:
+        """(rw, ro) for the backends: straight to the clusters while there is no proxy."""
+        if self.proxies == "none":
+            rw_port, ro_port = self.ports.master, self.ports.replica
+        else:
+            raise StackError(f"the '{self.proxies}' profile is not available yet")
+        base = "postgresql://users_app@127.0.0.1:{}/users"
+        return base.format(rw_port), base.format(ro_port)
+
+    def spec(self, name: str) -> ServiceSpec:
+        log = self.log_dir / f"{name}.log"
+        if name in (MASTER, REPLICA):
+            port = self.ports.master if name == MASTER else self.ports.replica
+            return ServiceSpec(
+                name=name,
+                argv=tuple(server_argv(find_bindir(), self.datadir(name))),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+                listens=(port,),
+                ready=Readiness("postgres", port),
+                log=log,
+                address=f"127.0.0.1:{port}",
+                user=run_as(),
+                stop_signal=signal.SIGINT,  # Postgres' "fast" shutdown
+            )
+        if name in BACKENDS:
+            index = BACKENDS.index(name)
+            port = self.ports.backend(index)
+            rw, ro = self.backend_dsns()
+            env = dict(os.environ)
+            env.update(
+                USERS_DB_PASSWORD=self.credentials.app_password,
+                USERS_TOKEN_SECRET=self.credentials.token_secret,
+                PYTHONUNBUFFERED="1",
+            )
+            argv = (
+                sys.executable,
+                "-m",
+                "users_backend",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--instance",
+                name,
+                "--rw-dsn",
+                rw,
+                "--ro-dsn",
+                ro,
+            )
+            return ServiceSpec(
+                name=name,
+                argv=argv,
+                env=env,
+                listens=(port,),
+                ready=Readiness("http", port),
+                log=log,
+                address=f"127.0.0.1:{port}",
+            )
+        raise StackError(f"unknown service '{name}'; services: {', '.join(self.services())}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state_dir": str(self.state_dir),
+            "pg_root": str(self.pg_root),
+            "ports": dataclasses.asdict(self.ports),
+            "proxies": self.proxies,
+            "users": self.users,
+            "seed": self.seed,
+            "credentials": dataclasses.asdict(self.credentials),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Topology:
+        return cls(
+            state_dir=Path(data["state_dir"]),
+            pg_root=Path(data["pg_root"]),
+            ports=Ports(**data["ports"]),
+            proxies=data["proxies"],
+            users=int(data["users"]),
+            seed=int(data["seed"]),
+            credentials=Credentials(**data["credentials"]),
+        )
+
+
+def work_dir(cwd: Path | None = None) -> Path:
+    return (cwd or REPO_ROOT) / ".stack"

@@ -1,0 +1,127 @@
+"""Two asyncpg pools and the one rule for using them: retry a broken connection once.
+
+A read whose connection broke (server killed, proxy closed it, connect refused)
+is run again on a fresh connection before the request fails; while the stack
+has no database proxy, a read can also fall back from the replica to the master.
+A write is retried only because every write the service makes is idempotent
+(inserts carry a client-made uuid and do nothing on conflict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+
+from .errors import DatabaseUnavailable
+from .metrics import BackendMetrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Query = Callable[[asyncpg.Connection], Awaitable[T]]
+
+# What "the connection broke" looks like from asyncpg: the socket failed, the
+# server went away (class 08), is shutting down or starting (57P01..57P03), has
+# no slot left (53300), or did not answer in time.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    label: str
+    pool: asyncpg.Pool
+
+
+class Database:
+    def __init__(
+        self,
+        rw: asyncpg.Pool,
+        ro: asyncpg.Pool,
+        *,
+        metrics: BackendMetrics,
+        acquire_timeout: float,
+        ro_falls_back_to_rw: bool,
+    ) -> None:
+        self.rw = rw
+        self.ro = ro
+        self._metrics = metrics
+        self._acquire_timeout = acquire_timeout
+        ro_plan = [Attempt("ro", ro), Attempt("ro", ro)]
+        if ro_falls_back_to_rw and ro is not rw:
+            ro_plan.append(Attempt("rw", rw))
+        self._read_plan = tuple(ro_plan)
+        self._primary_plan = (Attempt("rw", rw), Attempt("rw", rw))
+
+    async def read(self, query: Query[T]) -> T:
+        """A read that may be served by the replica."""
+        return await self._run(self._read_plan, query)
+
+    async def read_primary(self, query: Query[T]) -> T:
+        """A read that must see the caller's own writes (login after register)."""
+        return await self._run(self._primary_plan, query)
+
+    async def write(self, query: Query[T]) -> T:
+        """A write; ``query`` must be safe to run twice (see the module docstring)."""
+        return await self._run(self._primary_plan, query)
+
+    async def _run(self, plan: tuple[Attempt, ...], query: Query[T]) -> T:
+        failure: BaseException | None = None
+        for number, attempt in enumerate(plan):
+            if number:
+                self._metrics.db_retries.labels(pool=attempt.label).inc()
+            try:
+                async with attempt.pool.acquire(timeout=self._acquire_timeout) as conn:
+                    return await query(conn)
+            except CONNECTION_ERRORS as exc:
+                failure = exc
+                # The other idle connections most likely lead to the same dead
+                # server: make the next acquire open a fresh one instead.
+                await attempt.pool.expire_connections()
+            except asyncpg.exceptions.ReadOnlySQLTransactionError as exc:
+                # A write reached a read-only server: the master is not where the
+                # rw address points right now. Retrying here cannot help.
+                failure = exc
+                break
+        assert failure is not None
+        self._metrics.db_unavailable.labels(pool=plan[-1].label).inc()
+        log.warning("database unavailable after %d attempt(s): %r", len(plan), failure)
+        raise DatabaseUnavailable() from failure
+
+
+async def create_pool(
+    dsn: str, *, password: str | None, max_size: int, connect_timeout: float, query_timeout: float
+) -> asyncpg.Pool:
+    # min_size=0: the service starts, and answers /health, while a database is
+    # down; connections are made on first use and kept.
+    pool = await asyncpg.create_pool(
+        dsn,
+        password=password,
+        min_size=0,
+        max_size=max_size,
+        timeout=connect_timeout,
+        command_timeout=query_timeout,
+        max_inactive_connection_lifetime=60.0,
+    )
+    assert pool is not None
+    return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        pool.terminate()
