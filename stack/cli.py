@@ -54,10 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=PORT",
-        help=f"override a port; names: {', '.join(Ports.keys())}",
+        help=f"override a port; names: {', '.join(Ports.names())}",
     )
 
-    sub.add_parser("down", parents=[common], help="stop everything")
+    down = sub.add_parser("down", parents=[common], help="stop everything")
+    down.add_argument("--purge", action="store_true", help="also delete the clusters' data")
     sub.add_parser("status", parents=[common], help="show each service, its address, PID and state")
     for name, text in (
         ("kill", "SIGKILL a service and all its processes, as `docker kill`"),
@@ -105,7 +106,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(_table(control.status(state_dir)))
         print("\nstop everything with: python -m stack down")
     elif args.command == "down":
-        count = control.down(state_dir, _say)
+        count = control.down(state_dir, _say, purge=args.purge)
         print(f"stack down ({count} service(s) stopped)" if count else "nothing was running")
     elif args.command == "status":
         rows = control.status(state_dir)

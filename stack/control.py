@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ async def _start(state: StackState, name: str) -> None:
     spec = state.topology.spec(name)
     for port in spec.listens:
         ensure_port_free(port, name)
+    if spec.before_start is not None:
+        spec.before_start()
     ref = processes.spawn(spec.argv, log_path=spec.log, env=spec.env, user=spec.user)
     # Recorded before the wait, so that `down` finds it even if start-up fails.
     state.processes[name] = ref
@@ -181,8 +184,11 @@ async def start(state_dir: Path, name: str) -> int:
     return state.processes[name].pid
 
 
-def down(state_dir: Path, say: Say) -> int:
-    """Stop every service, newest first; how many were running."""
+def down(state_dir: Path, say: Say, *, purge: bool = False) -> int:
+    """Stop every service, newest first; how many were running.
+
+    With ``purge`` the clusters' data is removed too (the next `up` makes new ones anyway).
+    """
     state = StackState.load(state_dir)
     if state is None:
         return 0
@@ -197,4 +203,6 @@ def down(state_dir: Path, say: Say) -> int:
         stopped += 1
     state.processes.clear()
     state.save()
+    if purge:
+        shutil.rmtree(state.topology.pg_root, ignore_errors=True)
     return stopped

@@ -8,7 +8,7 @@ import shutil
 import stat
 import string
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -27,11 +27,14 @@ INSTALL_HINT = (
 )
 
 
-def find_bindir() -> Path:
+def find_bindir(
+    env: Mapping[str, str] | None = None, debian_root: Path = Path("/usr/lib/postgresql")
+) -> Path:
+    env = os.environ if env is None else env
     candidates: list[Path] = []
-    if env_dir := os.environ.get("BALANCE_PG_BINDIR"):
+    if env_dir := env.get("BALANCE_PG_BINDIR"):
         candidates.append(Path(env_dir))
-    if pg_config := shutil.which("pg_config"):
+    if pg_config := shutil.which("pg_config", path=env.get("PATH", "")):
         try:
             out = subprocess.run(
                 [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
@@ -39,13 +42,12 @@ def find_bindir() -> Path:
             candidates.append(Path(out.stdout.strip()))
         except (subprocess.SubprocessError, OSError):
             pass
-    # Debian's layout, newest first after the version the project is built on.
-    debian = Path("/usr/lib/postgresql")
-    if debian.is_dir():
+    # Debian's layout: the version the project is built on first, then the newest.
+    if debian_root.is_dir():
         versions = sorted(
-            (p for p in debian.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+            (p for p in debian_root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
         )
-        candidates += [debian / "15" / "bin"] + [v / "bin" for v in reversed(versions)]
+        candidates += [debian_root / "15" / "bin"] + [v / "bin" for v in reversed(versions)]
     for candidate in candidates:
         if all((candidate / b).is_file() for b in REQUIRED_BINARIES):
             return candidate
@@ -159,6 +161,27 @@ def configure(datadir: Path, port: int, *, publisher: bool) -> None:
         "host all postgres 127.0.0.1/32 trust\n"
         "host all all 127.0.0.1/32 scram-sha-256\n"
     )
+
+
+def remove_stale_lock(datadir: Path) -> None:
+    """Remove postmaster.pid when the postmaster it names is dead or a zombie.
+
+    Postgres itself only asks `kill(pid, 0)`, which a zombie answers. Where the
+    system's PID 1 does not reap orphans, a kill -9'd postmaster stays a zombie
+    and would block every restart of its cluster.
+    """
+    lock = datadir / "postmaster.pid"
+    try:
+        pid = int(lock.read_text().split("\n", 1)[0])
+    except (FileNotFoundError, ValueError):
+        return
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        state = stat.read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    if state in ("gone", "Z"):
+        lock.unlink(missing_ok=True)
 
 
 def server_argv(bindir: Path, datadir: Path) -> list[str]:

@@ -6,13 +6,14 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import StackError
-from .postgres import REPO_ROOT, find_bindir, run_as, server_argv
+from .postgres import REPO_ROOT, find_bindir, remove_stale_lock, run_as, server_argv
 
 PROFILES = ("none", "python", "classic")
 Profile = Literal["none", "python", "classic"]
@@ -38,14 +39,14 @@ class Ports:
     dbproxy_admin: int = 9102
 
     @classmethod
-    def keys(cls) -> list[str]:
+    def names(cls) -> list[str]:
         return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
 
     def with_overrides(self, overrides: Mapping[str, int]) -> Ports:
-        unknown = sorted(set(overrides) - set(self.keys()))
+        unknown = sorted(set(overrides) - set(self.names()))
         if unknown:
             raise StackError(
-                f"unknown port name(s): {', '.join(unknown)}; known: {', '.join(self.keys())}"
+                f"unknown port name(s): {', '.join(unknown)}; known: {', '.join(self.names())}"
             )
         for key, port in overrides.items():
             if not 1 <= port <= 65535:
@@ -98,6 +99,7 @@ class ServiceSpec:
     address: str
     user: str | None = None
     stop_signal: int = signal.SIGTERM
+    before_start: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class Topology:
                 address=f"127.0.0.1:{port}",
                 user=run_as(),
                 stop_signal=signal.SIGINT,  # Postgres' "fast" shutdown
+                before_start=partial(remove_stale_lock, self.datadir(name)),
             )
         if name in BACKENDS:
             index = BACKENDS.index(name)

@@ -27,12 +27,15 @@ Query = Callable[[asyncpg.Connection], Awaitable[T]]
 
 # What "the connection broke" looks like from asyncpg: the socket failed, the
 # server went away (class 08), is shutting down or starting (57P01..57P03), has
-# no slot left (53300), or did not answer in time.
+# no slot left (53300), or did not answer in time. A session cut in the middle of
+# a query can also surface as InternalClientError ("cannot switch to state 12",
+# asyncpg issue #1069); seen here on kill -9 of the replica under load.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.stackctl import StackHandle, running_stack
+
+# Enough rows that the planner prefers the name index, small enough to seed in a second.
+SESSION_USERS = 20_000
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+    """One stack without proxies for the tests that only read and write through it."""
+    with running_stack(tmp_path_factory.mktemp("stack"), users=SESSION_USERS) as handle:
+        yield handle

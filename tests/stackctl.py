@@ -1,0 +1,123 @@
+"""Driving a real stack through its CLI from tests, on free ports, always cleaned up."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stack import processes
+from stack.processes import ProcessRef
+from stack.topology import Ports
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nobody listens on now, all different."""
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def run_stack(
+    args: Sequence[str], *, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "stack", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"`python -m stack {' '.join(args)}` exited {result.returncode}\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@dataclass
+class StackHandle:
+    state_dir: Path
+    ports: Ports
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        command, *rest = args
+        return run_stack([command, "--state-dir", str(self.state_dir), *rest], check=check)
+
+    def backend_url(self, index: int = 0) -> str:
+        return f"http://127.0.0.1:{self.ports.backend(index)}"
+
+    def state(self) -> dict:
+        return json.loads((self.state_dir / "state.json").read_text())
+
+    def refs(self) -> dict[str, ProcessRef]:
+        return {k: ProcessRef.from_json(v) for k, v in self.state()["processes"].items()}
+
+    def kill(self, name: str) -> None:
+        self.cli("kill", name)
+
+    def start(self, name: str) -> None:
+        self.cli("start", name)
+
+
+def port_args(ports: Ports) -> list[str]:
+    args = []
+    for key in Ports.names():
+        args += ["--port", f"{key}={getattr(ports, key.replace('-', '_'))}"]
+    return args
+
+
+def random_ports() -> Ports:
+    return Ports(*free_ports(len(Ports.names())))
+
+
+@contextlib.contextmanager
+def running_stack(
+    state_dir: Path, *, users: int, extra: Sequence[str] = ()
+) -> Iterator[StackHandle]:
+    ports = random_ports()
+    handle = StackHandle(state_dir, ports)
+    try:
+        handle.cli("up", "--users", str(users), *port_args(ports), *extra)
+        yield handle
+    finally:
+        started = _recorded(state_dir)
+        run_stack(["down", "--state-dir", str(state_dir), "--purge"], check=False)
+        # Whatever `down` could not stop (it failed, or the test broke the state
+        # file) is killed here by PID, so no test leaves a process behind.
+        for ref in started:
+            processes.kill_tree(ref)
+
+
+def _recorded(state_dir: Path) -> list[ProcessRef]:
+    try:
+        data = json.loads((state_dir / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [ProcessRef.from_json(v) for v in data.get("processes", {}).values()]
