@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +19,12 @@ def entry_url(topology: Topology) -> str:
     """Where clients talk to the service: the entry proxy, or backend 1 without proxies."""
     port = topology.ports.backend_1 if topology.proxies == "none" else topology.ports.entry
     return f"http://127.0.0.1:{port}"
+
+
+async def status_of(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as response:
+        await response.read()
+        return response.status
 
 
 async def run(state_dir: Path, say: Callable[[str], None]) -> None:
@@ -45,6 +53,15 @@ async def run(state_dir: Path, say: Callable[[str], None]) -> None:
         created = await call("POST", "/user/register", json=user)
         user_id = created["user_id"]  # type: ignore[index]
         await call("POST", "/login", json={"id": user_id, "password": user["password"]})
+        # Reads go to the replica: a read right after the write may come before
+        # replication delivers the row. Show that, instead of hiding it.
+        started = time.monotonic()
+        while (await status_of(http, f"{base}/user/get/{user_id}")) == 404:
+            if time.monotonic() - started > 5:
+                break
+            await asyncio.sleep(0.01)
+        lag_ms = 1000 * (time.monotonic() - started)
+        say(f"(the replica had the new user {lag_ms:.0f} ms after login)")
         await call("GET", f"/user/get/{user_id}")
         await call(
             "GET", "/user/search", params={"first_name": "Ив", "last_name": "Пе", "limit": "3"}

@@ -138,9 +138,11 @@ def configure(datadir: Path, port: int, *, publisher: bool) -> None:
         "max_connections": "200",
         "password_encryption": "'scram-sha-256'",
         # A disposable local stack: durability against OS crashes buys nothing
-        # here, and kill -9 of postgres loses nothing without it (the page cache stays).
+        # here, and kill -9 of postgres loses nothing without it (the page cache
+        # stays). synchronous_commit stays on: walsenders ship only flushed WAL,
+        # and without a flush per commit the replica would trail by up to
+        # wal_writer_delay (200 ms).
         "fsync": "off",
-        "synchronous_commit": "off",
         "full_page_writes": "off",
         # A subscriber reconnects to a restarted publisher this soon.
         "wal_retrieve_retry_interval": "'1s'",
