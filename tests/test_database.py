@@ -50,15 +50,25 @@ async def test_master_and_replica_hold_the_seed(stack: StackHandle) -> None:
             await conn.close()
 
 
-async def test_replica_is_logical_and_read_only(stack: StackHandle) -> None:
+def password_of(stack: StackHandle, user: str) -> str:
     creds = stack.state()["topology"]["credentials"]
-    app = await asyncpg.connect(
+    return creds[{"users_app": "app_password", "balance_check": "check_password"}[user]]
+
+
+async def connect_as(
+    stack: StackHandle, port: int, user: str, password: str | None = None
+) -> asyncpg.Connection:
+    return await asyncpg.connect(
         host="127.0.0.1",
-        port=stack.ports.replica,
-        user="users_app",
-        password=creds["app_password"],
+        port=port,
+        user=user,
+        password=password_of(stack, user) if password is None else password,
         database="users",
     )
+
+
+async def test_replica_is_logical_and_read_only(stack: StackHandle) -> None:
+    app = await connect_as(stack, stack.ports.replica, "users_app")
     try:
         assert await app.fetchval("SHOW default_transaction_read_only") == "on"
         assert await app.fetchval("SELECT pg_is_in_recovery()") is False
@@ -75,34 +85,11 @@ async def test_replica_is_logical_and_read_only(stack: StackHandle) -> None:
 
 
 async def test_roles_log_in_by_password_only(stack: StackHandle) -> None:
-    creds = stack.state()["topology"]["credentials"]
-    for user, password in (
-        ("users_app", creds["app_password"]),
-        ("balance_check", creds["check_password"]),
-    ):
-        conn = await asyncpg.connect(
-            host="127.0.0.1",
-            port=stack.ports.master,
-            user=user,
-            password=password,
-            database="users",
-        )
-        await conn.close()
+    for user in ("users_app", "balance_check"):
+        await (await connect_as(stack, stack.ports.master, user)).close()
         with pytest.raises(asyncpg.exceptions.InvalidPasswordError):
-            await asyncpg.connect(
-                host="127.0.0.1",
-                port=stack.ports.master,
-                user=user,
-                password="nope",
-                database="users",
-            )
-    check = await asyncpg.connect(
-        host="127.0.0.1",
-        port=stack.ports.master,
-        user="balance_check",
-        password=creds["check_password"],
-        database="users",
-    )
+            await connect_as(stack, stack.ports.master, user, password="nope")
+    check = await connect_as(stack, stack.ports.master, "balance_check")
     try:
         # pg_monitor: the checks can read the lag of the replica's slot
         rows = await check.fetch(

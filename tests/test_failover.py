@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -59,9 +59,17 @@ async def read_load(
     return statuses
 
 
-async def run_while(coro_factory, action, seconds_before: float, seconds_after: float):  # type: ignore[no-untyped-def]
+async def reads_around(
+    http: aiohttp.ClientSession,
+    stack: StackHandle,
+    ids: list[str],
+    action: Callable[[], object],
+    seconds_before: float,
+    seconds_after: float,
+) -> Counter[int]:
+    """Statuses of the read load running from before ``action`` until after it."""
     stop = asyncio.Event()
-    load = asyncio.create_task(coro_factory(stop))
+    load = asyncio.create_task(read_load(http, stack, ids, stop))
     await asyncio.sleep(seconds_before)
     await asyncio.to_thread(action)
     await asyncio.sleep(seconds_after)
@@ -72,20 +80,14 @@ async def run_while(coro_factory, action, seconds_before: float, seconds_after: 
 async def test_replica_kill_9_reads_keep_answering(
     fragile_stack: StackHandle, http: aiohttp.ClientSession, user_ids: list[str]
 ) -> None:
-    statuses = await run_while(
-        lambda stop: read_load(http, fragile_stack, user_ids, stop),
-        lambda: fragile_stack.kill("service-db-replica"),
-        seconds_before=1.0,
-        seconds_after=2.0,
+    statuses = await reads_around(
+        http, fragile_stack, user_ids, lambda: fragile_stack.kill("service-db-replica"), 1.0, 2.0
     )
     assert set(statuses) == {200}, statuses
     assert statuses[200] > 100
     # and back: the replica starts again, catches up, and serves reads
-    statuses = await run_while(
-        lambda stop: read_load(http, fragile_stack, user_ids, stop),
-        lambda: fragile_stack.start("service-db-replica"),
-        seconds_before=0.5,
-        seconds_after=1.0,
+    statuses = await reads_around(
+        http, fragile_stack, user_ids, lambda: fragile_stack.start("service-db-replica"), 0.5, 1.0
     )
     assert set(statuses) == {200}, statuses
     replica = await connect(fragile_stack.ports.replica, "users")
@@ -113,11 +115,7 @@ async def test_master_kill_9_reads_go_on_and_writes_answer_503(
             answer = await r.json()
             assert answer["code"] == "db_unavailable"
             assert answer["request_id"] == r.headers["X-Request-ID"]
-        stop = asyncio.Event()
-        load = asyncio.create_task(read_load(http, fragile_stack, user_ids, stop))
-        await asyncio.sleep(1.0)
-        stop.set()
-        statuses = await load
+        statuses = await reads_around(http, fragile_stack, user_ids, lambda: None, 1.0, 0.0)
         assert set(statuses) == {200}, statuses
     finally:
         fragile_stack.start("service-db")
