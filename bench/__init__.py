@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of the Python proxies against nginx and HAProxy."""

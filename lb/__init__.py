@@ -1,0 +1,1 @@
+"""lb: an HTTP/1.1 reverse proxy with health-checked balancing, built to stand in for nginx."""

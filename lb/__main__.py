@@ -1,0 +1,33 @@
+"""python -m lb --config infra/balance/lb.toml | --listen H:P --server H:P --server H:P ..."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from proxycore.config import ConfigError
+from proxycore.lifecycle import Runner, setup_logging
+
+from .app import Balancer
+from .config import from_args, parser
+
+
+def main() -> int:
+    args = parser().parse_args()
+    try:
+        config = from_args(args)
+    except ConfigError as exc:
+        print(f"lb: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"lb: configuration OK ({len(config.servers)} server(s), listen {config.listen})")
+        return 0
+    setup_logging("lb")
+    if not config.access_log:
+        logging.getLogger("lb.access").setLevel(logging.WARNING)
+    # SIGHUP re-reads the file and re-applies the same flags over it.
+    return Runner(lambda: from_args(args), Balancer).run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

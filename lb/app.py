@@ -1,0 +1,149 @@
+"""The Balancer: listeners, servers, checks, admin, reload and graceful stop, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxycore.admin import make_admin_app, start_admin
+from proxycore.balancing import Policy, make_policy
+from proxycore.health import HealthChecker
+from proxycore.servers import ServerSet
+
+from .checks import http_probe
+from .client import ClientConnection
+from .config import LbConfig
+from .metrics import LbCollector, LbMetrics
+from .upstream import UpstreamPool
+
+log = logging.getLogger("lb")
+
+
+class Balancer:
+    def __init__(self, config: LbConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.config = config
+        self.metrics = LbMetrics()
+        self.servers = ServerSet.of(config.servers, config.health)
+        self.policy: Policy = make_policy(config.method)
+        self.pool = UpstreamPool(loop, config)
+        self.clients: set[ClientConnection] = set()
+        self.draining = False
+        self.started = time.time()
+        self._server: asyncio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._checker: HealthChecker | None = None
+        self._idle = asyncio.Event()
+
+    async def start(self) -> None:
+        listen = self.config.listen
+        sock = socket.socket(
+            socket.AF_INET6 if ":" in listen.host else socket.AF_INET, socket.SOCK_STREAM
+        )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        self._server = await self.loop.create_server(
+            lambda: ClientConnection(self), sock=sock, backlog=4096
+        )
+        self._start_checks()
+        if self.config.admin is not None:
+            app = make_admin_app(
+                "lb",
+                self.status,
+                self.servers.get,
+                [LbCollector(self.metrics, lambda: self.servers)],
+            )
+            self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
+        log.warning(
+            "lb listening on %s, %d server(s), %s, admin %s",
+            listen,
+            len(self.servers),
+            self.config.method,
+            self.config.admin or "off",
+        )
+
+    def _start_checks(self) -> None:
+        if not self.config.check.enabled:
+            return
+        if self._checker is None:
+            self._checker = HealthChecker(
+                self.servers, http_probe(self.config.check), self.config.check.timing
+            )
+        self._checker.sync()
+
+    def apply(self, new: LbConfig) -> None:
+        """SIGHUP: servers, weights, checks and limits change; connections stay."""
+        old = self.config
+        if new.listen != old.listen or new.admin != old.admin:
+            log.warning(
+                "reload: listen and admin addresses change only on restart; keeping %s", old.listen
+            )
+            new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
+        added, removed = self.servers.update(new.servers, new.health)
+        for server in removed:
+            self.pool.drop(server)
+        if new.method != old.method:
+            self.policy = make_policy(new.method)
+        self.config = new
+        self.pool.config = new
+        if self._checker is not None and (new.check != old.check or not new.check.enabled):
+            self.loop.create_task(self._checker.stop())
+            self._checker = None
+        self._start_checks()
+        log.warning(
+            "reloaded %s: %d server(s) (+%d -%d)",
+            new.source or "flags",
+            len(self.servers),
+            len(added),
+            len(removed),
+        )
+
+    def status(self) -> dict[str, Any]:
+        m = self.metrics
+        return {
+            "service": "lb",
+            "listen": str(self.config.listen),
+            "method": self.config.method,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "client_connections": m.client_active,
+            "in_flight": m.in_flight,
+            "retries": m.retries,
+            "no_server": m.no_server,
+            "draining": self.draining,
+            "pools": {"http": [s.status() for s in self.servers]},
+        }
+
+    def client_closed(self) -> None:
+        if self.draining and not self.clients:
+            self._idle.set()
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop accepting, let in-flight requests finish (up to timeouts.shutdown), exit."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            client.drain()
+        if self.clients:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.config.timeouts.shutdown)
+            except TimeoutError:
+                log.warning(
+                    "shutdown: %d connection(s) still busy after %gs; closing them",
+                    len(self.clients),
+                    self.config.timeouts.shutdown,
+                )
+                for client in list(self.clients):
+                    client.close()
+        if self._checker is not None:
+            await self._checker.stop()
+        self.pool.close_all()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        log.warning("lb stopped")

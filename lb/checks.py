@@ -1,0 +1,35 @@
+"""lb's active check: an HTTP/1.0 GET of the check path on a fresh connection."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxycore.health import CheckFailed
+from proxycore.servers import Server
+
+from .config import ActiveCheck
+
+
+def http_probe(check: ActiveCheck):  # type: ignore[no-untyped-def]
+    request = (
+        f"GET {check.path} HTTP/1.0\r\nHost: {check.host}\r\nUser-Agent: balance-lb-check\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+    async def probe(server: Server, timeout: float) -> str:
+        address = server.spec.address
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        try:
+            writer.write(request)
+            line = await reader.readline()
+        finally:
+            writer.close()
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise CheckFailed(f"not an HTTP answer: {line[:60]!r}")
+        status = int(parts[1])
+        if not check.expect_low <= status <= check.expect_high:
+            raise CheckFailed(f"{check.path} answered {status}")
+        return f"{check.path} answered {status}"
+
+    return probe

@@ -1,0 +1,314 @@
+"""The client side of lb: one asyncio.Protocol per client connection.
+
+Requests are parsed with httptools and answered strictly in order: a pipelined
+request waits (with reading paused) until the one before it is answered. Every
+wait on the client has a limit: the head (slowloris), the body, keep-alive idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxycore.deadline import Deadline
+from proxycore.flow import Reason, Valve, bound_writes
+
+from .exchange import Exchange
+from .heads import BadRequest, RequestInfo, error_response, new_request_id
+
+if TYPE_CHECKING:
+    from .app import Balancer
+
+log = logging.getLogger("lb")
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, lb: Balancer) -> None:
+        self.lb = lb
+        self.transport: asyncio.Transport | None = None
+        self.valve: Valve = None  # type: ignore[assignment]  # set in connection_made
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = Deadline(lb.loop, self._on_deadline)
+        self.client_ip = b"-"
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.tunnel: Exchange | None = None
+        self.closed = False
+        self._current: Exchange | None = None  # the request whose body is being read
+        self._in_head = False
+        self._reading_body = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_size = 0
+        self._rejected: bytes | None = None  # an error answer waiting for the response before it
+        self._corked = False
+        self._out: list[bytes] = []
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.valve = Valve(transport)
+        lb = self.lb
+        lb.metrics.client_total += 1
+        if lb.metrics.client_active >= lb.config.limits.max_client_connections or lb.draining:
+            lb.metrics.client_refused += 1
+            self.closed = True
+            transport.abort()
+            return
+        lb.metrics.client_active += 1
+        lb.clients.add(self)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.client_ip = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bound_writes(transport)
+        self.deadline.after(lb.config.timeouts.client_header)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_from_client(data)
+            return
+        if self._rejected is not None or self.closed:
+            return
+        if self._reading_body:
+            self.deadline.after(self.lb.config.timeouts.client_body)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            ex = self.queue[-1] if self.queue else None
+            if ex is not None and ex.info.upgrade is not None:
+                # From here on the client's bytes belong to the tunnel; they wait in
+                # the exchange until the upstream agrees to switch (101).
+                self.tunnel = ex
+                self.deadline.cancel()
+                tail = data[upgrade.args[0] :]
+                if tail:
+                    ex.tunnel_from_client(tail)
+        except BadRequest as exc:
+            self._reject(exc)
+        except httptools.HttpParserError as exc:
+            self._reject(BadRequest(400, "bad_request", f"malformed request: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_eof_from_client()
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+        if self in self.lb.clients:
+            self.lb.clients.discard(self)
+            self.lb.metrics.client_active -= 1
+        self.deadline.stop()
+        for ex in self.queue:
+            ex.client_gone()
+            self.lb.metrics.in_flight -= 1
+        self.queue.clear()
+        if self.tunnel is not None:
+            self.tunnel.client_gone()
+        self.lb.client_closed()
+
+    def pause_writing(self) -> None:
+        ex = self.tunnel or (self.queue[0] if self.queue else None)
+        if ex is not None and ex.upstream is not None and ex.upstream.valve is not None:
+            ex.upstream.valve.pause(Reason.PEER_BUFFER_FULL)
+
+    def resume_writing(self) -> None:
+        ex = self.tunnel or (self.queue[0] if self.queue else None)
+        if ex is not None and ex.upstream is not None and ex.upstream.valve is not None:
+            ex.upstream.valve.resume(Reason.PEER_BUFFER_FULL)
+
+    # -- httptools callbacks ---------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+        if not self.queue:
+            # From the first byte of a head, the whole head must come within client_header.
+            self.deadline.after(self.lb.config.timeouts.client_header)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.lb.config.limits.max_header_bytes:
+            raise BadRequest(414, "uri_too_long", "the request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.lb.config.limits.max_header_bytes:
+            raise BadRequest(
+                431,
+                "header_too_large",
+                f"request head over {self.lb.config.limits.max_header_bytes} bytes",
+            )
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self.parser
+        http11 = parser.get_http_version() == "1.1"
+        info = RequestInfo(self._headers, http11, self.lb.config.limits.max_body_bytes)
+        ex = Exchange(self, parser.get_method(), self._url, self._headers, info, http11)
+        self._current = ex
+        self.queue.append(ex)
+        self.lb.metrics.in_flight += 1
+        if not ex.body_done:
+            self._reading_body = True
+            self.deadline.after(self.lb.config.timeouts.client_body)
+        elif len(self.queue) == 1:
+            self.deadline.cancel()
+        if len(self.queue) == 1:
+            ex.begin()
+        else:
+            self.valve.pause(Reason.WAITING_TURN)
+
+    def on_body(self, body: bytes) -> None:
+        if self._current is not None:
+            self._current.request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self._current
+        self._current = None
+        self._reading_body = False
+        if ex is not None:
+            ex.request_body_end()
+        if self.queue and not self.queue[-1].finished:
+            self.deadline.cancel()  # now waiting on an upstream, not on the client
+
+    # -- writing -----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self._corked:
+            self._out.append(data)
+        elif self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold writes until uncork: what one upstream read produces leaves in one send."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        if self._corked:
+            self.uncork()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def start_tunnel(self, ex: Exchange) -> None:
+        self.tunnel = ex
+        self.deadline.cancel()
+
+    def exchange_finished(self, ex: Exchange, keep_alive: bool, abort: bool = False) -> None:
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+            self.lb.metrics.in_flight -= 1
+        if ex.tunnel_open:
+            return
+        if abort:
+            if self.transport is not None and not self.closed:
+                self.closed = True
+                self.transport.abort()
+            return
+        if self._rejected is not None and not self.queue:
+            self.write(self._rejected)
+            self.close()
+            return
+        if not keep_alive or (self.lb.draining and not self.queue):
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue[0]
+            if len(self.queue) == 1:
+                self.valve.resume(Reason.WAITING_TURN)
+            nxt.begin()
+            return
+        self.valve.resume(Reason.WAITING_TURN)
+        timeouts = self.lb.config.timeouts
+        self.deadline.after(timeouts.client_header if self._in_head else timeouts.client_keepalive)
+
+    # -- refusals ------------------------------------------------------------------------
+    def _reject(self, exc: BadRequest) -> None:
+        self.lb.metrics.bad_requests += 1
+        request_id = new_request_id()
+        log.info(
+            "refused a request from %s: %d %s (request id %s)",
+            self.client_ip.decode(),
+            exc.status,
+            exc.message,
+            request_id.decode(),
+        )
+        answer = error_response(exc.status, exc.code, exc.message, request_id, close=True)
+        self.valve.pause(Reason.WAITING_TURN)
+        # The request being parsed when the error came is dropped unanswered by the
+        # upstream: nothing of it was, or will be, forwarded after this point.
+        current = self._current
+        if current is not None and current in self.queue and current is not self.queue[0]:
+            self.queue.remove(current)
+            self.lb.metrics.in_flight -= 1
+            current.client_gone()
+        if self.queue and not self.queue[0].finished:
+            self._rejected = answer  # after the response before it, in order
+            return
+        self.write(answer)
+        self.close()
+
+    def refuse_body(self, ex: Exchange) -> None:
+        """A chunked body grew past max_body_bytes."""
+        self._reading_body = False
+        ex.fail(
+            413,
+            "payload_too_large",
+            f"request body over {self.lb.config.limits.max_body_bytes} bytes",
+        )
+        self.close()
+
+    def _on_deadline(self) -> None:
+        if self.closed:
+            return
+        if self._in_head or self._reading_body:
+            what = "request head" if self._in_head else "request body"
+            log.info("closing %s: %s not received in time", self.client_ip.decode(), what)
+            if self.queue and self.queue[0].answered_client:
+                self.transport.abort()  # type: ignore[union-attr]
+                return
+            if self.queue:
+                self.queue[0].fail(408, "request_timeout", f"the {what} did not arrive in time")
+            else:
+                self.write(
+                    error_response(
+                        408,
+                        "request_timeout",
+                        f"the {what} did not arrive in time",
+                        new_request_id(),
+                        close=True,
+                    )
+                )
+            self.close()
+        elif not self.queue:
+            self.close()  # keep-alive idle
+
+    def drain(self) -> None:
+        """Shutdown: idle connections close now; busy ones after their response."""
+        if not self.queue and not self._in_head and self.tunnel is None:
+            self.close()

@@ -1,0 +1,259 @@
+"""lb's configuration: frozen dataclasses built from TOML in one place, then flags on top.
+
+Every option has an nginx or HAProxy counterpart with the same default meaning;
+infra/balance/lb.toml lists them all with that counterpart beside each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxycore.balancing import POLICIES
+from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
+from proxycore.health import CheckTiming
+from proxycore.servers import HealthParams, ServerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 1.0  # proxy_connect_timeout
+    first_byte: float = 10.0  # proxy_read_timeout, until the response starts
+    upstream_idle: float = 60.0  # proxy_read_timeout, between reads of a response
+    client_header: float = 10.0  # client_header_timeout: the whole head, however it trickles in
+    client_body: float = 60.0  # client_body_timeout: between two reads of a request body
+    client_keepalive: float = 75.0  # keepalive_timeout
+    shutdown: float = 10.0  # how long SIGTERM waits for in-flight requests
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_bytes: int = 16 * 1024  # large_client_header_buffers: past it, 431
+    max_body_bytes: int = 100 * 1024 * 1024  # client_max_body_size: past it, 413
+    max_client_connections: int = 10_000  # worker_connections
+    retry_body_buffer: int = 64 * 1024  # a request body up to this size is kept to replay on retry
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamKeepalive:
+    max_idle: int = 64  # keepalive (idle connections kept per server)
+    idle_timeout: float = 30.0  # keepalive_timeout of the upstream block
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveCheck:
+    enabled: bool = True
+    path: str = "/health"
+    host: str = "localhost"
+    timing: CheckTiming = CheckTiming(interval=1.0, timeout=0.5)
+    expect_low: int = 200
+    expect_high: int = 399
+
+
+@dataclass(frozen=True, slots=True)
+class LbConfig:
+    listen: Address = Address("127.0.0.1", 8080)
+    admin: Address | None = Address("127.0.0.1", 9101)
+    method: str = "round_robin"
+    tries: int = 3  # proxy_next_upstream_tries / HAProxy retries + 1
+    servers: tuple[ServerSpec, ...] = ()
+    check: ActiveCheck = ActiveCheck()
+    health: HealthParams = HealthParams()
+    passive_statuses: frozenset[int] = frozenset()  # proxy_next_upstream http_502 ...
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    keepalive: UpstreamKeepalive = UpstreamKeepalive()
+    access_log: bool = False
+    source: Path | None = field(default=None, compare=False)
+
+
+def _status_range(text: str, where: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if sep else low)
+    except ValueError:
+        raise ConfigError(
+            f"{where}: expected a status or range like '200-399', got {text!r}"
+        ) from None
+    if not 100 <= lo <= hi <= 599:
+        raise ConfigError(f"{where}: statuses must be within 100-599, got {text!r}")
+    return lo, hi
+
+
+def from_section(root: Section, source: Path | None) -> LbConfig:
+    d = LbConfig()
+    listen = root.address("listen", d.listen)
+    admin_raw = root.raw("admin")
+    if admin_raw is None:
+        admin = d.admin
+    else:
+        admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
+    method = root.string("method", d.method, POLICIES)
+    tries = root.integer("tries", d.tries, minimum=1, maximum=100)
+    access_log = root.boolean("access_log", d.access_log)
+
+    h = root.section("health")
+    lo, hi = _status_range(h.string("expect_status", "200-399"), h.where("expect_status"))
+    path = h.string("path", d.check.path)
+    if not path.startswith("/"):
+        raise ConfigError(f"{h.where('path')}: must start with '/'")
+    check = ActiveCheck(
+        enabled=h.boolean("enabled", True),
+        path=path,
+        host=h.string("host", d.check.host),
+        timing=CheckTiming(
+            interval=h.duration("interval", d.check.timing.interval),
+            timeout=h.duration("timeout", d.check.timing.timeout),
+        ),
+        expect_low=lo,
+        expect_high=hi,
+    )
+    if check.timing.interval <= 0 or check.timing.timeout <= 0:
+        raise ConfigError(f"{h.where('interval')}: interval and timeout must be above zero")
+    rise = h.integer("rise", d.health.rise, minimum=1)
+    fall = h.integer("fall", d.health.fall, minimum=1)
+    h.done()
+
+    p = root.section("passive")
+    statuses = p.raw("statuses", [])
+    if not isinstance(statuses, list) or not all(
+        isinstance(s, int) and 500 <= s <= 599 for s in statuses
+    ):
+        raise ConfigError(
+            f"{p.where('statuses')}: expected a list of 5xx statuses, e.g. [502, 503, 504]"
+        )
+    health = HealthParams(
+        rise=rise,
+        fall=fall,
+        max_fails=p.integer("max_fails", d.health.max_fails),
+        fail_timeout=p.duration("fail_timeout", d.health.fail_timeout),
+        checks_enabled=check.enabled,
+    )
+    p.done()
+
+    t = root.section("timeouts")
+    timeouts = Timeouts(
+        **{
+            f.name: t.duration(f.name, getattr(d.timeouts, f.name))
+            for f in dataclasses.fields(Timeouts)
+        }
+    )
+    t.done()
+    lim = root.section("limits")
+    limits = Limits(
+        max_header_bytes=lim.size("max_header_bytes", d.limits.max_header_bytes),
+        max_body_bytes=lim.size("max_body_bytes", d.limits.max_body_bytes),
+        max_client_connections=lim.integer(
+            "max_client_connections", d.limits.max_client_connections, minimum=1
+        ),
+        retry_body_buffer=lim.size("retry_body_buffer", d.limits.retry_body_buffer),
+    )
+    if limits.max_header_bytes < 1024:
+        raise ConfigError(f"{lim.where('max_header_bytes')}: must be at least 1k")
+    lim.done()
+    k = root.section("upstream_keepalive")
+    keepalive = UpstreamKeepalive(
+        max_idle=k.integer("max_idle", d.keepalive.max_idle),
+        idle_timeout=k.duration("idle_timeout", d.keepalive.idle_timeout),
+    )
+    k.done()
+
+    servers = []
+    for s in root.sections("server"):
+        address = s.address("address", None)
+        if address is None:
+            raise ConfigError(f"{s.where('address')}: every [[server]] needs an address")
+        servers.append(
+            ServerSpec(
+                name=s.string("name", str(address)),
+                address=address,
+                weight=s.integer("weight", 1, minimum=1, maximum=1000),
+                backup=s.boolean("backup", False),
+            )
+        )
+        s.done()
+    names = [s.name for s in servers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{root.where('server')}: server names must differ: {', '.join(names)}")
+    root.done()
+    return LbConfig(
+        listen=listen,
+        admin=admin,
+        method=method,
+        tries=tries,
+        servers=tuple(servers),
+        check=check,
+        health=health,
+        passive_statuses=frozenset(statuses),
+        timeouts=timeouts,
+        limits=limits,
+        keepalive=keepalive,
+        access_log=access_log,
+        source=source,
+    )
+
+
+def load(path: Path) -> LbConfig:
+    config = from_section(load_toml(path), path)
+    if not config.servers:
+        raise ConfigError(f"{path}: no [[server]] given")
+    return config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lb", description="HTTP load balancer (see README).")
+    p.add_argument("--config", type=Path, help="TOML file (see infra/balance/lb.toml)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="public listener (default 127.0.0.1:8080)")
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="an upstream; repeat for each; replaces the file's servers",
+    )
+    p.add_argument(
+        "--admin", metavar="HOST:PORT|off", help="admin listener (default 127.0.0.1:9101)"
+    )
+    p.add_argument(
+        "--health-path", metavar="PATH", help="path of the active check (default /health)"
+    )
+    p.add_argument("--method", choices=POLICIES, help="balancing method")
+    p.add_argument(
+        "--access-log", action="store_true", default=None, help="one log line per request"
+    )
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    return p
+
+
+def from_args(args: argparse.Namespace) -> LbConfig:
+    """The file (if any), then the flags over it."""
+    config = load(args.config) if args.config else LbConfig()
+    changes: dict[str, object] = {}
+    if args.listen:
+        changes["listen"] = parse_address(args.listen, "--listen")
+    if args.admin:
+        changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
+    if args.server:
+        changes["servers"] = tuple(_server_flag(text) for text in args.server)
+    if args.health_path:
+        if not args.health_path.startswith("/"):
+            raise ConfigError("--health-path: must start with '/'")
+        changes["check"] = dataclasses.replace(config.check, path=args.health_path)
+    if args.method:
+        changes["method"] = args.method
+    if args.access_log:
+        changes["access_log"] = True
+    config = dataclasses.replace(config, **changes)
+    if not config.servers:
+        raise ConfigError("no servers: give --server HOST:PORT or a --config file with [[server]]")
+    return config
+
+
+def _server_flag(text: str) -> ServerSpec:
+    name, sep, address = text.rpartition("=")
+    addr = parse_address(address, f"--server {text}")
+    return ServerSpec(name=name if sep else str(addr), address=addr)

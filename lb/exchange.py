@@ -1,0 +1,492 @@
+"""One request and its response: server choice, retries, framing both ways.
+
+An Exchange lives from the end of a request head until its response is written
+(or fails). It never buffers a body beyond what a retry may replay
+(``limits.retry_body_buffer``) plus one read while an upstream connects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from proxycore.balancing import pick
+from proxycore.flow import Reason
+from proxycore.servers import Server
+
+from .heads import (
+    Header,
+    RequestInfo,
+    client_response_head,
+    error_response,
+    new_request_id,
+    upstream_request_head,
+)
+from .retry import may_retry
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .app import Balancer
+    from .client import ClientConnection
+
+log = logging.getLogger("lb")
+access_log = logging.getLogger("lb.access")
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def frame_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class Exchange:
+    __slots__ = (
+        "answered_client",
+        "body_done",
+        "body_received",
+        "chunked_to_client",
+        "client",
+        "client_keep_alive",
+        "client_valve",
+        "connecting",
+        "finished",
+        "head",
+        "headers",
+        "http11",
+        "info",
+        "is_head",
+        "lb",
+        "method",
+        "pending",
+        "reached_upstream",
+        "request_id",
+        "response_until_close",
+        "sent_body",
+        "sent_continue",
+        "sent_size",
+        "server",
+        "started",
+        "status",
+        "target",
+        "tried",
+        "tunnel_buffer",
+        "tunnel_open",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: bytes,
+        target: bytes,
+        headers: list[Header],
+        info: RequestInfo,
+        http11: bool,
+    ) -> None:
+        self.client = client
+        self.lb: Balancer = client.lb
+        self.client_valve = client.valve
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.info = info
+        self.http11 = http11
+        self.is_head = method == b"HEAD"
+        self.request_id = info.request_id or new_request_id()
+        self.client_keep_alive = not info.close and info.upgrade is None
+        self.started = self.lb.loop.time()
+        self.upstream: UpstreamConnection | None = None
+        self.server: Server | None = None
+        self.tried: list[Server] = []
+        self.reached_upstream = False
+        self.answered_client = False
+        self.sent_continue = False
+        self.connecting = False
+        self.finished = False
+        self.head: bytes | None = None
+        self.sent_body: list[bytes] | None = []
+        self.sent_size = 0
+        self.pending: list[bytes] = []
+        self.body_done = not info.chunked and not info.content_length and info.upgrade is None
+        self.body_received = 0
+        self.status = 0
+        self.chunked_to_client = False
+        self.response_until_close = False
+        self.tunnel_open = False
+        self.tunnel_buffer: list[bytes] = []
+
+    # -- choosing and reaching a server --------------------------------------
+    def begin(self) -> None:
+        lb = self.lb
+        server = pick(lb.servers, lb.policy, self.tried)
+        if server is None:
+            if not self.tried:
+                lb.metrics.no_server += 1
+                self.fail(503, "no_server", "no upstream server is available", retry_after=1)
+            else:
+                self.fail(
+                    502, "bad_gateway", f"no other server to try after {len(self.tried)} attempt(s)"
+                )
+            return
+        self.tried.append(server)
+        if (
+            self.info.expect_continue
+            and not self.body_done
+            and not self.sent_continue
+            and self.http11
+        ):
+            # Like nginx: lb asks for the body itself; the upstream never sees Expect.
+            self.sent_continue = True
+            self.client.write(CONTINUE)
+        conn = lb.pool.take(server)
+        if conn is not None:
+            self._attach(conn)
+            return
+        self.connecting = True
+        self.client_valve.pause(Reason.NO_PEER_YET)
+        lb.loop.create_task(self._connect(server))
+
+    async def _connect(self, server: Server) -> None:
+        try:
+            conn = await self.lb.pool.connect(server)
+        except (OSError, TimeoutError) as exc:
+            self.connecting = False
+            server.connect_errors += 1
+            why = "connect timed out" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
+            server.record_failure(why)
+            if not self.finished:
+                self._after_failure(server, why, timeout=False)
+            return
+        self.connecting = False
+        if self.finished:
+            self.lb.pool.give(conn)  # the client went away meanwhile; keep the connection warm
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        assert conn.transport is not None
+        self.upstream = conn
+        server = self.server = conn.server
+        server.active += 1
+        server.total += 1
+        conn.start_exchange(self)
+        if self.head is None:
+            self.head = upstream_request_head(
+                self.method,
+                self.target,
+                self.headers,
+                self.info,
+                self.request_id,
+                self.client.client_ip,
+            )
+        transport = conn.transport
+        transport.write(self.head)
+        self.reached_upstream = True
+        if self.sent_body:
+            transport.writelines(self.sent_body)
+        if self.pending:
+            pending, self.pending = self.pending, []
+            for chunk in pending:
+                self._send_body(chunk)
+        if self.tunnel_buffer and self.tunnel_open:
+            transport.writelines(self.tunnel_buffer)
+            self.tunnel_buffer.clear()
+        self.client_valve.resume(Reason.NO_PEER_YET)
+        server.bytes_out += len(self.head)
+
+    def _detach(self, reusable: bool) -> None:
+        conn = self.upstream
+        if conn is None:
+            return
+        self.upstream = None
+        if self.server is not None:
+            self.server.active -= 1
+        if reusable:
+            conn.release(True)
+        else:
+            conn.abort()
+
+    # -- the request body ------------------------------------------------------
+    def _send_body(self, chunk: bytes) -> None:
+        conn = self.upstream
+        if conn is None or self.connecting or conn.transport is None:
+            self.pending.append(chunk)
+            return
+        conn.transport.write(chunk)
+        conn.server.bytes_out += len(chunk)
+        if self.sent_body is not None:
+            if self.sent_size + len(chunk) <= self.lb.config.limits.retry_body_buffer:
+                self.sent_body.append(chunk)
+                self.sent_size += len(chunk)
+            else:
+                self.sent_body = None  # too big to keep: once sent, this request cannot be retried
+
+    def request_body(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.body_received += len(data)
+        if self.body_received > self.lb.config.limits.max_body_bytes:
+            self.client.refuse_body(self)
+            return
+        self._send_body(frame_chunk(data) if self.info.chunked else data)
+
+    def request_body_end(self) -> None:
+        if self.body_done:
+            return
+        self.body_done = True
+        if self.info.chunked and not self.finished:
+            self._send_body(LAST_CHUNK)
+
+    # -- the response ------------------------------------------------------------
+    def on_first_byte(self) -> None:
+        pass
+
+    def on_interim_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        # 100 is ours to send (see begin); other 1xx (103 Early Hints) go through as they are.
+        if status != 100 and self.http11:
+            self.client.write(
+                b"HTTP/1.1 %d %b\r\n%b\r\n"
+                % (status, reason, b"".join(n + b": " + v + b"\r\n" for n, v in headers))
+            )
+
+    def on_switching_protocols(self, reason: bytes, headers: list[Header]) -> bool:
+        if self.info.upgrade is None:
+            self.upstream_failed("101 without an upgrade request", failure=True)
+            return False
+        self.status = 101
+        self.answered_client = True
+        head = client_response_head(
+            101,
+            reason,
+            headers,
+            content_length=None,
+            chunked_to_client=False,
+            keep_alive=True,
+            request_id=self.request_id,
+            upgrade=True,
+        )
+        self.client.write(head)
+        self.tunnel_open = True
+        if self.tunnel_buffer and self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.writelines(self.tunnel_buffer)
+            self.tunnel_buffer.clear()
+        self.client.start_tunnel(self)
+        return True
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[Header], upstream_keep_alive: bool
+    ) -> bool:
+        """Write the head to the client; True when the response has no body to wait for (HEAD)."""
+        lb = self.lb
+        server = self.server
+        if status in lb.config.passive_statuses and server is not None:
+            server.record_failure(f"answered {status}")
+            if may_retry(
+                method=self.method,
+                reached_upstream=True,
+                answered_client=False,
+                body_replayable=self.body_done and self.sent_body is not None,
+                tries_done=len(self.tried),
+                max_tries=lb.config.tries,
+            ):
+                self._retry(server, f"answered {status}")
+                return False
+        self.status = status
+        content_length: int | None = None
+        upstream_chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = int(value)
+            elif lname == b"transfer-encoding":
+                upstream_chunked = True
+        no_body = self.is_head or status in (204, 304)
+        if status in (204, 304):
+            content_length = None
+        elif not no_body and content_length is None:
+            if upstream_chunked or not upstream_keep_alive:
+                self.response_until_close = not upstream_chunked
+            if self.http11:
+                self.chunked_to_client = True
+            else:
+                self.client_keep_alive = False  # an HTTP/1.0 client reads to the close
+        if lb.draining or (self.info.upgrade is not None):
+            self.client_keep_alive = False
+        head = client_response_head(
+            status,
+            reason,
+            headers,
+            content_length=content_length,
+            chunked_to_client=self.chunked_to_client,
+            keep_alive=self.client_keep_alive,
+            request_id=self.request_id,
+        )
+        self.answered_client = True
+        self.client.write(head)
+        return self.is_head
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.answered_client and not self.finished:
+            self.client.write(frame_chunk(data) if self.chunked_to_client else data)
+
+    def on_response_complete(self, upstream_reusable: bool) -> None:
+        if self.finished:
+            self._detach(reusable=False)
+            return
+        if self.chunked_to_client:
+            self.client.write(LAST_CHUNK)
+        reusable = upstream_reusable and self.body_done and not self.response_until_close
+        self._detach(reusable=reusable)
+        self._finish(self.status)
+
+    # -- failures --------------------------------------------------------------
+    def upstream_failed(self, why: str, *, failure: bool, timeout: bool = False) -> None:
+        server = self.server
+        if failure and server is not None:
+            server.record_failure(why)
+        self._detach(reusable=False)
+        if self.finished:
+            return
+        if self.answered_client:
+            # Mid-response: nothing can be saved; a cut connection tells the client so.
+            log.warning(
+                "%s %s: upstream %s failed mid-response: %s",
+                self.method.decode(),
+                self.target[:200].decode("latin-1"),
+                server.name if server else "?",
+                why,
+            )
+            self._finish(self.status, abort=True)
+            return
+        self._after_failure(server, why, timeout=timeout)
+
+    def upstream_timed_out(self, got_first_byte: bool) -> None:
+        self.lb.metrics.timeouts += 1
+        timeouts = self.lb.config.timeouts
+        if got_first_byte:
+            why = f"no data for {timeouts.upstream_idle:g}s"
+        else:
+            why = f"no response within {timeouts.first_byte:g}s"
+        self.upstream_failed(why, failure=True, timeout=True)
+
+    def _after_failure(self, server: Server | None, why: str, *, timeout: bool) -> None:
+        if may_retry(
+            method=self.method,
+            reached_upstream=self.reached_upstream,
+            answered_client=self.answered_client,
+            body_replayable=self.sent_body is not None,
+            tries_done=len(self.tried),
+            max_tries=self.lb.config.tries,
+        ):
+            self._retry(server, why)
+            return
+        name = server.name if server is not None else "upstream"
+        if timeout:
+            self.fail(504, "gateway_timeout", f"{name}: {why}")
+        else:
+            self.fail(502, "bad_gateway", f"{name}: {why}")
+
+    def _retry(self, server: Server | None, why: str) -> None:
+        self._detach(reusable=False)
+        self.lb.metrics.retries += 1
+        log.info(
+            "retrying %s %s after %s: %s",
+            self.method.decode(),
+            self.target[:200].decode("latin-1"),
+            server.name if server else "?",
+            why,
+        )
+        self.begin()
+
+    def fail(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
+        """Answer with our own error, unless the response has already begun."""
+        self._detach(reusable=False)
+        if self.finished:
+            return
+        if self.answered_client:
+            self._finish(self.status, abort=True)
+            return
+        if not self.body_done:
+            self.client_keep_alive = False  # the rest of the body is not ours to read
+        self.client.write(
+            error_response(
+                status,
+                code,
+                message,
+                self.request_id,
+                close=not self.client_keep_alive,
+                retry_after=retry_after,
+            )
+        )
+        self.answered_client = True
+        if status >= 500:
+            log.warning(
+                "%s %s -> %d %s (request id %s)",
+                self.method.decode(),
+                self.target[:200].decode("latin-1"),
+                status,
+                message,
+                self.request_id.decode(),
+            )
+        self._finish(status)
+
+    def _finish(self, status: int, abort: bool = False) -> None:
+        self.finished = True
+        lb = self.lb
+        server = self.server
+        if server is not None:
+            server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+        elapsed = lb.loop.time() - self.started
+        lb.metrics.observe(elapsed)
+        if lb.config.access_log:
+            access_log.info(
+                '%s "%s %s" %d %.3f %s tries=%d id=%s',
+                self.client.client_ip.decode(),
+                self.method.decode(),
+                self.target.decode("latin-1"),
+                status,
+                elapsed,
+                server.name if server else "-",
+                len(self.tried),
+                self.request_id.decode(),
+            )
+        self.client.exchange_finished(
+            self, keep_alive=self.client_keep_alive and not abort, abort=abort
+        )
+
+    def client_gone(self) -> None:
+        """The client connection closed: stop, and do not keep a half-used upstream."""
+        if self.finished:
+            if self.tunnel_open:
+                self._detach(reusable=False)
+            return
+        self.finished = True
+        self._detach(reusable=False)
+
+    # -- the tunnel after 101 ------------------------------------------------------
+    def tunnel_from_client(self, data: bytes) -> None:
+        conn = self.upstream
+        if self.tunnel_open and conn is not None and conn.transport is not None:
+            conn.transport.write(data)
+        else:
+            self.tunnel_buffer.append(data)
+
+    def tunnel_to_client(self, data: bytes) -> None:
+        if data:
+            self.client.write(data)
+
+    def tunnel_eof_from_client(self) -> None:
+        conn = self.upstream
+        if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
+            conn.transport.write_eof()
+
+    def tunnel_eof_from_upstream(self) -> None:
+        self.client.write_eof()
+
+    def tunnel_closed_by_upstream(self) -> None:
+        self.upstream = None
+        if self.server is not None:
+            self.server.active -= 1
+            self.server = None
+        self.client.close()

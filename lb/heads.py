@@ -1,0 +1,285 @@
+"""Request and response heads: validation against smuggling, and the rewrite each
+side gets (hop-by-hop headers out, X-Forwarded-* and X-Request-ID in, framing)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Sequence
+
+Header = tuple[bytes, bytes]
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus the ones we rebuild ourselves.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+_REBUILT_REQUEST = _HOP_BY_HOP | {
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+}
+_REBUILT_RESPONSE = _HOP_BY_HOP | {b"content-length"}
+# A client's X-Request-ID is kept when it is visible ASCII and not too long.
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+
+
+class BadRequest(Exception):
+    """The request is refused before anything is forwarded; ``status`` is what the client gets."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class _RequestIds:
+    """32 hex digits like nginx's $request_id: a random per-process half and a counter.
+
+    Unique without a system call per request (os.urandom would cost one).
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex().encode()
+        self._next = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    def __call__(self) -> bytes:
+        return b"%b%016x" % (self._prefix, next(self._next))
+
+
+new_request_id = _RequestIds()
+
+
+def _connection_tokens(values: Sequence[bytes]) -> set[bytes]:
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+class RequestInfo:
+    """What the proxy needs to know of a request head, checked."""
+
+    __slots__ = (
+        "chunked",
+        "close",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "host",
+        "request_id",
+        "upgrade",
+        "x_forwarded_for",
+    )
+
+    def __init__(self, headers: Sequence[Header], http11: bool, max_body: int) -> None:
+        content_lengths: list[bytes] = []
+        transfer_encodings: list[bytes] = []
+        connection: list[bytes] = []
+        hosts: list[bytes] = []
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.request_id: bytes | None = None
+        self.x_forwarded_for: bytes | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_lengths.append(value)
+            elif lname == b"transfer-encoding":
+                transfer_encodings.append(value)
+            elif lname == b"connection":
+                connection.append(value)
+            elif lname == b"host":
+                hosts.append(value)
+            elif lname == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise BadRequest(
+                        417, "expectation_failed", "only 'Expect: 100-continue' is supported"
+                    )
+                self.expect_continue = True
+            elif lname == b"upgrade":
+                self.upgrade = value
+            elif lname == b"x-request-id":
+                if _REQUEST_ID.fullmatch(value):
+                    self.request_id = value
+            elif lname == b"x-forwarded-for":
+                self.x_forwarded_for = (
+                    value if self.x_forwarded_for is None else self.x_forwarded_for + b", " + value
+                )
+        # The parser (llhttp, strict) already refuses most of these; the checks are
+        # repeated here so that the rules do not hang on a parser's build flags.
+        if content_lengths and transfer_encodings:
+            raise BadRequest(400, "bad_request", "both Content-Length and Transfer-Encoding")
+        if len(set(content_lengths)) > 1:
+            raise BadRequest(400, "bad_request", "differing Content-Length headers")
+        self.content_length: int | None = None
+        if content_lengths:
+            text = content_lengths[0].strip()
+            if not text.isdigit() or len(text) > 18:
+                raise BadRequest(400, "bad_request", "Content-Length is not a number")
+            self.content_length = int(text)
+            if self.content_length > max_body:
+                raise BadRequest(413, "payload_too_large", f"request body over {max_body} bytes")
+        self.chunked = False
+        if transfer_encodings:
+            codings = [
+                c.strip().lower() for v in transfer_encodings for c in v.split(b",") if c.strip()
+            ]
+            if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+                raise BadRequest(400, "bad_request", "Transfer-Encoding must end in chunked")
+            if not http11:
+                raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+            self.chunked = True
+        if http11 and len(hosts) != 1:
+            raise BadRequest(
+                400, "bad_request", "an HTTP/1.1 request needs exactly one Host header"
+            )
+        self.host = hosts[0] if hosts else b""
+        self.connection_tokens = _connection_tokens(connection)
+        self.close = b"close" in self.connection_tokens or (
+            not http11 and b"keep-alive" not in self.connection_tokens
+        )
+        if self.upgrade is not None and b"upgrade" not in self.connection_tokens:
+            self.upgrade = None  # an Upgrade header without Connection: upgrade means nothing
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Sequence[Header],
+    info: RequestInfo,
+    request_id: bytes,
+    client_ip: bytes,
+) -> bytes:
+    """The head sent upstream: always HTTP/1.1 keep-alive, framed as we forward the body."""
+    drop = _REBUILT_REQUEST | info.connection_tokens
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        if name.lower() not in drop:
+            parts += (name, b": ", value, b"\r\n")
+    xff = client_ip if info.x_forwarded_for is None else info.x_forwarded_for + b", " + client_ip
+    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n")
+    if info.host:
+        parts += (b"X-Forwarded-Host: ", info.host, b"\r\n")
+    parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    if info.upgrade is not None:
+        parts += (b"Connection: upgrade\r\nUpgrade: ", info.upgrade, b"\r\n")
+    if info.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif info.content_length is not None:
+        parts += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def client_response_head(
+    status: int,
+    reason: bytes,
+    headers: Sequence[Header],
+    *,
+    content_length: int | None,
+    chunked_to_client: bool,
+    keep_alive: bool,
+    request_id: bytes,
+    upgrade: bool = False,
+) -> bytes:
+    """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise)."""
+    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    connection_tokens = set()
+    has_request_id = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"connection":
+            connection_tokens |= _connection_tokens([value])
+    drop = _REBUILT_RESPONSE | connection_tokens
+    if upgrade:
+        drop = drop - {b"upgrade"}
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"x-request-id":
+            has_request_id = True
+        parts += (name, b": ", value, b"\r\n")
+    if not has_request_id:
+        parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    if upgrade:
+        parts.append(b"Connection: upgrade\r\n")
+    elif chunked_to_client:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif content_length is not None:
+        parts += (b"Content-Length: ", str(content_length).encode(), b"\r\n")
+    if not upgrade and not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: bytes,
+    *,
+    close: bool,
+    retry_after: int | None = None,
+) -> bytes:
+    """Our own answer (4xx/5xx): JSON with the request id, never a traceback."""
+    body = (
+        b'{"message": "'
+        + message.replace("\\", "\\\\").replace('"', '\\"').encode()
+        + b'", "request_id": "'
+        + request_id
+        + b'", "code": "'
+        + code.encode()
+        + b'"}'
+    )
+    head = [
+        b"HTTP/1.1 ",
+        str(status).encode(),
+        b" ",
+        REASONS.get(status, b"Error"),
+        b"\r\n",
+        b"Content-Type: application/json\r\nContent-Length: ",
+        str(len(body)).encode(),
+        b"\r\n",
+        b"X-Request-ID: ",
+        request_id,
+        b"\r\n",
+    ]
+    if retry_after is not None:
+        head += (b"Retry-After: ", str(retry_after).encode(), b"\r\n")
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}

@@ -1,0 +1,244 @@
+"""Connections to upstream servers: the response-side protocol and the keep-alive pool."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from proxycore.deadline import Deadline
+from proxycore.flow import Reason, Valve, bound_writes
+from proxycore.servers import Server
+
+from .config import LbConfig
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to one server, carrying one exchange at a time."""
+
+    def __init__(self, server: Server, pool: UpstreamPool) -> None:
+        self.server = server
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.valve: Valve | None = None
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.tunnel = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.deadline = Deadline(pool.loop, self._on_deadline)
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._done = False
+        self._head_only = False
+        self._first_byte = False
+        self._keep_alive = False
+
+    # -- asyncio.Protocol --------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.valve = Valve(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bound_writes(transport)
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # An idle connection that speaks is broken (or was never HTTP): drop it.
+            self.close()
+            return
+        self.server.bytes_in += len(data)
+        if self.tunnel:
+            ex.tunnel_to_client(data)
+            return
+        if not self._first_byte:
+            self._first_byte = True
+            ex.on_first_byte()
+        self.deadline.after(self.pool.config.timeouts.upstream_idle)
+        client = ex.client
+        client.cork()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0]
+            if self.exchange is ex and self.tunnel:
+                ex.tunnel_to_client(data[offset:])
+        except httptools.HttpParserError as exc:
+            if self.exchange is ex:
+                ex.upstream_failed(f"invalid response: {exc}", failure=True)
+        else:
+            if self._done and self.exchange is ex:
+                self._response_done(ex)
+        finally:
+            client.uncork()
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel and self.exchange is not None:
+            self.exchange.tunnel_eof_from_upstream()
+            return True  # keep the other direction open (half-close)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline.stop()
+        ex = self.exchange
+        if ex is None:
+            self.pool.forget(self)
+            return
+        if self.tunnel:
+            ex.tunnel_closed_by_upstream()
+            return
+        if ex.response_until_close:
+            # A body delimited by the close of the connection ends here, whole.
+            self._response_done(ex)
+            return
+        ex.upstream_failed(
+            "connection closed" if exc is None else f"connection lost: {exc}", failure=True
+        )
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client_valve.pause(Reason.PEER_BUFFER_FULL)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client_valve.resume(Reason.PEER_BUFFER_FULL)
+
+    # -- httptools callbacks -------------------------------------------------
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        status = self.parser.get_status_code()
+        headers, reason = self._headers, self._reason
+        self._headers, self._reason = [], b""
+        if ex is None:
+            return
+        if 100 <= status < 200 and status != 101:
+            ex.on_interim_response(status, reason, headers)
+            return
+        if status == 101:
+            self.tunnel = ex.on_switching_protocols(reason, headers)
+            return
+        # Read now: llhttp forgets the message's flags once it is complete.
+        self._keep_alive = keep_alive = self.parser.should_keep_alive()
+        if ex.on_response_head(status, reason, headers, keep_alive):
+            # HEAD: the head is the whole response, whatever Content-Length says.
+            self._done = True
+            self._head_only = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() >= 200:
+            self._done = True
+
+    # -- life of the connection ------------------------------------------------
+    def _response_done(self, ex: Exchange) -> None:
+        self._done = False
+        self._first_byte = False
+        if self._head_only:
+            # llhttp would wait for the body a HEAD response never has
+            self._head_only = False
+            self.parser = httptools.HttpResponseParser(self)
+        ex.on_response_complete(self._keep_alive and not self.closed)
+
+    def start_exchange(self, ex: Exchange) -> None:
+        self.exchange = ex
+        self._first_byte = False
+        self._done = False
+        self.deadline.after(self.pool.config.timeouts.first_byte)
+
+    def release(self, reusable: bool) -> None:
+        """The exchange is over: back to the pool, or closed."""
+        self.exchange = None
+        if reusable and not self.closed:
+            self.pool.give(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.exchange = None
+        self.deadline.stop()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+        self.pool.forget(self)
+
+    def abort(self) -> None:
+        self.exchange = None
+        self.deadline.stop()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+        self.pool.forget(self)
+
+    def _on_deadline(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.close()  # idle in the pool for too long
+        elif not self.tunnel:
+            ex.upstream_timed_out(self._first_byte)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per server, newest first (they are the warmest)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: LbConfig) -> None:
+        self.loop = loop
+        self.config = config
+        self._idle: dict[Server, list[UpstreamConnection]] = {}
+
+    def take(self, server: Server) -> UpstreamConnection | None:
+        idle = self._idle.get(server)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                conn.deadline.cancel()
+                return conn
+        return None
+
+    def give(self, conn: UpstreamConnection) -> None:
+        settings = self.config.keepalive
+        idle = self._idle.setdefault(conn.server, [])
+        if len(idle) >= settings.max_idle:
+            conn.close()
+            return
+        idle.append(conn)
+        conn.deadline.after(settings.idle_timeout)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self._idle.get(conn.server)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def connect(self, server: Server) -> UpstreamConnection:
+        address = server.spec.address
+        _, protocol = await asyncio.wait_for(
+            self.loop.create_connection(
+                lambda: UpstreamConnection(server, self), address.host, address.port
+            ),
+            self.config.timeouts.connect,
+        )
+        return protocol
+
+    def drop(self, server: Server) -> None:
+        for conn in self._idle.pop(server, []):
+            conn.close()
+
+    def close_all(self) -> None:
+        for server in list(self._idle):
+            self.drop(server)

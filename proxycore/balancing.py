@@ -1,0 +1,78 @@
+"""Which server gets the next request or session: policies with no I/O."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable, Sequence
+from typing import Protocol
+
+from .servers import Server
+
+POLICIES = ("round_robin", "least_conn")
+
+
+class Policy(Protocol):
+    def choose(self, candidates: Sequence[Server]) -> Server: ...
+
+
+class SmoothWeightedRoundRobin:
+    """nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, never a burst."""
+
+    def choose(self, candidates: Sequence[Server]) -> Server:
+        total = 0
+        best = candidates[0]
+        best_weight = None
+        for server in candidates:
+            server.rr_current += server.weight
+            total += server.weight
+            if best_weight is None or server.rr_current > best_weight:
+                best, best_weight = server, server.rr_current
+        best.rr_current -= total
+        return best
+
+
+class LeastConn:
+    """Fewest in-flight per unit of weight; ties go round robin so equals share the load."""
+
+    def __init__(self) -> None:
+        self._turn = 0
+
+    def choose(self, candidates: Sequence[Server]) -> Server:
+        self._turn += 1
+        count = len(candidates)
+        best = candidates[self._turn % count]
+        for i in range(count):
+            server = candidates[(self._turn + i) % count]
+            if server.active * best.weight < best.active * server.weight:
+                best = server
+        return best
+
+
+def make_policy(name: str) -> Policy:
+    if name == "round_robin":
+        return SmoothWeightedRoundRobin()
+    if name == "least_conn":
+        return LeastConn()
+    raise ValueError(f"unknown balancing method {name!r}; known: {', '.join(POLICIES)}")
+
+
+def pick(
+    servers: Iterable[Server],
+    policy: Policy,
+    exclude: Collection[Server] = (),
+) -> Server | None:
+    """The next server among those taking traffic, not in ``exclude``; backups
+    only when no primary takes traffic. None when nothing fits."""
+    now = time.monotonic()
+    primaries: list[Server] = []
+    backups: list[Server] = []
+    for server in servers:
+        if server in exclude or not server.takes_traffic(now):
+            continue
+        (backups if server.spec.backup else primaries).append(server)
+    candidates = primaries or backups
+    if not candidates:
+        return None
+    if len(candidates) == 1:
+        return candidates[0]
+    return policy.choose(candidates)

@@ -1,0 +1,53 @@
+"""Back-pressure for relays: one small class, used by every proxy protocol.
+
+A relay reads from one transport and writes to another. When the writer's
+buffer passes its high-water mark the reader must stop reading until it drains;
+a reader may also be paused for other reasons (a pipelined request waiting its
+turn, an upstream still connecting). ``Valve`` keeps those reasons apart so one
+``resume`` never undoes another's ``pause``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class Reason:
+    """Bits, not an enum.Flag: Flag arithmetic measured at ~3 µs per request in lb."""
+
+    PEER_BUFFER_FULL = 1  # the transport we write what we read into is over its high-water mark
+    WAITING_TURN = 2  # a pipelined request waits for the one before it
+    NO_PEER_YET = 4  # the other side is still being connected
+
+
+class Valve:
+    __slots__ = ("_reasons", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._reasons = 0
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._reasons)
+
+    def pause(self, reason: int) -> None:
+        if not self._reasons and not self._transport.is_closing():
+            self._transport.pause_reading()
+        self._reasons |= reason
+
+    def resume(self, reason: int) -> None:
+        if not self._reasons & reason:
+            return
+        self._reasons &= ~reason
+        if not self._reasons and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+
+# Per-connection write buffer bounds: what a slow reader can make us hold.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+def bound_writes(transport: asyncio.WriteTransport) -> None:
+    transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)

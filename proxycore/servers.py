@@ -1,0 +1,237 @@
+"""Servers and their state: admin state, active-check health, passive ejection.
+
+A server takes new traffic when it is enabled (not drained or disabled), its
+checks say up, and passive failures have not taken it out. Every change of that
+picture is logged once, when it happens, never on every check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Address
+
+log = logging.getLogger("balance.servers")
+
+ADMIN_STATES = ("enabled", "drain", "disabled")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """A server as the configuration names it."""
+
+    name: str
+    address: Address
+    weight: int = 1
+    backup: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HealthParams:
+    """Active checks (rise/fall as HAProxy) and passive ejection (max_fails/fail_timeout as nginx)."""
+
+    rise: int = 2
+    fall: int = 2
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    checks_enabled: bool = True
+
+
+@dataclass(slots=True)
+class CheckRecord:
+    ok: bool
+    detail: str
+    duration: float
+    at: float  # time.time()
+
+
+class Server:
+    """One upstream: identity, state, and the plain-integer counters read at scrape time."""
+
+    def __init__(self, spec: ServerSpec, params: HealthParams) -> None:
+        self.spec = spec
+        self.params = params
+        self.admin = "enabled"
+        self.healthy = True  # optimistic start, as nginx and HAProxy: the first checks correct it
+        self._rise_count = 0
+        self._fall_count = 0
+        self._failures: deque[float] = deque()
+        self.passive_until = 0.0  # monotonic time; out of rotation until then (no active checks)
+        self.passive_out = False
+        self.state_since = time.time()
+        self.last_check: CheckRecord | None = None
+        self.info: dict[str, Any] = {}  # extra facts from checks (dbproxy: role, lag)
+        # counters
+        self.active = 0
+        self.total = 0
+        self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100; 0 = no answer
+        self.failures_total = 0
+        self.connect_errors = 0
+        self.checks_total = 0
+        self.checks_failed = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # balancing state
+        self.rr_current = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def weight(self) -> int:
+        return self.spec.weight
+
+    def takes_traffic(self, now: float | None = None) -> bool:
+        if self.admin != "enabled" or not self.healthy:
+            return False
+        if self.passive_out:
+            if self.params.checks_enabled:
+                return False
+            # nginx semantics without active checks: try again after fail_timeout
+            if (time.monotonic() if now is None else now) < self.passive_until:
+                return False
+            self.passive_out = False
+        return True
+
+    @property
+    def state(self) -> str:
+        """For people: UP, DOWN, DRAIN, MAINT (disabled), as HAProxy's stats page says it."""
+        if self.admin == "disabled":
+            return "MAINT"
+        if self.admin == "drain":
+            return "DRAIN"
+        if not self.healthy or self.passive_out:
+            return "DOWN"
+        return "UP"
+
+    def _changed(self, why: str) -> None:
+        self.state_since = time.time()
+        log.warning("server %s is now %s (%s)", self.name, self.state, why)
+
+    def record_check(self, record: CheckRecord) -> None:
+        self.last_check = record
+        self.checks_total += 1
+        if record.ok:
+            self._fall_count = 0
+            if self.healthy and not self.passive_out:
+                return
+            self._rise_count += 1
+            if self._rise_count >= self.params.rise:
+                self._rise_count = 0
+                self.healthy = True
+                self.passive_out = False
+                self._failures.clear()
+                self._changed(f"{self.params.rise} check(s) passed: {record.detail}")
+        else:
+            self.checks_failed += 1
+            self._rise_count = 0
+            if not self.healthy:
+                return
+            self._fall_count += 1
+            if self._fall_count >= self.params.fall:
+                self._fall_count = 0
+                self.healthy = False
+                self._changed(f"{self.params.fall} check(s) failed: {record.detail}")
+
+    def record_failure(self, why: str, now: float | None = None) -> None:
+        """A passive failure: a connect refused, reset or timed out, or a configured status."""
+        self.failures_total += 1
+        if self.params.max_fails <= 0 or self.passive_out:
+            return
+        now = time.monotonic() if now is None else now
+        window = self._failures
+        window.append(now)
+        while window and window[0] < now - self.params.fail_timeout:
+            window.popleft()
+        if len(window) >= self.params.max_fails:
+            window.clear()
+            self.passive_out = True
+            self.passive_until = now + self.params.fail_timeout
+            self._rise_count = 0
+            self._changed(
+                f"{self.params.max_fails} failure(s) within {self.params.fail_timeout:g}s: {why}"
+            )
+
+    def set_admin(self, state: str) -> None:
+        if state not in ADMIN_STATES:
+            raise ValueError(f"unknown admin state {state!r}")
+        if state != self.admin:
+            self.admin = state
+            self._changed(f"set to {state} by the admin API")
+
+    def status(self) -> dict[str, Any]:
+        check = self.last_check
+        return {
+            "name": self.name,
+            "address": str(self.spec.address),
+            "weight": self.weight,
+            "backup": self.spec.backup,
+            "state": self.state,
+            "admin": self.admin,
+            "healthy": self.healthy,
+            "passive_out": self.passive_out,
+            "in_state_seconds": round(time.time() - self.state_since, 3),
+            "active": self.active,
+            "total": self.total,
+            "responses": {f"{i}xx": n for i, n in enumerate(self.by_class) if i},
+            "failures": self.failures_total,
+            "connect_errors": self.connect_errors,
+            "last_check": None
+            if check is None
+            else {
+                "ok": check.ok,
+                "detail": check.detail,
+                "duration_ms": round(check.duration * 1000, 2),
+                "seconds_ago": round(time.time() - check.at, 3),
+            },
+            **self.info,
+        }
+
+
+@dataclass
+class ServerSet:
+    """The servers of one pool, in configuration order; reload keeps each one's state."""
+
+    params: HealthParams
+    _servers: dict[str, Server] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, specs: Iterable[ServerSpec], params: HealthParams) -> ServerSet:
+        result = cls(params)
+        result.update(specs, params)
+        return result
+
+    def __iter__(self) -> Iterator[Server]:
+        return iter(list(self._servers.values()))
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    def get(self, name: str) -> Server | None:
+        return self._servers.get(name)
+
+    def update(
+        self, specs: Iterable[ServerSpec], params: HealthParams
+    ) -> tuple[list[Server], list[Server]]:
+        """Apply a new list; (added, removed). A kept server keeps its health and counters."""
+        self.params = params
+        new: dict[str, Server] = {}
+        added = []
+        for spec in specs:
+            server = self._servers.get(spec.name)
+            if server is None or server.spec.address != spec.address:
+                server = Server(spec, params)
+                added.append(server)
+            else:
+                server.spec = spec
+                server.params = params
+            new[spec.name] = server
+        removed = [s for name, s in self._servers.items() if new.get(name) is not s]
+        self._servers = new
+        return added, removed
