@@ -16,9 +16,9 @@ import uvloop
 
 def response(name: str) -> bytes:
     body = f"hello from {name}\n".encode()
-    return (
-        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b"
-        % (len(body), body)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b" % (
+        len(body),
+        body,
     )
 
 
@@ -44,7 +44,9 @@ class FixedResponse(asyncio.Protocol):
 async def serve(port: int, name: str) -> None:
     loop = asyncio.get_running_loop()
     answer = response(name)
-    server = await loop.create_server(lambda: FixedResponse(answer), "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(
+        lambda: FixedResponse(answer), "127.0.0.1", port, backlog=4096
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

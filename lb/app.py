@@ -124,7 +124,7 @@ class Balancer:
             self._idle.set()
 
     async def shutdown(self) -> None:
-        """SIGTERM: stop accepting, let in-flight requests finish (up to timeouts.shutdown), exit."""
+        """SIGTERM: stop accepting, finish in-flight requests (up to timeouts.shutdown)."""
         self.draining = True
         if self._server is not None:
             self._server.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -72,7 +72,6 @@ def make_admin_app(
 
 # A live page in the spirit of HAProxy's stats page: it polls /status once a second.
 STATUS_PAGE = (Path(__file__).parent / "status.html").read_text()
-
 
 
 async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -19,7 +19,7 @@ from .servers import CheckRecord, Server, ServerSet
 log = logging.getLogger("balance.health")
 
 Probe = Callable[[Server, float], Awaitable[str]]
-"""Checks one server within the timeout; returns a short detail, raises CheckFailed (or anything) when not healthy."""
+"""Checks one server within the timeout: a short detail, or raises when it is not healthy."""
 
 
 class CheckFailed(Exception):

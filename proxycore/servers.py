@@ -33,7 +33,7 @@ class ServerSpec:
 
 @dataclass(frozen=True, slots=True)
 class HealthParams:
-    """Active checks (rise/fall as HAProxy) and passive ejection (max_fails/fail_timeout as nginx)."""
+    """Active checks (rise/fall, as HAProxy); passive ejection (max_fails, fail_timeout: nginx)."""
 
     rise: int = 2
     fall: int = 2

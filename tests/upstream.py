@@ -40,7 +40,9 @@ def make_app(name: str) -> web.Application:
         return web.Response(text=f"slow from {name}", headers={"X-Upstream": name})
 
     async def status(request: web.Request) -> web.Response:
-        return web.Response(status=int(request.match_info["code"]), text=name, headers={"X-Upstream": name})
+        return web.Response(
+            status=int(request.match_info["code"]), text=name, headers={"X-Upstream": name}
+        )
 
     async def download(request: web.Request) -> web.StreamResponse:
         total = int(request.query.get("bytes", "1048576"))
