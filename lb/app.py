@@ -33,6 +33,7 @@ class Balancer:
         self.servers = ServerSet.of(config.servers, config.health)
         self.policy: Policy = make_policy(config.method)
         self.pool = UpstreamPool(loop, config)
+        self.default_host = str(config.listen).encode()
         self.clients: set[ClientConnection] = set()
         self.draining = False
         self.started = time.time()

@@ -94,7 +94,12 @@ class ClientConnection(asyncio.Protocol):
         except BadRequest as exc:
             self._reject(exc)
         except httptools.HttpParserError as exc:
-            self._reject(BadRequest(400, "bad_request", f"malformed request: {exc}"))
+            # httptools wraps what a callback raised: our own refusals come out as the cause
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, BadRequest):
+                self._reject(cause)
+            else:
+                self._reject(BadRequest(400, "bad_request", f"malformed request: {exc}"))
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -260,10 +265,17 @@ class ClientConnection(asyncio.Protocol):
         )
         answer = error_response(exc.status, exc.code, exc.message, request_id, close=True)
         self.valve.pause(Reason.WAITING_TURN)
-        # The request being parsed when the error came is dropped unanswered by the
-        # upstream: nothing of it was, or will be, forwarded after this point.
         current = self._current
-        if current is not None and current in self.queue and current is not self.queue[0]:
+        if current is not None and self.queue and current is self.queue[0]:
+            # The bad bytes are in the body of the request being served: its
+            # upstream connection is cut mid-body, so the upstream never sees a
+            # whole request, and the client hears why at once.
+            self._reading_body = False
+            current.fail(exc.status, exc.code, exc.message)
+            self.close()
+            return
+        if current is not None and current in self.queue:
+            # Pipelined behind another: dropped before anything of it is sent.
             self.queue.remove(current)
             self.lb.metrics.in_flight -= 1
             current.client_gone()

@@ -162,7 +162,12 @@ class Exchange:
         if self.finished:
             self.lb.pool.give(conn)  # the client went away meanwhile; keep the connection warm
             return
-        self._attach(conn)
+        try:
+            self._attach(conn)
+        except Exception:  # a bug must cost this request, not leave it hanging
+            log.exception("internal error while sending %s", self.request_id.decode())
+            conn.abort()
+            self.fail(502, "internal_error", "internal error in lb")
 
     def _attach(self, conn: UpstreamConnection) -> None:
         assert conn.transport is not None
@@ -179,6 +184,7 @@ class Exchange:
                 self.info,
                 self.request_id,
                 self.client.client_ip,
+                self.lb.default_host,
             )
         transport = conn.transport
         transport.write(self.head)

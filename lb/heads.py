@@ -167,8 +167,13 @@ def upstream_request_head(
     info: RequestInfo,
     request_id: bytes,
     client_ip: bytes,
+    default_host: bytes = b"localhost",
 ) -> bytes:
-    """The head sent upstream: always HTTP/1.1 keep-alive, framed as we forward the body."""
+    """The head sent upstream: always HTTP/1.1 keep-alive, framed as we forward the body.
+
+    An HTTP/1.0 request may come without Host; HTTP/1.1 upstreams require one,
+    so it gets ``default_host`` (as nginx sends $proxy_host).
+    """
     drop = _REBUILT_REQUEST | info.connection_tokens
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
@@ -178,6 +183,8 @@ def upstream_request_head(
     parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n")
     if info.host:
         parts += (b"X-Forwarded-Host: ", info.host, b"\r\n")
+    else:
+        parts += (b"Host: ", default_host, b"\r\n")
     parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if info.upgrade is not None:
         parts += (b"Connection: upgrade\r\nUpgrade: ", info.upgrade, b"\r\n")

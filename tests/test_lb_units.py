@@ -1,0 +1,229 @@
+"""lb's and proxycore's policies, driven without sockets."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lb.config import from_section, load
+from lb.heads import BadRequest, RequestInfo, client_response_head, upstream_request_head
+from lb.retry import may_retry
+from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
+from proxycore.config import Address, ConfigError, Section, parse_duration, parse_size
+from proxycore.servers import CheckRecord, HealthParams, Server, ServerSet, ServerSpec
+
+
+def server(
+    name: str, weight: int = 1, backup: bool = False, params: HealthParams | None = None
+) -> Server:
+    return Server(
+        ServerSpec(name, Address("127.0.0.1", 1), weight, backup), params or HealthParams()
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "reached", "answered", "replayable", "tries", "expected"),
+    [
+        (b"POST", False, False, False, 1, True),  # nothing reached an upstream: any method
+        (b"POST", True, False, True, 1, False),  # may have reached a backend: never
+        (b"GET", True, False, True, 1, True),
+        (b"PUT", True, False, True, 1, True),
+        (b"DELETE", True, False, True, 1, True),
+        (b"PUT", True, False, False, 1, False),  # its body is gone
+        (b"GET", True, True, True, 1, False),  # the client has bytes of the response
+        (b"GET", False, False, True, 3, False),  # tries used up
+        (b"PATCH", True, False, True, 1, False),
+    ],
+)
+def test_retry_rule(
+    method: bytes, reached: bool, answered: bool, replayable: bool, tries: int, expected: bool
+) -> None:
+    assert (
+        may_retry(
+            method=method,
+            reached_upstream=reached,
+            answered_client=answered,
+            body_replayable=replayable,
+            tries_done=tries,
+            max_tries=3,
+        )
+        is expected
+    )
+
+
+def test_smooth_weighted_round_robin_interleaves() -> None:
+    a, b, c = server("a", 5), server("b"), server("c")
+    policy = SmoothWeightedRoundRobin()
+    order = "".join(pick([a, b, c], policy).name for _ in range(7))
+    assert order == "aabacaa"  # nginx's documented sequence for 5,1,1
+    assert Counter(pick([a, b, c], policy).name for _ in range(700)) == {
+        "a": 500,
+        "b": 100,
+        "c": 100,
+    }
+
+
+def test_least_conn_prefers_the_idle_and_respects_weight() -> None:
+    a, b = server("a"), server("b", weight=2)
+    a.active, b.active = 3, 1
+    assert pick([a, b], LeastConn()).name == "b"
+    a.active, b.active = 1, 2  # 1/1 == 2/2: a tie, shared in turn
+    assert {pick([a, b], policy := LeastConn()).name, pick([a, b], policy).name} == {"a", "b"}
+
+
+def test_backups_only_when_no_primary() -> None:
+    a, spare = server("a"), server("spare", backup=True)
+    policy = SmoothWeightedRoundRobin()
+    assert pick([a, spare], policy) is a
+    a.set_admin("drain")
+    assert pick([a, spare], policy) is spare
+    spare.set_admin("disabled")
+    assert pick([a, spare], policy) is None
+    a.set_admin("enabled")
+    assert pick([a, spare], policy, exclude=[a]) is None  # backup only when no primary is up
+
+
+def ok(flag: bool) -> CheckRecord:
+    return CheckRecord(flag, "x", 0.001, time.time())
+
+
+def test_rise_and_fall() -> None:
+    s = server("a", params=HealthParams(rise=2, fall=3))
+    for _ in range(2):
+        s.record_check(ok(False))
+    assert s.takes_traffic()
+    s.record_check(ok(False))
+    assert not s.takes_traffic() and s.state == "DOWN"
+    s.record_check(ok(True))
+    assert not s.takes_traffic()
+    s.record_check(ok(True))
+    assert s.takes_traffic() and s.state == "UP"
+
+
+def test_passive_failures_eject_until_checks_bring_back() -> None:
+    s = server("a", params=HealthParams(max_fails=2, fail_timeout=10, rise=2))
+    s.record_failure("refused", now=100)
+    s.record_failure("refused", now=111)  # the first is out of the 10s window
+    assert s.takes_traffic(now=111)
+    s.record_failure("refused", now=112)
+    assert not s.takes_traffic(now=112)
+    assert not s.takes_traffic(now=10_000)  # with checks on, only checks bring it back
+    s.record_check(ok(True))
+    s.record_check(ok(True))
+    assert s.takes_traffic()
+
+
+def test_passive_without_checks_is_nginx_fail_timeout() -> None:
+    s = server("a", params=HealthParams(max_fails=1, fail_timeout=10, checks_enabled=False))
+    s.record_failure("refused", now=100)
+    assert not s.takes_traffic(now=105)
+    assert s.takes_traffic(now=110.5)
+
+
+def test_server_set_update_keeps_state() -> None:
+    params = HealthParams()
+    servers = ServerSet.of(
+        [ServerSpec("a", Address("h", 1)), ServerSpec("b", Address("h", 2))], params
+    )
+    a = servers.get("a")
+    assert a is not None
+    a.total = 42
+    added, removed = servers.update(
+        [ServerSpec("a", Address("h", 1), weight=5), ServerSpec("c", Address("h", 3))], params
+    )
+    assert [s.name for s in added] == ["c"] and [s.name for s in removed] == ["b"]
+    assert servers.get("a") is a and a.total == 42 and a.weight == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("500ms", 0.5), ("2s", 2), ("1m", 60), (3, 3), ("1.5s", 1.5)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text, "x") == seconds
+
+
+def test_bad_values_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[timeouts\] connect: expected a duration"):
+        parse_duration("soon", "f.toml: [timeouts] connect")
+    assert parse_size("16k", "x") == 16384
+    path = tmp_path / "lb.toml"
+    path.write_text(
+        'listen = "127.0.0.1:1"\n[timeouts]\nconect = "1s"\n[[server]]\naddress = "127.0.0.1:2"\n'
+    )
+    with pytest.raises(ConfigError, match=rf"{path}: \[timeouts\] conect: unknown key"):
+        load(path)
+    path.write_text('[[server]]\naddress = "nowhere"\n')
+    with pytest.raises(ConfigError, match=r"\[server\[0\]\] address: expected 'HOST:PORT'"):
+        load(path)
+    path.write_text('method = "random"\n[[server]]\naddress = "127.0.0.1:2"\n')
+    with pytest.raises(ConfigError, match="method: expected one of round_robin, least_conn"):
+        load(path)
+
+
+def test_defaults_are_nginx_like() -> None:
+    config = from_section(Section({"server": [{"address": "127.0.0.1:2"}]}, "", "x"), None)
+    assert config.health.max_fails == 1 and config.health.fail_timeout == 10
+    assert config.timeouts.client_keepalive == 75
+    assert config.check.timing.interval == 1 and config.check.timing.timeout == 0.5
+    assert (config.health.rise, config.health.fall) == (2, 2)
+
+
+HEADERS = [(b"Host", b"example"), (b"Content-Length", b"5")]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Host", b"x"), (b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")],
+        [(b"Host", b"x"), (b"Content-Length", b"5"), (b"Content-Length", b"6")],
+        [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked, gzip")],
+        [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked, chunked")],
+        [(b"Host", b"x"), (b"Content-Length", b"-1")],
+        [(b"Content-Length", b"1")],  # HTTP/1.1 without Host
+        [(b"Host", b"x"), (b"Host", b"y")],
+    ],
+)
+def test_request_heads_refused(headers: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(BadRequest) as info:
+        RequestInfo(headers, http11=True, max_body=100)
+    assert info.value.status == 400
+
+
+def test_body_over_limit_is_413() -> None:
+    with pytest.raises(BadRequest) as info:
+        RequestInfo([(b"Host", b"x"), (b"Content-Length", b"101")], http11=True, max_body=100)
+    assert info.value.status == 413
+
+
+def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
+    headers = [
+        (b"Host", b"site"),
+        (b"Connection", b"keep-alive, X-Secret"),
+        (b"X-Secret", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"TE", b"trailers"),
+        (b"X-Forwarded-For", b"10.0.0.1"),
+        (b"Accept", b"*/*"),
+        (b"Proxy-Authorization", b"Basic x"),
+    ]
+    info = RequestInfo(headers, http11=True, max_body=100)
+    head = upstream_request_head(b"GET", b"/p?q=1", headers, info, b"rid", b"127.0.0.1").decode()
+    assert head.startswith("GET /p?q=1 HTTP/1.1\r\n")
+    for gone in ("X-Secret", "Keep-Alive", "TE:", "Connection", "Proxy-Authorization"):
+        assert gone not in head
+    assert "X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n" in head
+    assert "X-Forwarded-Proto: http\r\nX-Forwarded-Host: site\r\nX-Request-ID: rid\r\n" in head
+    response = client_response_head(
+        200,
+        b"OK",
+        [(b"Connection", b"close, X-Internal"), (b"X-Internal", b"1"), (b"Server", b"s")],
+        content_length=3,
+        chunked_to_client=False,
+        keep_alive=True,
+        request_id=b"rid",
+    ).decode()
+    assert "X-Internal" not in response and "Connection" not in response
+    assert "Server: s\r\nX-Request-ID: rid\r\nContent-Length: 3\r\n\r\n" in response
