@@ -187,12 +187,15 @@ async def test_50mb_both_ways_streams_without_buffering(
     assert peak - before < 30 * 1024, f"lb grew by {(peak - before) // 1024} MB"
 
 
+POST = b"POST /echo HTTP/1.1\r\nHost: t\r\n"
+
+
 @pytest.mark.parametrize(
     "raw",
     [
-        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
         b"GET /echo HTTP/1.1\r\nHost: t\r\nX-A: b\r\n c\r\n\r\n",
         b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nhello",
         b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
