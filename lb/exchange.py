@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from proxycore.balancing import pick
+from proxycore.balancing import any_available, pick
 from proxycore.flow import Reason
 from proxycore.servers import Server
 
@@ -288,6 +288,8 @@ class Exchange:
         server = self.server
         if status in lb.config.passive_statuses and server is not None:
             server.record_failure(f"answered {status}")
+            # Retried only when another server can answer; else this answer is
+            # the best there is and goes through (as nginx's proxy_next_upstream).
             if may_retry(
                 method=self.method,
                 reached_upstream=True,
@@ -295,7 +297,7 @@ class Exchange:
                 body_replayable=self.body_done and self.sent_body is not None,
                 tries_done=len(self.tried),
                 max_tries=lb.config.tries,
-            ):
+            ) and any_available(lb.servers, self.tried):
                 self._retry(server, f"answered {status}")
                 return False
         self.status = status

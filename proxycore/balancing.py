@@ -56,6 +56,12 @@ def make_policy(name: str) -> Policy:
     raise ValueError(f"unknown balancing method {name!r}; known: {', '.join(POLICIES)}")
 
 
+def any_available(servers: Iterable[Server], exclude: Collection[Server] = ()) -> bool:
+    """Whether ``pick`` would find a server, without moving any policy's state."""
+    now = time.monotonic()
+    return any(s not in exclude and s.takes_traffic(now) for s in servers)
+
+
 def pick(
     servers: Iterable[Server],
     policy: Policy,
