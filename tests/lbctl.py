@@ -123,6 +123,17 @@ class Lb:
             stop(self.proc)
 
 
+def spawn_lb(args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lb", *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def write_config(
     path: Path,
     port: int,

@@ -79,7 +79,7 @@ async def test_kill_9_under_steady_gets_every_response_is_200(tmp_path: Path) ->
         assert load.statuses[200] > 200
         assert lb.server_status("b")["state"] == "DOWN"
 
-        # back: traffic reaches it again within rise x interval of its restart (plus one check period)
+        # back: traffic reaches it within rise x interval of its restart (plus one check period)
         up["b"].start()
         restarted = time.monotonic()
         async with aiohttp.ClientSession() as http:

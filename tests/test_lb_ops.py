@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.lbctl import FAST_CHECKS, Lb, Upstream, lb_with, stop, wait_port, write_config
+from tests.lbctl import FAST_CHECKS, Lb, Upstream, lb_with, spawn_lb, stop, wait_port, write_config
 from tests.rawhttp import closed_by_peer, get, read_response
 from tests.stackctl import REPO, free_ports
 
@@ -175,27 +175,20 @@ async def test_quick_flags_and_access_log(tmp_path: Path) -> None:
     upstream = Upstream("solo", up_port, tmp_path / "solo.log")
     upstream.start()
     log = tmp_path / "lb.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lb",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--server",
-                upstream.address,
-                "--admin",
-                f"127.0.0.1:{admin}",
-                "--health-path",
-                "/health",
-                "--access-log",
-            ],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn_lb(
+        [
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--server",
+            upstream.address,
+            "--admin",
+            f"127.0.0.1:{admin}",
+            "--health-path",
+            "/health",
+            "--access-log",
+        ],
+        log,
+    )
     try:
         wait_port(port, proc)
         async with (
