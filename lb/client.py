@@ -19,7 +19,7 @@ from proxycore.deadline import Deadline
 from proxycore.flow import Reason, Valve, bound_writes
 
 from .exchange import Exchange
-from .heads import BadRequest, RequestInfo, error_response, new_request_id
+from .heads import BadRequest, RequestInfo, error_response, escape_request_line, new_request_id
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -47,6 +47,8 @@ class ClientConnection(asyncio.Protocol):
         self._rejected: bytes | None = None  # an error answer waiting for the response before it
         self._corked = False
         self._out: list[bytes] = []
+        self._at_start = True  # the next byte the parser sees begins a request
+        self._line = b""  # the first bytes of a request line not yet whole
 
     # -- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,6 +81,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._reading_body:
             self.deadline.after(self.lb.config.timeouts.client_body)
+        if self._at_start:
+            data = self._request_line(data)
+            if not data:
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -100,6 +106,24 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(cause)
             else:
                 self._reject(BadRequest(400, "bad_request", f"malformed request: {exc}"))
+
+    def _request_line(self, data: bytes) -> bytes:
+        """At the start of a request: hold bytes until its first line is whole, then
+        escape raw UTF-8 in it (see heads.escape_request_line)."""
+        if self._line:
+            data = self._line + data
+            self._line = b""
+        if b"\n" not in data:
+            if len(data) > self.lb.config.limits.max_header_bytes:
+                self._reject(BadRequest(414, "uri_too_long", "the request line is too long"))
+                return b""
+            self._line = data
+            if not self._in_head:
+                self._in_head = True  # a head has begun: client_header runs from now
+                if not self.queue:
+                    self.deadline.after(self.lb.config.timeouts.client_header)
+            return b""
+        return data if data.isascii() else escape_request_line(data)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -134,6 +158,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._at_start = False
         self._in_head = True
         self._url = b""
         self._headers = []
@@ -182,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
             self._current.request_body(body)
 
     def on_message_complete(self) -> None:
+        self._at_start = True
         ex = self._current
         self._current = None
         self._reading_body = False

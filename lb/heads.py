@@ -37,6 +37,21 @@ _REBUILT_RESPONSE = _HOP_BY_HOP | {b"content-length"}
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
+_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+
+
+def escape_request_line(data: bytes) -> bytes:
+    """Percent-encode bytes >= 0x80 in the first line (the request line) of ``data``.
+
+    `curl 'host/search?first_name=Ив'` sends the target as raw UTF-8, which
+    nginx accepts and the strict parser (llhttp) refuses. Escaped, it means the
+    same to any server; header values and bodies are left as they are.
+    """
+    end = data.find(b"\n")
+    line, rest = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
+    return _HIGH_BYTE.sub(lambda m: b"%%%02X" % m.group()[0], line) + rest
+
+
 class BadRequest(Exception):
     """The request is refused before anything is forwarded; ``status`` is what the client gets."""
 

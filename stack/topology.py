@@ -21,6 +21,8 @@ Profile = Literal["none", "python", "classic"]
 MASTER = "service-db"
 REPLICA = "service-db-replica"
 BACKENDS = ("users-backend-1", "users-backend-2")
+LB = "lb"
+BALANCE_CONFIG = REPO_ROOT / "infra" / "balance"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +123,15 @@ class Topology:
 
     def services(self) -> list[str]:
         """Every service, in start order."""
-        return [MASTER, REPLICA, *BACKENDS]
+        front = {"none": [], "python": [LB]}.get(self.proxies)
+        if front is None:
+            raise StackError(f"the '{self.proxies}' profile is not available yet")
+        return [MASTER, REPLICA, *BACKENDS, *front]
 
     def backend_dsns(self) -> tuple[str, str]:
-        """(rw, ro) for the backends: straight to the clusters while there is no proxy."""
-        if self.proxies == "none":
-            rw_port, ro_port = self.ports.master, self.ports.replica
-        else:
-            raise StackError(f"the '{self.proxies}' profile is not available yet")
+        """(rw, ro) for the backends: straight to the clusters until a database proxy
+        stands between them (dbproxy is the next step of the python profile)."""
+        rw_port, ro_port = self.ports.master, self.ports.replica
         base = "postgresql://users_app@127.0.0.1:{}/users"
         return base.format(rw_port), base.format(ro_port)
 
@@ -181,6 +184,31 @@ class Topology:
                 ready=Readiness("http", port),
                 log=log,
                 address=f"127.0.0.1:{port}",
+            )
+        if name == LB and name in self.services():
+            backends = [
+                f"--server={b}=127.0.0.1:{self.ports.backend(i)}" for i, b in enumerate(BACKENDS)
+            ]
+            argv = (
+                sys.executable,
+                "-m",
+                "lb",
+                "--config",
+                str(BALANCE_CONFIG / "lb.toml"),
+                "--listen",
+                f"127.0.0.1:{self.ports.entry}",
+                "--admin",
+                f"127.0.0.1:{self.ports.lb_admin}",
+                *backends,
+            )
+            return ServiceSpec(
+                name=name,
+                argv=argv,
+                env=dict(os.environ),
+                listens=(self.ports.entry, self.ports.lb_admin),
+                ready=Readiness("http", self.ports.entry),
+                log=log,
+                address=f"127.0.0.1:{self.ports.entry} (admin :{self.ports.lb_admin})",
             )
         raise StackError(f"unknown service '{name}'; services: {', '.join(self.services())}")
 

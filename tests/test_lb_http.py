@@ -287,3 +287,21 @@ async def test_garbage_gets_400_and_a_clean_close(proxy: tuple[Lb, dict[str, Ups
     (r,) = await send(lb.port, b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")
     assert r.status == 400
     assert "Traceback" not in lb.log_text()
+
+
+async def test_raw_utf8_in_the_target_is_passed_on_escaped(
+    proxy: tuple[Lb, dict[str, Upstream]],
+) -> None:
+    """What `curl 'localhost:8080/user/search?first_name=Ив'` sends; nginx passes it."""
+    lb, _ = proxy
+    reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+    try:
+        for _ in range(2):  # and again on the same keep-alive connection, in two pieces
+            writer.write("GET /echo/Ив?q=Пе HTTP/1.1\r".encode())
+            await asyncio.sleep(0.05)
+            writer.write(b"\nHost: t\r\n\r\n")
+            r = await read_response(reader)
+            assert r.status == 200
+            assert json.loads(r.body)["path"] == "/echo/%D0%98%D0%B2?q=%D0%9F%D0%B5"
+    finally:
+        writer.close()

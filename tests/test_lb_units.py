@@ -227,3 +227,12 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
     ).decode()
     assert "X-Internal" not in response and "Connection" not in response
     assert "Server: s\r\nX-Request-ID: rid\r\nContent-Length: 3\r\n\r\n" in response
+
+
+def test_escape_request_line_only_touches_the_first_line() -> None:
+    from lb.heads import escape_request_line
+
+    raw = "GET /s?n=Ив HTTP/1.1\r\nX-Name: Иван\r\n\r\n".encode()
+    escaped = escape_request_line(raw)
+    assert escaped.startswith(b"GET /s?n=%D0%98%D0%B2 HTTP/1.1\r\n")
+    assert escaped.endswith("X-Name: Иван\r\n\r\n".encode())
