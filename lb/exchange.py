@@ -17,6 +17,7 @@ from proxycore.servers import Server
 from .heads import (
     Header,
     RequestInfo,
+    ResponseInfo,
     client_response_head,
     error_response,
     new_request_id,
@@ -265,7 +266,7 @@ class Exchange:
         head = client_response_head(
             101,
             reason,
-            headers,
+            ResponseInfo(headers, upgrade=True),
             content_length=None,
             chunked_to_client=False,
             keep_alive=True,
@@ -301,14 +302,9 @@ class Exchange:
                 self._retry(server, f"answered {status}")
                 return False
         self.status = status
-        content_length: int | None = None
-        upstream_chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = int(value)
-            elif lname == b"transfer-encoding":
-                upstream_chunked = True
+        info = ResponseInfo(headers)
+        content_length = info.content_length
+        upstream_chunked = info.chunked
         no_body = self.is_head or status in (204, 304)
         if status in (204, 304):
             content_length = None
@@ -324,7 +320,7 @@ class Exchange:
         head = client_response_head(
             status,
             reason,
-            headers,
+            info,
             content_length=content_length,
             chunked_to_client=self.chunked_to_client,
             keep_alive=self.client_keep_alive,

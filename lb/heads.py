@@ -33,6 +33,7 @@ _REBUILT_REQUEST = _HOP_BY_HOP | {
     b"x-request-id",
 }
 _REBUILT_RESPONSE = _HOP_BY_HOP | {b"content-length"}
+_PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
@@ -98,6 +99,7 @@ class RequestInfo:
         "connection_tokens",
         "content_length",
         "expect_continue",
+        "forwarded",
         "host",
         "request_id",
         "upgrade",
@@ -113,16 +115,21 @@ class RequestInfo:
         self.upgrade: bytes | None = None
         self.request_id: bytes | None = None
         self.x_forwarded_for: bytes | None = None
+        # Lines that go upstream as they are, gathered in the same single pass.
+        forwarded: list[bytes] = []
+        self.forwarded = forwarded
         for name, value in headers:
             lname = name.lower()
-            if lname == b"content-length":
+            if lname not in _REBUILT_REQUEST:
+                forwarded += (name, b": ", value, b"\r\n")
+                if lname == b"host":
+                    hosts.append(value)
+            elif lname == b"content-length":
                 content_lengths.append(value)
             elif lname == b"transfer-encoding":
                 transfer_encodings.append(value)
             elif lname == b"connection":
                 connection.append(value)
-            elif lname == b"host":
-                hosts.append(value)
             elif lname == b"expect":
                 if value.strip().lower() != b"100-continue":
                     raise BadRequest(
@@ -168,6 +175,12 @@ class RequestInfo:
             )
         self.host = hosts[0] if hosts else b""
         self.connection_tokens = _connection_tokens(connection)
+        if self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
+            # Rare: headers named in Connection are hop-by-hop too; gather again without them.
+            drop = _REBUILT_REQUEST | self.connection_tokens
+            self.forwarded = [
+                part for n, v in headers if n.lower() not in drop for part in (n, b": ", v, b"\r\n")
+            ]
         self.close = b"close" in self.connection_tokens or (
             not http11 and b"keep-alive" not in self.connection_tokens
         )
@@ -189,11 +202,7 @@ def upstream_request_head(
     An HTTP/1.0 request may come without Host; HTTP/1.1 upstreams require one,
     so it gets ``default_host`` (as nginx sends $proxy_host).
     """
-    drop = _REBUILT_REQUEST | info.connection_tokens
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        if name.lower() not in drop:
-            parts += (name, b": ", value, b"\r\n")
+    parts = [method, b" ", target, b" HTTP/1.1\r\n", *info.forwarded]
     xff = client_ip if info.x_forwarded_for is None else info.x_forwarded_for + b", " + client_ip
     parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n")
     if info.host:
@@ -211,10 +220,41 @@ def upstream_request_head(
     return b"".join(parts)
 
 
+class ResponseInfo:
+    """One pass over a response head: its framing, and the lines the client gets."""
+
+    __slots__ = ("chunked", "content_length", "lines", "request_id")
+
+    def __init__(self, headers: Sequence[Header], upgrade: bool = False) -> None:
+        self.content_length: int | None = None
+        self.chunked = False
+        self.request_id = False
+        lines: list[bytes] = []
+        tokens: set[bytes] = set()
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in _REBUILT_RESPONSE:
+                if lname == b"x-request-id":
+                    self.request_id = True
+                lines += (name, b": ", value, b"\r\n")
+            elif lname == b"content-length":
+                self.content_length = int(value)
+            elif lname == b"transfer-encoding":
+                self.chunked = True
+            elif lname == b"connection":
+                tokens |= _connection_tokens([value])
+            elif upgrade and lname == b"upgrade":
+                lines += (name, b": ", value, b"\r\n")
+        if tokens - _PLAIN_CONNECTION_TOKENS:
+            drop = (_REBUILT_RESPONSE | tokens) - ({b"upgrade"} if upgrade else set())
+            lines = [p for n, v in headers if n.lower() not in drop for p in (n, b": ", v, b"\r\n")]
+        self.lines = lines
+
+
 def client_response_head(
     status: int,
     reason: bytes,
-    headers: Sequence[Header],
+    info: ResponseInfo,
     *,
     content_length: int | None,
     chunked_to_client: bool,
@@ -223,31 +263,15 @@ def client_response_head(
     upgrade: bool = False,
 ) -> bytes:
     """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise)."""
-    parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-    connection_tokens = set()
-    has_request_id = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"connection":
-            connection_tokens |= _connection_tokens([value])
-    drop = _REBUILT_RESPONSE | connection_tokens
-    if upgrade:
-        drop = drop - {b"upgrade"}
-    for name, value in headers:
-        lname = name.lower()
-        if lname in drop:
-            continue
-        if lname == b"x-request-id":
-            has_request_id = True
-        parts += (name, b": ", value, b"\r\n")
-    if not has_request_id:
+    parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason), *info.lines]
+    if not info.request_id:
         parts += (b"X-Request-ID: ", request_id, b"\r\n")
     if upgrade:
         parts.append(b"Connection: upgrade\r\n")
     elif chunked_to_client:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length is not None:
-        parts += (b"Content-Length: ", str(content_length).encode(), b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % content_length)
     if not upgrade and not keep_alive:
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")

@@ -11,12 +11,17 @@ NEEDED=(
   "$PG_BIN/pg_ctl postgresql-15"
   "$PG_BIN/postgres postgresql-15"
   "psql postgresql-client-15"
+  "taskset util-linux"
+  "wrk wrk"
+  "nginx nginx-light"
+  "haproxy haproxy"
 )
 
 found() {
   case "$1" in
     /*) [ -x "$1" ] ;;
-    *) command -v "$1" >/dev/null 2>&1 ;;
+    # nginx and haproxy live in /usr/sbin, which a non-root PATH may lack
+    *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] ;;
   esac
 }
 

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from lb.config import from_section, load
-from lb.heads import BadRequest, RequestInfo, client_response_head, upstream_request_head
+from lb.heads import (
+    BadRequest,
+    RequestInfo,
+    ResponseInfo,
+    client_response_head,
+    upstream_request_head,
+)
 from lb.retry import may_retry
 from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
 from proxycore.config import Address, ConfigError, Section, parse_duration, parse_size
@@ -219,7 +225,9 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
     response = client_response_head(
         200,
         b"OK",
-        [(b"Connection", b"close, X-Internal"), (b"X-Internal", b"1"), (b"Server", b"s")],
+        ResponseInfo(
+            [(b"Connection", b"close, X-Internal"), (b"X-Internal", b"1"), (b"Server", b"s")]
+        ),
         content_length=3,
         chunked_to_client=False,
         keep_alive=True,

@@ -1,0 +1,61 @@
+"""python -m bench http [--seconds S] [--connections C] [--rounds R] [--out FILE]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .http import PROXIES, run_http, table
+from .procs import BenchError
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description="Python proxies against nginx and HAProxy."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    http = sub.add_parser(
+        "http", help="lb vs nginx vs HAProxy throughput (needs wrk, nginx, haproxy)"
+    )
+    http.add_argument(
+        "--seconds", type=float, default=10.0, help="length of each measured run (default 10)"
+    )
+    http.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
+    http.add_argument(
+        "--rounds", type=int, default=3, help="runs per proxy, median kept (default 3)"
+    )
+    http.add_argument(
+        "--proxy", action="append", choices=PROXIES, help="only these (default: all three)"
+    )
+    http.add_argument("--out", type=Path, help="JSON file (default bench/results/http-<time>.json)")
+    args = p.parse_args()
+
+    def say(text: str) -> None:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    try:
+        result = run_http(
+            seconds=args.seconds,
+            connections=args.connections,
+            rounds=args.rounds,
+            proxies=tuple(args.proxy or PROXIES),
+            say=say,
+        )
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    out = args.out or RESULTS / f"http-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

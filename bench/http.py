@@ -1,0 +1,219 @@
+"""`python -m bench http`: lb against nginx and HAProxy, in front of the same upstreams, in one run.
+
+Each proxy runs pinned with the two upstreams to one core and wrk to the
+other, so every proxy gets the same machine. Rounds alternate between the
+proxies and the median round counts, so a drift of the machine's speed hits all
+of them alike. Every proxy does what it would do in production: lb with active
+checks, its admin listener and X-Forwarded-For; nginx with upstream keep-alive
+and X-Forwarded-For; HAProxy with checks, http-reuse always and forwardfor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .procs import cpu_seconds, free_port, require, running
+from .wrk import WrkResult, run
+
+PROXY_CORE, LOAD_CORE = 0, 1
+PROXIES = ("nginx", "haproxy", "lb")
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream backends {{
+    server 127.0.0.1:{up1} max_fails=1 fail_timeout=10s;
+    server 127.0.0.1:{up2} max_fails=1 fail_timeout=10s;
+    keepalive 64;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_next_upstream error timeout;
+    }}
+  }}
+}}
+"""
+
+HAPROXY_CFG = """
+global
+  nbthread 1
+  maxconn 4096  # 10000 needs more file descriptors than this machine allows a process
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  timeout http-keep-alive 75s
+  option http-keep-alive
+  http-reuse always
+frontend web
+  bind 127.0.0.1:{port}
+  option forwardfor
+  default_backend backends
+backend backends
+  balance roundrobin
+  option httpchk GET /health
+  server up1 127.0.0.1:{up1} check inter 1s rise 2 fall 2
+  server up2 127.0.0.1:{up2} check inter 1s rise 2 fall 2
+"""
+
+
+@dataclass(frozen=True)
+class Measure:
+    proxy: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_request: float
+    errors: int
+
+
+def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int) -> list[str]:
+    if name == "nginx":
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=work, port=port, up1=up1, up2=up2))
+        return ["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "nginx-error.log")]
+    if name == "haproxy":
+        cfg = work / "haproxy.cfg"
+        cfg.write_text(HAPROXY_CFG.format(port=port, up1=up1, up2=up2))
+        return ["haproxy", "-db", "-f", str(cfg)]
+    if name == "lb":
+        return [
+            sys.executable,
+            "-m",
+            "lb",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--server",
+            f"up1=127.0.0.1:{up1}",
+            "--server",
+            f"up2=127.0.0.1:{up2}",
+            "--admin",
+            f"127.0.0.1:{free_port()}",
+            "--health-path",
+            "/health",
+        ]
+    raise ValueError(name)
+
+
+def measure(name: str, work: Path, up1: int, up2: int, seconds: float, connections: int) -> Measure:
+    port = free_port()
+    argv = proxy_argv(name, work, port, up1, up2)
+    with running(argv, core=PROXY_CORE, port=port, log=work / f"{name}.log") as proc:
+        url = f"http://127.0.0.1:{port}/"
+        run(url, seconds=1, connections=connections, core=LOAD_CORE)  # warm up: pools, caches
+        before = cpu_seconds(proc.pid)
+        result: WrkResult = run(url, seconds=seconds, connections=connections, core=LOAD_CORE)
+        used = cpu_seconds(proc.pid) - before
+    return Measure(
+        proxy=name,
+        rps=result.rps,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        cpu_us_per_request=used * 1e6 / max(result.requests, 1),
+        errors=result.errors,
+    )
+
+
+@contextlib.contextmanager
+def upstreams(work: Path) -> Iterator[tuple[int, int]]:
+    ports = free_port(), free_port()
+    with contextlib.ExitStack() as stack:
+        for i, port in enumerate(ports, 1):
+            argv = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--name", f"up{i}"]
+            stack.enter_context(running(argv, core=PROXY_CORE, port=port, log=work / f"up{i}.log"))
+        yield ports
+
+
+def run_http(
+    *,
+    seconds: float,
+    connections: int,
+    rounds: int,
+    proxies: tuple[str, ...],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    require("wrk", "taskset", *(p for p in proxies if p != "lb"))
+    rows: dict[str, list[Measure]] = {p: [] for p in proxies}
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        work = Path(tmp)
+        with upstreams(work) as (up1, up2):
+            for r in range(1, rounds + 1):
+                for name in proxies:
+                    say(f"round {r}/{rounds}: {name} ({seconds:g}s, {connections} connections)")
+                    rows[name].append(measure(name, work, up1, up2, seconds, connections))
+    medians = {name: _median(ms) for name, ms in rows.items()}
+    base = medians.get("nginx")
+    result: dict[str, Any] = {
+        "benchmark": "http",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cores": _cores(),
+        "settings": {
+            "seconds": seconds,
+            "connections": connections,
+            "rounds": rounds,
+            "proxy_core": PROXY_CORE,
+            "load_core": LOAD_CORE,
+        },
+        "proxies": {name: asdict(m) for name, m in medians.items()},
+        "rounds": {name: [asdict(m) for m in ms] for name, ms in rows.items()},
+    }
+    if base is not None:
+        result["ratios_to_nginx"] = {
+            name: {
+                "rps": round(m.rps / base.rps, 3),
+                "p99": round(m.p99_ms / base.p99_ms, 3),
+                "cpu_per_request": round(m.cpu_us_per_request / base.cpu_us_per_request, 3),
+            }
+            for name, m in medians.items()
+        }
+    return result
+
+
+def _median(ms: list[Measure]) -> Measure:
+    by_rps = sorted(ms, key=lambda m: m.rps)
+    return by_rps[len(by_rps) // 2]
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def table(result: dict[str, Any]) -> str:
+    ratios = result.get("ratios_to_nginx", {})
+    lines = [
+        "| proxy | req/s | p50 ms | p99 ms | CPU µs/req | errors | req/s vs nginx | p99 vs nginx |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in result["proxies"].items():
+        r = ratios.get(name, {})
+        lines.append(
+            f"| {name} | {m['rps']:,.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
+            f"{m['cpu_us_per_request']:.1f} | {m['errors']} | {r.get('rps', float('nan')):.2f} | "
+            f"{r.get('p99', float('nan')):.2f} |"
+        )
+    return "\n".join(lines)

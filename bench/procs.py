@@ -1,0 +1,86 @@
+"""Processes the benchmarks start: pinned to a core, stopped by PID, CPU read from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from stack import processes
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    pass
+
+
+def require(*programs: str) -> None:
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        raise BenchError(
+            f"missing: {', '.join(missing)}; `make setup` installs them "
+            "(apt-get install wrk nginx-light haproxy)"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[0]} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the process and all its descendants (nginx's workers)."""
+    ref = processes.ref_of(pid)
+    if ref is None:
+        return 0.0
+    total = 0
+    for p in processes.tree(ref):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+@contextlib.contextmanager
+def running(
+    argv: Sequence[str], *, core: int | None, port: int, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` (on ``core`` when given), wait for ``port``, always stop it by PID."""
+    command = (["taskset", "-c", str(core)] if core is not None else []) + list(argv)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                ref = processes.ref_of(proc.pid)
+                if ref is not None:
+                    processes.kill_tree(ref)
+                proc.wait(timeout=5)

@@ -1,0 +1,55 @@
+"""The python profile of the stack: lb on the entry port, in front of both backends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from stack.postgres import connect
+from tests.stackctl import StackHandle, running_stack
+from tests.test_lb_failover import Load
+
+
+@pytest.fixture(scope="module")
+def python_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+    with running_stack(
+        Path(tmp_path_factory.mktemp("python")), users=2000, extra=["--proxies", "python"]
+    ) as h:
+        yield h
+
+
+async def test_entry_serves_through_lb(python_stack: StackHandle) -> None:
+    entry = f"http://127.0.0.1:{python_stack.ports.entry}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            entry + "/user/search", params={"first_name": "Ан", "last_name": "К"}
+        ) as r:
+            assert r.status == 200 and isinstance(await r.json(), list)
+        async with http.get(f"http://127.0.0.1:{python_stack.ports.lb_admin}/status") as r:
+            names = [s["name"] for s in (await r.json())["pools"]["http"]]
+        assert names == ["users-backend-1", "users-backend-2"]
+    assert "lb" in python_stack.cli("status").stdout
+
+
+async def test_kill_9_of_a_backend_through_the_entry_every_read_is_200(
+    python_stack: StackHandle,
+) -> None:
+    conn = await connect(python_stack.ports.master, "users")
+    try:
+        user_id = str(await conn.fetchval("SELECT id FROM users LIMIT 1"))
+    finally:
+        await conn.close()
+    entry = f"http://127.0.0.1:{python_stack.ports.entry}"
+    with Load(entry, path=f"/user/get/{user_id}") as load:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(python_stack.kill, "users-backend-1")
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(python_stack.start, "users-backend-1")
+        await asyncio.sleep(1.5)
+        await load.stop()
+    assert set(load.statuses) == {200}, load.statuses
+    assert load.statuses[200] > 100
