@@ -30,7 +30,10 @@ def main() -> int:
         "--rounds", type=int, default=3, help="runs per proxy, median kept (default 3)"
     )
     http.add_argument(
-        "--proxy", action="append", choices=PROXIES, help="only these (default: all three)"
+        "--proxy",
+        action="append",
+        choices=PROXIES,
+        help="only these (default: all; bare-relay is a reference point)",
     )
     http.add_argument("--out", type=Path, help="JSON file (default bench/results/http-<time>.json)")
     args = p.parse_args()

@@ -6,6 +6,8 @@ proxies and the median round counts, so a drift of the machine's speed hits all
 of them alike. Every proxy does what it would do in production: lb with active
 checks, its admin listener and X-Forwarded-For; nginx with upstream keep-alive
 and X-Forwarded-For; HAProxy with checks, http-reuse always and forwardfor.
+`bare-relay` is a reference point, not a contender: the least a uvloop +
+httptools relay can do (see bench/bare_relay.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .procs import cpu_seconds, free_port, require, running
 from .wrk import WrkResult, run
 
 PROXY_CORE, LOAD_CORE = 0, 1
-PROXIES = ("nginx", "haproxy", "lb")
+PROXIES = ("nginx", "haproxy", "lb", "bare-relay")
 
 NGINX_CONF = """
 worker_processes 1;
@@ -115,6 +117,18 @@ def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int) -> list[str
             "--health-path",
             "/health",
         ]
+    if name == "bare-relay":
+        return [
+            sys.executable,
+            "-m",
+            "bench.bare_relay",
+            "--listen",
+            str(port),
+            "--upstream",
+            str(up1),
+            "--upstream",
+            str(up2),
+        ]
     raise ValueError(name)
 
 
@@ -155,7 +169,7 @@ def run_http(
     proxies: tuple[str, ...],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    require("wrk", "taskset", *(p for p in proxies if p != "lb"))
+    require("wrk", "taskset", *(p for p in proxies if p in ("nginx", "haproxy")))
     rows: dict[str, list[Measure]] = {p: [] for p in proxies}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)

@@ -33,7 +33,11 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.valve: Valve = None  # type: ignore[assignment]  # set in connection_made
         self.parser = httptools.HttpRequestParser(self)
-        self.deadline = Deadline(lb.loop, self._on_deadline)
+        # One timer per kind of wait: each only ever moves later, so re-arming it
+        # costs a float store (see proxycore/deadline.py).
+        self._head_timer = Deadline(lb.loop, self._head_timeout)
+        self._body_timer = Deadline(lb.loop, self._body_timeout)
+        self._idle_timer = Deadline(lb.loop, self._idle_timeout)
         self.client_ip = b"-"
         self.queue: collections.deque[Exchange] = collections.deque()
         self.tunnel: Exchange | None = None
@@ -71,7 +75,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         bound_writes(transport)
-        self.deadline.after(lb.config.timeouts.client_header)
+        self._head_timer.after(lb.config.timeouts.client_header)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -80,7 +84,7 @@ class ClientConnection(asyncio.Protocol):
         if self._rejected is not None or self.closed:
             return
         if self._reading_body:
-            self.deadline.after(self.lb.config.timeouts.client_body)
+            self._body_timer.after(self.lb.config.timeouts.client_body)
         if self._at_start:
             data = self._request_line(data)
             if not data:
@@ -93,7 +97,7 @@ class ClientConnection(asyncio.Protocol):
                 # From here on the client's bytes belong to the tunnel; they wait in
                 # the exchange until the upstream agrees to switch (101).
                 self.tunnel = ex
-                self.deadline.cancel()
+                self._stop_timers(for_good=False)
                 tail = data[upgrade.args[0] :]
                 if tail:
                     ex.tunnel_from_client(tail)
@@ -121,7 +125,8 @@ class ClientConnection(asyncio.Protocol):
             if not self._in_head:
                 self._in_head = True  # a head has begun: client_header runs from now
                 if not self.queue:
-                    self.deadline.after(self.lb.config.timeouts.client_header)
+                    self._idle_timer.cancel()
+                    self._head_timer.after(self.lb.config.timeouts.client_header)
             return b""
         return data if data.isascii() else escape_request_line(data)
 
@@ -137,7 +142,7 @@ class ClientConnection(asyncio.Protocol):
         if self in self.lb.clients:
             self.lb.clients.discard(self)
             self.lb.metrics.client_active -= 1
-        self.deadline.stop()
+        self._stop_timers(for_good=True)
         for ex in self.queue:
             ex.client_gone()
             self.lb.metrics.in_flight -= 1
@@ -163,9 +168,10 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._idle_timer.cancel()
         if not self.queue:
             # From the first byte of a head, the whole head must come within client_header.
-            self.deadline.after(self.lb.config.timeouts.client_header)
+            self._head_timer.after(self.lb.config.timeouts.client_header)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -192,11 +198,10 @@ class ClientConnection(asyncio.Protocol):
         self._current = ex
         self.queue.append(ex)
         self.lb.metrics.in_flight += 1
+        self._head_timer.cancel()
         if not ex.body_done:
             self._reading_body = True
-            self.deadline.after(self.lb.config.timeouts.client_body)
-        elif len(self.queue) == 1:
-            self.deadline.cancel()
+            self._body_timer.after(self.lb.config.timeouts.client_body)
         if len(self.queue) == 1:
             ex.begin()
         else:
@@ -210,11 +215,11 @@ class ClientConnection(asyncio.Protocol):
         self._at_start = True
         ex = self._current
         self._current = None
-        self._reading_body = False
+        if self._reading_body:
+            self._reading_body = False
+            self._body_timer.cancel()  # now waiting on an upstream, not on the client
         if ex is not None:
             ex.request_body_end()
-        if self.queue and not self.queue[-1].finished:
-            self.deadline.cancel()  # now waiting on an upstream, not on the client
 
     # -- writing -----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -248,7 +253,14 @@ class ClientConnection(asyncio.Protocol):
 
     def start_tunnel(self, ex: Exchange) -> None:
         self.tunnel = ex
-        self.deadline.cancel()
+        self._stop_timers(for_good=False)
+
+    def _stop_timers(self, for_good: bool) -> None:
+        for timer in (self._head_timer, self._body_timer, self._idle_timer):
+            if for_good:
+                timer.stop()
+            else:
+                timer.cancel()
 
     def exchange_finished(self, ex: Exchange, keep_alive: bool, abort: bool = False) -> None:
         if self.queue and self.queue[0] is ex:
@@ -276,7 +288,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.valve.resume(Reason.WAITING_TURN)
         timeouts = self.lb.config.timeouts
-        self.deadline.after(timeouts.client_header if self._in_head else timeouts.client_keepalive)
+        if self._in_head:
+            self._head_timer.after(timeouts.client_header)
+        else:
+            self._idle_timer.after(timeouts.client_keepalive)
 
     # -- refusals ------------------------------------------------------------------------
     def _reject(self, exc: BadRequest) -> None:
@@ -321,30 +336,36 @@ class ClientConnection(asyncio.Protocol):
         )
         self.close()
 
-    def _on_deadline(self) -> None:
-        if self.closed:
-            return
-        if self._in_head or self._reading_body:
-            what = "request head" if self._in_head else "request body"
-            log.info("closing %s: %s not received in time", self.client_ip.decode(), what)
-            if self.queue and self.queue[0].answered_client:
-                self.transport.abort()  # type: ignore[union-attr]
-                return
-            if self.queue:
-                self.queue[0].fail(408, "request_timeout", f"the {what} did not arrive in time")
-            else:
-                self.write(
-                    error_response(
-                        408,
-                        "request_timeout",
-                        f"the {what} did not arrive in time",
-                        new_request_id(),
-                        close=True,
-                    )
-                )
-            self.close()
-        elif not self.queue:
+    def _head_timeout(self) -> None:
+        if self._in_head and not self.closed:
+            self._timed_out("request head")
+
+    def _body_timeout(self) -> None:
+        if self._reading_body and not self.closed:
+            self._timed_out("request body")
+
+    def _idle_timeout(self) -> None:
+        if not self.queue and not self._in_head and self.tunnel is None:
             self.close()  # keep-alive idle
+
+    def _timed_out(self, what: str) -> None:
+        log.info("closing %s: %s not received in time", self.client_ip.decode(), what)
+        if self.queue and self.queue[0].answered_client:
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        if self.queue:
+            self.queue[0].fail(408, "request_timeout", f"the {what} did not arrive in time")
+        else:
+            self.write(
+                error_response(
+                    408,
+                    "request_timeout",
+                    f"the {what} did not arrive in time",
+                    new_request_id(),
+                    close=True,
+                )
+            )
+        self.close()
 
     def drain(self) -> None:
         """Shutdown: idle connections close now; busy ones after their response."""

@@ -34,6 +34,7 @@ _REBUILT_REQUEST = _HOP_BY_HOP | {
 }
 _REBUILT_RESPONSE = _HOP_BY_HOP | {b"content-length"}
 _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
 
@@ -174,7 +175,7 @@ class RequestInfo:
                 400, "bad_request", "an HTTP/1.1 request needs exactly one Host header"
             )
         self.host = hosts[0] if hosts else b""
-        self.connection_tokens = _connection_tokens(connection)
+        self.connection_tokens = _connection_tokens(connection) if connection else _NO_TOKENS
         if self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
             # Rare: headers named in Connection are hop-by-hop too; gather again without them.
             drop = _REBUILT_REQUEST | self.connection_tokens
@@ -215,7 +216,7 @@ def upstream_request_head(
     if info.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif info.content_length is not None:
-        parts += (b"Content-Length: ", str(info.content_length).encode(), b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % info.content_length)
     parts.append(b"\r\n")
     return b"".join(parts)
 

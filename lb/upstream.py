@@ -30,7 +30,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.tunnel = False
         self.parser = httptools.HttpResponseParser(self)
-        self.deadline = Deadline(pool.loop, self._on_deadline)
+        # One timer per kind of wait, each only ever moved later (see proxycore/deadline.py).
+        self.first_byte_timer = Deadline(pool.loop, self._first_byte_timeout)
+        self.idle_timer = Deadline(pool.loop, self._idle_timeout)
+        self.pool_timer = Deadline(pool.loop, self._pool_timeout)
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._done = False
@@ -60,8 +63,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if not self._first_byte:
             self._first_byte = True
+            self.first_byte_timer.cancel()
             ex.on_first_byte()
-        self.deadline.after(self.pool.config.timeouts.upstream_idle)
+        self.idle_timer.after(self.pool.config.timeouts.upstream_idle)
         client = ex.client
         client.cork()
         try:
@@ -87,7 +91,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.deadline.stop()
+        self._stop_timers()
         ex = self.exchange
         if ex is None:
             self.pool.forget(self)
@@ -148,6 +152,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- life of the connection ------------------------------------------------
     def _response_done(self, ex: Exchange) -> None:
+        self.idle_timer.cancel()  # (first_byte_timer was cancelled by the first byte)
         self._done = False
         self._first_byte = False
         if self._head_only:
@@ -160,7 +165,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = ex
         self._first_byte = False
         self._done = False
-        self.deadline.after(self.pool.config.timeouts.first_byte)
+        self.first_byte_timer.after(self.pool.config.timeouts.first_byte)
 
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""
@@ -172,7 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.exchange = None
-        self.deadline.stop()
+        self._stop_timers()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -180,18 +185,28 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.exchange = None
-        self.deadline.stop()
+        self._stop_timers()
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
         self.pool.forget(self)
 
-    def _on_deadline(self) -> None:
-        ex = self.exchange
-        if ex is None:
+    def _stop_timers(self) -> None:
+        self.first_byte_timer.stop()
+        self.idle_timer.stop()
+        self.pool_timer.stop()
+
+    def _first_byte_timeout(self) -> None:
+        if self.exchange is not None and not self.tunnel and not self._first_byte:
+            self.exchange.upstream_timed_out(False)
+
+    def _idle_timeout(self) -> None:
+        if self.exchange is not None and not self.tunnel:
+            self.exchange.upstream_timed_out(True)
+
+    def _pool_timeout(self) -> None:
+        if self.exchange is None:
             self.close()  # idle in the pool for too long
-        elif not self.tunnel:
-            ex.upstream_timed_out(self._first_byte)
 
 
 class UpstreamPool:
@@ -207,7 +222,7 @@ class UpstreamPool:
         while idle:
             conn = idle.pop()
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-                conn.deadline.cancel()
+                conn.pool_timer.cancel()
                 return conn
         return None
 
@@ -218,7 +233,7 @@ class UpstreamPool:
             conn.close()
             return
         idle.append(conn)
-        conn.deadline.after(settings.idle_timeout)
+        conn.pool_timer.after(settings.idle_timeout)
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.server)

@@ -69,11 +69,14 @@ def pick(
 ) -> Server | None:
     """The next server among those taking traffic, not in ``exclude``; backups
     only when no primary takes traffic. None when nothing fits."""
-    now = time.monotonic()
     primaries: list[Server] = []
     backups: list[Server] = []
     for server in servers:
-        if server in exclude or not server.takes_traffic(now):
+        # ``open`` is the fast answer; only a passively ejected server without
+        # active checks needs the clock (its fail_timeout may be over).
+        if not server.open and not (server.passive_out and server.takes_traffic()):
+            continue
+        if exclude and server in exclude:
             continue
         (backups if server.spec.backup else primaries).append(server)
     candidates = primaries or backups

@@ -58,6 +58,10 @@ class Server:
         self.params = params
         self.admin = "enabled"
         self.healthy = True  # optimistic start, as nginx and HAProxy: the first checks correct it
+        self.weight = spec.weight
+        # Whether it takes traffic, kept up to date on every change so that the
+        # balancer reads one attribute per server per request.
+        self.open = True
         self._rise_count = 0
         self._fall_count = 0
         self._failures: deque[float] = deque()
@@ -83,9 +87,14 @@ class Server:
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def weight(self) -> int:
-        return self.spec.weight
+    def set_spec(self, spec: ServerSpec, params: HealthParams) -> None:
+        self.spec = spec
+        self.weight = spec.weight
+        self.params = params
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.open = self.admin == "enabled" and self.healthy and not self.passive_out
 
     def takes_traffic(self, now: float | None = None) -> bool:
         if self.admin != "enabled" or not self.healthy:
@@ -97,6 +106,7 @@ class Server:
             if (time.monotonic() if now is None else now) < self.passive_until:
                 return False
             self.passive_out = False
+            self._refresh()
         return True
 
     @property
@@ -111,6 +121,7 @@ class Server:
         return "UP"
 
     def _changed(self, why: str) -> None:
+        self._refresh()
         self.state_since = time.time()
         log.warning("server %s is now %s (%s)", self.name, self.state, why)
 
@@ -200,6 +211,7 @@ class ServerSet:
 
     params: HealthParams
     _servers: dict[str, Server] = field(default_factory=dict)
+    _order: tuple[Server, ...] = ()
 
     @classmethod
     def of(cls, specs: Iterable[ServerSpec], params: HealthParams) -> ServerSet:
@@ -208,7 +220,7 @@ class ServerSet:
         return result
 
     def __iter__(self) -> Iterator[Server]:
-        return iter(list(self._servers.values()))
+        return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._servers)
@@ -229,9 +241,9 @@ class ServerSet:
                 server = Server(spec, params)
                 added.append(server)
             else:
-                server.spec = spec
-                server.params = params
+                server.set_spec(spec, params)
             new[spec.name] = server
         removed = [s for name, s in self._servers.items() if new.get(name) is not s]
         self._servers = new
+        self._order = tuple(new.values())
         return added, removed
