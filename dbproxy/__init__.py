@@ -1,0 +1,1 @@
+"""dbproxy: a PostgreSQL-aware TCP proxy that knows the master from the replica."""
