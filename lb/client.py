@@ -132,8 +132,7 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
-            self.tunnel.tunnel_eof_from_client()
-            return True
+            return self.tunnel.tunnel_eof_from_client()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

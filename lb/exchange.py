@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from proxycore.balancing import any_available, pick
-from proxycore.flow import Reason
+from proxycore.flow import HalfClose, Reason
 from proxycore.servers import Server
 
 from .heads import (
@@ -72,6 +72,7 @@ class Exchange:
         "target",
         "tried",
         "tunnel_buffer",
+        "tunnel_ends",
         "tunnel_open",
         "upstream",
     )
@@ -116,6 +117,7 @@ class Exchange:
         self.response_until_close = False
         self.tunnel_open = False
         self.tunnel_buffer: list[bytes] = []
+        self.tunnel_ends = HalfClose()
 
     # -- choosing and reaching a server --------------------------------------
     def begin(self) -> None:
@@ -480,13 +482,21 @@ class Exchange:
         if data:
             self.client.write(data)
 
-    def tunnel_eof_from_client(self) -> None:
+    def tunnel_eof_from_client(self) -> bool:
         conn = self.upstream
-        if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
-            conn.transport.write_eof()
+        return self.tunnel_ends.ended(
+            conn.transport if conn is not None else None, self._close_tunnel
+        )
 
-    def tunnel_eof_from_upstream(self) -> None:
-        self.client.write_eof()
+    def tunnel_eof_from_upstream(self) -> bool:
+        client = self.client
+        return self.tunnel_ends.ended(
+            None if client.closed else client.transport, self._close_tunnel
+        )
+
+    def _close_tunnel(self) -> None:
+        self.client.close()
+        self._detach(reusable=False)
 
     def tunnel_closed_by_upstream(self) -> None:
         self.upstream = None

@@ -85,8 +85,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.tunnel and self.exchange is not None:
-            self.exchange.tunnel_eof_from_upstream()
-            return True  # keep the other direction open (half-close)
+            return self.exchange.tunnel_eof_from_upstream()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
 from .servers import Server
@@ -66,9 +66,11 @@ def pick(
     servers: Iterable[Server],
     policy: Policy,
     exclude: Collection[Server] = (),
+    accept: Callable[[Server], bool] | None = None,
 ) -> Server | None:
-    """The next server among those taking traffic, not in ``exclude``; backups
-    only when no primary takes traffic. None when nothing fits."""
+    """The next server among those taking traffic, not in ``exclude`` and (when
+    given) accepted by ``accept``; backups only when no primary takes traffic.
+    None when nothing fits."""
     primaries: list[Server] = []
     backups: list[Server] = []
     for server in servers:
@@ -77,6 +79,8 @@ def pick(
         if not server.open and not (server.passive_out and server.takes_traffic()):
             continue
         if exclude and server in exclude:
+            continue
+        if accept is not None and not accept(server):
             continue
         (backups if server.spec.backup else primaries).append(server)
     candidates = primaries or backups

@@ -10,6 +10,7 @@ turn, an upstream still connecting). ``Valve`` keeps those reasons apart so one
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 class Reason:
@@ -51,3 +52,25 @@ LOW_WATER = 64 * 1024
 
 def bound_writes(transport: asyncio.WriteTransport) -> None:
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+
+
+class HalfClose:
+    """A relay's two ends of stream: each EOF is passed on; once both sides have
+    ended, both transports are closed (else each would wait on the other for ever).
+
+    Returns what ``eof_received`` should return: True keeps the side that sent
+    EOF open, so the other direction can still finish.
+    """
+
+    __slots__ = ("_ended",)
+
+    def __init__(self) -> None:
+        self._ended = 0
+
+    def ended(self, peer: asyncio.WriteTransport | None, close_both: Callable[[], None]) -> bool:
+        self._ended += 1
+        if self._ended >= 2 or peer is None or peer.is_closing() or not peer.can_write_eof():
+            close_both()
+            return False
+        peer.write_eof()
+        return True

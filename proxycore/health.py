@@ -33,10 +33,17 @@ class CheckTiming:
 
 
 class HealthChecker:
-    def __init__(self, servers: ServerSet, probe: Probe, timing: CheckTiming) -> None:
+    def __init__(
+        self,
+        servers: ServerSet,
+        probe: Probe,
+        timing: CheckTiming,
+        after_check: Callable[[Server, CheckRecord], None] | None = None,
+    ) -> None:
         self._servers = servers
         self._probe = probe
         self.timing = timing
+        self._after_check = after_check
         self._tasks: dict[Server, asyncio.Task[None]] = {}
 
     def sync(self) -> None:
@@ -75,7 +82,13 @@ class HealthChecker:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         record = CheckRecord(ok, detail, time.monotonic() - started, time.time())
         server.record_check(record)
+        if self._after_check is not None:
+            self._after_check(server, record)
         return record
+
+    async def check_all(self) -> None:
+        """One check of every server now (at start, so roles are known before the first session)."""
+        await asyncio.gather(*(self.check_once(s) for s in self._servers))
 
     async def _loop(self, server: Server) -> None:
         # Spread the first checks so that servers are not all probed at once.

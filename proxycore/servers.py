@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,8 @@ class Server:
         self.bytes_out = 0
         # balancing state
         self.rr_current = 0
+        # Told of every change of state (dbproxy closes a down server's sessions).
+        self.on_change: Callable[[Server], None] | None = None
 
     @property
     def name(self) -> str:
@@ -124,6 +126,8 @@ class Server:
         self._refresh()
         self.state_since = time.time()
         log.warning("server %s is now %s (%s)", self.name, self.state, why)
+        if self.on_change is not None:
+            self.on_change(self)
 
     def record_check(self, record: CheckRecord) -> None:
         self.last_check = record

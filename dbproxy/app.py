@@ -1,0 +1,250 @@
+"""The DbProxy: listeners by role, servers and their checks, sessions, cancels, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from proxycore.admin import make_admin_app, start_admin
+from proxycore.balancing import Policy, make_policy, pick
+from proxycore.health import HealthChecker
+from proxycore.servers import CheckRecord, Server, ServerSet
+
+from . import routing
+from .checks import pg_probe
+from .config import LISTENERS, DbProxyConfig
+from .metrics import DbProxyCollector
+from .pgwire import CancelRequest, cancel_request
+from .session import ClientSession
+
+log = logging.getLogger("dbproxy")
+
+
+class _First:
+    """A policy that moves no state: for asking whether any server fits."""
+
+    def choose(self, candidates: Sequence[Server]) -> Server:
+        return candidates[0]
+
+
+_FIRST = _First()
+
+
+@dataclasses.dataclass(eq=False)
+class Listener:
+    name: str
+    server: asyncio.Server | None = None
+    active: int = 0
+    total: int = 0
+
+
+class DbProxy:
+    def __init__(self, config: DbProxyConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.config = config
+        self.servers = ServerSet.of(config.servers, config.health)
+        self.policy: Policy = make_policy(config.method)
+        self.listeners = {name: Listener(name) for name in LISTENERS if name in config.listen}
+        self.sessions: set[ClientSession] = set()
+        self.by_server: dict[Server, set[ClientSession]] = {}
+        self.keys: dict[tuple[int, int], Server] = {}
+        self.cancels_routed = 0
+        self.cancels_broadcast = 0
+        self.draining = False
+        self.started = time.time()
+        self._checker = HealthChecker(
+            self.servers, pg_probe(config.check), config.check.timing, after_check=self._after_check
+        )
+        self._admin: web.AppRunner | None = None
+        self._idle = asyncio.Event()
+        self._watch(self.servers)
+
+    @property
+    def client_count(self) -> int:
+        return len(self.sessions)
+
+    # -- start, reload, stop ------------------------------------------------------
+    async def start(self) -> None:
+        # Roles must be known before the first session asks for one.
+        await self._checker.check_all()
+        for name, listener in self.listeners.items():
+            address = self.config.listen[name]
+            listener.server = await self.loop.create_server(
+                lambda listener=listener: ClientSession(self, listener),
+                address.host,
+                address.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        self._checker.sync()
+        if self.config.admin is not None:
+            app = make_admin_app(
+                "dbproxy",
+                self.status,
+                self.servers.get,
+                [
+                    DbProxyCollector(
+                        lambda: self.listeners.values(),
+                        lambda: self.servers,
+                        lambda: (self.cancels_routed, self.cancels_broadcast),
+                    )
+                ],
+            )
+            self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
+        log.warning(
+            "dbproxy listening on %s; servers: %s",
+            ", ".join(f"{n}={self.config.listen[n]}" for n in self.listeners),
+            ", ".join(
+                f"{s.name} ({s.info.get('role', 'unknown')}, {s.state})" for s in self.servers
+            ),
+        )
+
+    def apply(self, new: DbProxyConfig) -> None:
+        old = self.config
+        if dict(new.listen) != dict(old.listen) or new.admin != old.admin:
+            log.warning("reload: listen and admin addresses change only on restart")
+            new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
+        added, removed = self.servers.update(new.servers, new.health)
+        self._watch(added)
+        for server in removed:
+            for session in list(self.by_server.get(server, ())):
+                session.abort()
+        if new.method != old.method:
+            self.policy = make_policy(new.method)
+        self.config = new
+        if new.check != old.check:
+            self.loop.create_task(self._checker.stop())
+            self._checker = HealthChecker(
+                self.servers, pg_probe(new.check), new.check.timing, after_check=self._after_check
+            )
+        self._checker.sync()
+        log.warning(
+            "reloaded %s: %d server(s) (+%d -%d)",
+            new.source or "flags",
+            len(self.servers),
+            len(added),
+            len(removed),
+        )
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        for listener in self.listeners.values():
+            if listener.server is not None:
+                listener.server.close()
+        if self.sessions:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.config.timeouts.shutdown)
+            except TimeoutError:
+                log.warning("shutdown: closing %d session(s) still open", len(self.sessions))
+        for session in list(self.sessions):
+            session.close()
+        await self._checker.stop()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        log.warning("dbproxy stopped")
+
+    # -- routing --------------------------------------------------------------------
+    def choose(self, listener: Listener, tried: list[Server], peek: bool = False) -> Server | None:
+        """The server for a new session of ``listener``; ``peek`` only asks whether there is one."""
+        limits = self.config.ro
+        policy = _FIRST if peek else self.policy
+        accept = routing.accept_for(listener.name, limits, fallback=False)
+        server = pick(self.servers, policy, tried, accept)
+        if server is None and listener.name == "ro" and limits.primary_fallback:
+            fallback = routing.accept_for("ro", limits, fallback=True)
+            server = pick(self.servers, policy, tried, fallback)
+        return server
+
+    def attach(self, session: ClientSession, server: Server) -> None:
+        server.active += 1
+        server.total += 1
+        self.by_server.setdefault(server, set()).add(session)
+
+    def session_closed(self) -> None:
+        if self.draining and not self.sessions:
+            self._idle.set()
+
+    def detach(self, session: ClientSession, server: Server, key: tuple[int, int] | None) -> None:
+        sessions = self.by_server.get(server)
+        if sessions is not None and session in sessions:
+            sessions.discard(session)
+            server.active -= 1
+        if key is not None and self.keys.get(key) is server:
+            del self.keys[key]
+
+    # -- cancels ----------------------------------------------------------------------
+    def remember_key(self, key: tuple[int, int], server: Server) -> None:
+        self.keys[key] = server
+
+    def deliver_cancel(self, request: CancelRequest, listener: Listener) -> None:
+        """To the server holding the session when its key was seen; else to every
+        server the listener may route to (a wrong key is ignored by the others)."""
+        server = self.keys.get((request.pid, request.key))
+        if server is not None:
+            targets: Iterable[Server] = (server,)
+            self.cancels_routed += 1
+        else:
+            accept = routing.accept_for(listener.name, self.config.ro, fallback=False)
+            fallback = routing.accept_for(listener.name, self.config.ro, fallback=True)
+            targets = [
+                s
+                for s in self.servers
+                if accept is None or accept(s) or (fallback is not None and fallback(s))
+            ]
+            self.cancels_broadcast += 1
+        packet = cancel_request(request.pid, request.key)
+        for target in targets:
+            self.loop.create_task(self._send_cancel(target, packet))
+
+    async def _send_cancel(self, server: Server, packet: bytes) -> None:
+        address = server.spec.address
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(address.host, address.port), self.config.timeouts.connect
+            )
+        except (OSError, TimeoutError) as exc:
+            log.info("cancel to %s not delivered: %s", server.name, exc)
+            return
+        writer.write(packet)
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+    # -- health ---------------------------------------------------------------------
+    def _watch(self, servers: Iterable[Server]) -> None:
+        for server in servers:
+            server.on_change = self._server_changed
+
+    def _server_changed(self, server: Server) -> None:
+        down = not server.healthy or server.admin == "disabled"
+        if down and self.config.close_sessions_on_down:
+            sessions = list(self.by_server.get(server, ()))
+            if sessions:
+                log.warning(
+                    "closing %d session(s) of %s, now %s", len(sessions), server.name, server.state
+                )
+            for session in sessions:
+                session.abort()
+
+    def _after_check(self, server: Server, record: CheckRecord) -> None:
+        routing.update_lags(self.servers, self.config.slots)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "service": "dbproxy",
+            "listen": {n: str(a) for n, a in self.config.listen.items()},
+            "method": self.config.method,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "sessions": {n: listener.active for n, listener in self.listeners.items()},
+            "cancels_to_session_server": self.cancels_routed,
+            "cancels_to_every_server": self.cancels_broadcast,
+            "draining": self.draining,
+            "pools": {"postgres": [s.status() for s in self.servers]},
+        }

@@ -1,0 +1,66 @@
+"""dbproxy's active check: log in as the check role and ask the server what it is.
+
+A server is writable ("primary") when it is not in recovery and
+default_transaction_read_only is off; otherwise it is a "replica". A logical
+subscriber is never in recovery, so the second signal is what marks it. On a
+primary the check also reads how far each logical slot trails its WAL: that is
+the lag of the replica whose subscription owns the slot.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from proxycore.servers import Server
+
+from .config import CheckSettings
+
+ROLE_SQL = """
+SELECT pg_is_in_recovery() AS recovery,
+       current_setting('default_transaction_read_only') = 'on' AS read_only
+"""
+SLOTS_SQL = """
+SELECT s.slot_name,
+       s.active,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
+       COALESCE(EXTRACT(epoch FROM r.replay_lag), 0)::float8 AS lag_seconds
+FROM pg_replication_slots s
+LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+WHERE s.slot_type = 'logical'
+"""
+
+
+def pg_probe(settings: CheckSettings):  # type: ignore[no-untyped-def]
+    async def probe(server: Server, timeout: float) -> str:
+        address = server.spec.address
+        conn = await asyncpg.connect(
+            host=address.host,
+            port=address.port,
+            user=settings.user,
+            password=settings.password or None,
+            database=settings.database,
+            timeout=timeout,
+            statement_cache_size=0,
+            server_settings={"application_name": "dbproxy-check"},
+        )
+        try:
+            row = await conn.fetchrow(ROLE_SQL)
+            writable = not row["recovery"] and not row["read_only"]
+            server.info["role"] = "primary" if writable else "replica"
+            if writable:
+                slots = await conn.fetch(SLOTS_SQL)
+                server.info["slots"] = {
+                    r["slot_name"]: {
+                        "active": r["active"],
+                        "lag_bytes": int(r["lag_bytes"] or 0),
+                        "lag_seconds": round(float(r["lag_seconds"]), 3),
+                    }
+                    for r in slots
+                }
+            else:
+                server.info.pop("slots", None)
+        finally:
+            conn.terminate()
+        return f"{server.info['role']}"
+
+    return probe

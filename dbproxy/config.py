@@ -1,0 +1,231 @@
+"""dbproxy's configuration: frozen dataclasses built from TOML in one place, then flags on top.
+
+Options mirror what an HAProxy user sets for Postgres (inter, rise, fall,
+timeouts, maxconn); the Postgres-aware ones (roles, lag, cancel routing) have
+no HAProxy counterpart. infra/balance/dbproxy.toml documents every one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxycore.balancing import POLICIES
+from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
+from proxycore.health import CheckTiming
+from proxycore.servers import HealthParams, ServerSpec
+
+LISTENERS = ("rw", "ro", "any")
+DEFAULT_PORTS = {"rw": 6432, "ro": 6433, "any": 6434}
+PASSWORD_ENV = "DBPROXY_CHECK_PASSWORD"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettings:
+    user: str = "balance_check"
+    password: str = field(default="", repr=False)
+    database: str = "users"
+    timing: CheckTiming = CheckTiming(interval=1.0, timeout=1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOnlyRouting:
+    max_lag_bytes: int = 16 * 1024 * 1024  # one WAL segment
+    max_lag_seconds: float = 10.0
+    primary_fallback: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 1.0  # HAProxy: timeout connect
+    first_packet: float = 10.0  # how long a client may take to send its first packet
+    shutdown: float = 10.0  # SIGTERM: how long sessions may go on before they are closed
+
+
+@dataclass(frozen=True, slots=True)
+class DbProxyConfig:
+    listen: Mapping[str, Address] = field(
+        default_factory=lambda: {k: Address("127.0.0.1", p) for k, p in DEFAULT_PORTS.items()}
+    )
+    admin: Address | None = Address("127.0.0.1", 9102)
+    method: str = "least_conn"
+    servers: tuple[ServerSpec, ...] = ()
+    slots: Mapping[str, str] = field(default_factory=dict)  # server name -> its subscription's slot
+    check: CheckSettings = CheckSettings()
+    health: HealthParams = HealthParams()
+    ro: ReadOnlyRouting = ReadOnlyRouting()
+    timeouts: Timeouts = Timeouts()
+    max_client_connections: int = 10_000
+    close_sessions_on_down: bool = True
+    ssl: str = "passthrough"  # or "refuse": answer SSLRequest with 'N' ourselves
+    source: Path | None = field(default=None, compare=False)
+
+
+def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> DbProxyConfig:
+    d = DbProxyConfig()
+    listen_section = root.section("listen")
+    listen: dict[str, Address] = {}
+    for name in LISTENERS:
+        address = listen_section.address(name, d.listen[name])
+        if address is not None:
+            listen[name] = address
+    listen_section.done()
+    admin_raw = root.raw("admin")
+    if admin_raw is None:
+        admin = d.admin
+    else:
+        admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
+    method = root.string("method", d.method, POLICIES)
+    ssl = root.string("ssl", d.ssl, ("passthrough", "refuse"))
+    close_sessions = root.boolean("close_sessions_on_down", d.close_sessions_on_down)
+    max_clients = root.integer("max_client_connections", d.max_client_connections, minimum=1)
+
+    c = root.section("check")
+    check = CheckSettings(
+        user=c.string("user", d.check.user),
+        password=env.get(PASSWORD_ENV) or c.string("password", ""),
+        database=c.string("database", d.check.database),
+        timing=CheckTiming(
+            interval=c.duration("interval", d.check.timing.interval),
+            timeout=c.duration("timeout", d.check.timing.timeout),
+        ),
+    )
+    if check.timing.interval <= 0 or check.timing.timeout <= 0:
+        raise ConfigError(f"{c.where('interval')}: interval and timeout must be above zero")
+    rise = c.integer("rise", d.health.rise, minimum=1)
+    fall = c.integer("fall", d.health.fall, minimum=1)
+    c.done()
+    p = root.section("passive")
+    health = HealthParams(
+        rise=rise,
+        fall=fall,
+        max_fails=p.integer("max_fails", d.health.max_fails),
+        fail_timeout=p.duration("fail_timeout", d.health.fail_timeout),
+    )
+    p.done()
+    r = root.section("ro")
+    ro = ReadOnlyRouting(
+        max_lag_bytes=r.size("max_lag_bytes", d.ro.max_lag_bytes),
+        max_lag_seconds=r.duration("max_lag_seconds", d.ro.max_lag_seconds),
+        primary_fallback=r.boolean("primary_fallback", d.ro.primary_fallback),
+    )
+    r.done()
+    t = root.section("timeouts")
+    timeouts = Timeouts(
+        **{
+            f.name: t.duration(f.name, getattr(d.timeouts, f.name))
+            for f in dataclasses.fields(Timeouts)
+        }
+    )
+    t.done()
+
+    servers, slots = [], {}
+    for s in root.sections("server"):
+        address = s.address("address", None)
+        if address is None:
+            raise ConfigError(f"{s.where('address')}: every [[server]] needs an address")
+        name = s.string("name", str(address))
+        servers.append(
+            ServerSpec(name=name, address=address, weight=s.integer("weight", 1, minimum=1))
+        )
+        if s.has("slot"):
+            slots[name] = s.string("slot", "")
+        s.done()
+    names = [s.name for s in servers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{root.where('server')}: server names must differ: {', '.join(names)}")
+    root.done()
+    return DbProxyConfig(
+        listen=listen,
+        admin=admin,
+        method=method,
+        servers=tuple(servers),
+        slots=slots,
+        check=check,
+        health=health,
+        ro=ro,
+        timeouts=timeouts,
+        max_client_connections=max_clients,
+        close_sessions_on_down=close_sessions,
+        ssl=ssl,
+        source=source,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dbproxy", description="PostgreSQL-aware proxy (see README)."
+    )
+    p.add_argument("--config", type=Path, help="TOML file (see infra/balance/dbproxy.toml)")
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ROLE=HOST:PORT",
+        help="a listener: rw, ro or any; repeat; replaces the file's listeners",
+    )
+    p.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="a server; repeat; replaces the file's servers (slots are kept by name)",
+    )
+    p.add_argument("--check-user", help="role the checks log in as")
+    p.add_argument("--check-database", help="database the checks connect to")
+    p.add_argument(
+        "--admin", metavar="HOST:PORT|off", help="admin listener (default 127.0.0.1:9102)"
+    )
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    return p
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> DbProxyConfig:
+    env = os.environ if env is None else env
+    if args.config:
+        config = from_section(load_toml(args.config), args.config, env)
+    else:
+        config = from_section(Section({}, "", "flags"), None, env)
+    changes: dict[str, object] = {}
+    if args.listen:
+        listen = {}
+        for text in args.listen:
+            role, sep, address = text.partition("=")
+            if not sep or role not in LISTENERS:
+                raise ConfigError(
+                    f"--listen {text}: expected ROLE=HOST:PORT, ROLE one of {', '.join(LISTENERS)}"
+                )
+            listen[role] = parse_address(address, f"--listen {text}")
+        changes["listen"] = listen
+    if args.server:
+        servers = []
+        for text in args.server:
+            name, sep, address = text.partition("=")
+            if not sep or not name:
+                raise ConfigError(f"--server {text}: expected NAME=HOST:PORT")
+            servers.append(
+                ServerSpec(name=name, address=parse_address(address, f"--server {text}"))
+            )
+        changes["servers"] = tuple(servers)
+    if args.check_user or args.check_database:
+        changes["check"] = dataclasses.replace(
+            config.check,
+            user=args.check_user or config.check.user,
+            database=args.check_database or config.check.database,
+        )
+    if args.admin:
+        changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
+    config = dataclasses.replace(config, **changes)
+    if not config.servers:
+        raise ConfigError(
+            "no servers: give --server NAME=HOST:PORT or a --config file with [[server]]"
+        )
+    if not config.listen:
+        raise ConfigError("no listeners: give --listen ROLE=HOST:PORT or [listen] in the file")
+    return config

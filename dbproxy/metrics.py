@@ -1,0 +1,105 @@
+"""dbproxy's counters, read at scrape time: per listener and per server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxycore.servers import Server
+
+ROLES = ("primary", "replica")
+
+
+class DbProxyCollector(Collector):
+    def __init__(
+        self,
+        listeners: Callable[[], Iterable[object]],
+        servers: Callable[[], Iterable[Server]],
+        cancels: Callable[[], tuple[int, int]],
+    ) -> None:
+        self._listeners = listeners
+        self._servers = servers
+        self._cancels = cancels
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "dbproxy_listener_sessions", "Open sessions per listener", labels=["listener"]
+        )
+        total = CounterMetricFamily(
+            "dbproxy_listener_sessions", "Sessions accepted per listener", labels=["listener"]
+        )
+        for listener in self._listeners():
+            active.add_metric([listener.name], listener.active)  # type: ignore[attr-defined]
+            total.add_metric([listener.name], listener.total)  # type: ignore[attr-defined]
+        yield active
+        yield total
+        s_active = GaugeMetricFamily(
+            "dbproxy_server_sessions", "Open sessions per server", labels=["server"]
+        )
+        s_total = CounterMetricFamily(
+            "dbproxy_server_sessions", "Sessions sent to each server", labels=["server"]
+        )
+        b_in = CounterMetricFamily(
+            "dbproxy_server_bytes_received", "Bytes from each server", labels=["server"]
+        )
+        b_out = CounterMetricFamily(
+            "dbproxy_server_bytes_sent", "Bytes to each server", labels=["server"]
+        )
+        connect = CounterMetricFamily(
+            "dbproxy_server_connect_failures", "Failed connects", labels=["server"]
+        )
+        up = GaugeMetricFamily(
+            "dbproxy_server_up", "1 when the server takes new sessions", labels=["server", "state"]
+        )
+        role = GaugeMetricFamily(
+            "dbproxy_server_role", "1 for the role the last check saw", labels=["server", "role"]
+        )
+        lag_b = GaugeMetricFamily(
+            "dbproxy_replica_lag_bytes", "Replica lag read on the primary", labels=["server"]
+        )
+        lag_s = GaugeMetricFamily(
+            "dbproxy_replica_lag_seconds", "Replica lag in time (replay_lag)", labels=["server"]
+        )
+        check = GaugeMetricFamily(
+            "dbproxy_check_duration_seconds", "Duration of the last check", labels=["server"]
+        )
+        check_ok = GaugeMetricFamily(
+            "dbproxy_check_last_ok", "1 when the last check passed", labels=["server"]
+        )
+        for s in self._servers():
+            s_active.add_metric([s.name], s.active)
+            s_total.add_metric([s.name], s.total)
+            b_in.add_metric([s.name], s.bytes_in)
+            b_out.add_metric([s.name], s.bytes_out)
+            connect.add_metric([s.name], s.connect_errors)
+            up.add_metric([s.name, s.state], 1 if s.open else 0)
+            for r in ROLES:
+                role.add_metric([s.name, r], 1 if s.info.get("role") == r else 0)
+            if (lag := s.info.get("lag")) is not None:
+                lag_b.add_metric([s.name], lag["lag_bytes"])
+                lag_s.add_metric([s.name], lag["lag_seconds"])
+            if s.last_check is not None:
+                check.add_metric([s.name], s.last_check.duration)
+                check_ok.add_metric([s.name], 1 if s.last_check.ok else 0)
+        yield from (
+            s_active,
+            s_total,
+            b_in,
+            b_out,
+            connect,
+            up,
+            role,
+            lag_b,
+            lag_s,
+            check,
+            check_ok,
+        )
+        routed, broadcast = self._cancels()
+        cancels = CounterMetricFamily(
+            "dbproxy_cancels", "Cancel requests delivered", labels=["how"]
+        )
+        cancels.add_metric(["to_session_server"], routed)
+        cancels.add_metric(["to_every_server"], broadcast)
+        yield cancels
