@@ -22,6 +22,7 @@ MASTER = "service-db"
 REPLICA = "service-db-replica"
 BACKENDS = ("users-backend-1", "users-backend-2")
 LB = "lb"
+DBPROXY = "dbproxy"
 BALANCE_CONFIG = REPO_ROOT / "infra" / "balance"
 
 
@@ -123,15 +124,18 @@ class Topology:
 
     def services(self) -> list[str]:
         """Every service, in start order."""
-        front = {"none": [], "python": [LB]}.get(self.proxies)
-        if front is None:
+        proxies = {"none": ([], []), "python": ([DBPROXY], [LB])}.get(self.proxies)
+        if proxies is None:
             raise StackError(f"the '{self.proxies}' profile is not available yet")
-        return [MASTER, REPLICA, *BACKENDS, *front]
+        db_proxies, http_proxies = proxies
+        return [MASTER, REPLICA, *db_proxies, *BACKENDS, *http_proxies]
 
     def backend_dsns(self) -> tuple[str, str]:
-        """(rw, ro) for the backends: straight to the clusters until a database proxy
-        stands between them (dbproxy is the next step of the python profile)."""
-        rw_port, ro_port = self.ports.master, self.ports.replica
+        """(rw, ro) for the backends: the database proxy's listeners, or the clusters themselves."""
+        if self.proxies == "none":
+            rw_port, ro_port = self.ports.master, self.ports.replica
+        else:
+            rw_port, ro_port = self.ports.db_rw, self.ports.db_ro
         base = "postgresql://users_app@127.0.0.1:{}/users"
         return base.format(rw_port), base.format(ro_port)
 
@@ -209,6 +213,37 @@ class Topology:
                 ready=Readiness("http", self.ports.entry),
                 log=log,
                 address=f"127.0.0.1:{self.ports.entry} (admin :{self.ports.lb_admin})",
+            )
+        if name == DBPROXY and name in self.services():
+            p = self.ports
+            argv = (
+                sys.executable,
+                "-m",
+                "dbproxy",
+                "--config",
+                str(BALANCE_CONFIG / "dbproxy.toml"),
+                "--listen",
+                f"rw=127.0.0.1:{p.db_rw}",
+                "--listen",
+                f"ro=127.0.0.1:{p.db_ro}",
+                "--listen",
+                f"any=127.0.0.1:{p.db_any}",
+                "--server",
+                f"{MASTER}=127.0.0.1:{p.master}",
+                "--server",
+                f"{REPLICA}=127.0.0.1:{p.replica}",
+                "--admin",
+                f"127.0.0.1:{p.dbproxy_admin}",
+            )
+            env = dict(os.environ, DBPROXY_CHECK_PASSWORD=self.credentials.check_password)
+            return ServiceSpec(
+                name=name,
+                argv=argv,
+                env=env,
+                listens=(p.db_rw, p.db_ro, p.db_any, p.dbproxy_admin),
+                ready=Readiness("postgres", p.db_rw),
+                log=log,
+                address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (admin :{p.dbproxy_admin})",
             )
         raise StackError(f"unknown service '{name}'; services: {', '.join(self.services())}")
 

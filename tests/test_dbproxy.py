@@ -1,0 +1,297 @@
+"""dbproxy in front of a real master and logical replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from stack.postgres import connect as superuser
+from tests.dbproxyctl import FAST, DbProxyProc, app_password, connect, dbproxy_for
+from tests.stackctl import REPO, StackHandle, running_stack
+
+MASTER, REPLICA = "service-db", "service-db-replica"
+
+
+@pytest.fixture(scope="module")
+def pystack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+    with running_stack(
+        Path(tmp_path_factory.mktemp("py")), users=2000, extra=["--proxies", "python"]
+    ) as h:
+        yield h
+
+
+@pytest.fixture
+def own(pystack: StackHandle, tmp_path: Path) -> Iterator[DbProxyProc]:
+    with dbproxy_for(pystack, tmp_path) as proxy:
+        yield proxy
+
+
+async def port_of(stack: StackHandle, listener_port: int) -> int:
+    conn = await connect(stack, listener_port)
+    try:
+        return await conn.fetchval("SELECT inet_server_port()")
+    finally:
+        await conn.close()
+
+
+async def test_listeners_route_by_role(pystack: StackHandle) -> None:
+    p = pystack.ports
+    assert await port_of(pystack, p.db_rw) == p.master
+    assert await port_of(pystack, p.db_ro) == p.replica
+    seen = {await port_of(pystack, p.db_any) for _ in range(6)}
+    assert seen == {p.master, p.replica}
+    rw = await connect(pystack, p.db_rw)
+    try:  # the service is read-write now: writes through rw work
+        await rw.execute("CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (1)")
+    finally:
+        await rw.close()
+
+
+def psql(stack: StackHandle, port: int, sql: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PGPASSWORD=app_password(stack), PGCONNECT_TIMEOUT="5")
+    return subprocess.run(
+        [
+            "psql",
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "users_app",
+            "-d",
+            "users",
+            "-Atc",
+            sql,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+def test_psql_through_every_listener_and_the_no_server_error(
+    pystack: StackHandle, own: DbProxyProc
+) -> None:
+    p = pystack.ports
+    for role, expected in (("rw", p.master), ("ro", p.replica)):
+        result = psql(pystack, own.ports[role], "SELECT inet_server_port()")
+        assert result.stdout.strip() == str(expected), result.stderr
+    own.admin(f"/servers/{MASTER}/disable")
+    try:
+        result = psql(pystack, own.ports["rw"], "SELECT 1")
+        assert result.returncode != 0
+        assert "FATAL:  dbproxy: no server is available for listener 'rw'" in result.stderr
+    finally:
+        own.admin(f"/servers/{MASTER}/enable")
+
+
+async def test_asyncpg_sees_57P03(pystack: StackHandle, own: DbProxyProc) -> None:
+    own.admin(f"/servers/{MASTER}/disable")
+    try:
+        with pytest.raises(asyncpg.exceptions.CannotConnectNowError, match="listener 'rw'"):
+            await connect(pystack, own.ports["rw"])
+    finally:
+        own.admin(f"/servers/{MASTER}/enable")
+
+
+@pytest.mark.parametrize("listener", ["rw", "ro", "any"])
+async def test_cancel_reaches_the_right_server(
+    pystack: StackHandle, own: DbProxyProc, listener: str
+) -> None:
+    for _ in range(2 if listener == "any" else 1):  # any: both servers in turn
+        conn = await connect(pystack, own.ports[listener])
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.execute("SELECT pg_sleep(30)", timeout=0.5)
+            assert time.monotonic() - started < 2
+            await asyncio.sleep(0.2)
+            running = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'"
+            )
+            assert running == 0
+        finally:
+            await conn.close()
+    assert own.status()["cancels_to_session_server"] >= 1
+
+
+async def test_bad_first_packets_cost_nothing_else(pystack: StackHandle, own: DbProxyProc) -> None:
+    port = own.ports["rw"]
+    bystander = await connect(pystack, port)
+    cases = {
+        "garbage": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        "oversized": struct.pack("!ii", 20_000, 196608) + b"x" * 100,
+        "unknown version": struct.pack("!ii", 8, 2 << 16),
+        "no user": struct.pack("!ii", 9, 196608) + b"\0",
+        "short cancel": struct.pack("!ii", 12, 80877102) + b"\0\0\0\1",
+    }
+    try:
+        for name, packet in cases.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(packet)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer[:1] == b"E" and b"C08P01" in answer, name
+        # truncated: half a packet, then the client goes away
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(struct.pack("!ii", 40, 196608) + b"user\0")
+        writer.close()
+        assert await bystander.fetchval("SELECT 1") == 1
+    finally:
+        await bystander.close()
+    await asyncio.sleep(0.2)
+    assert "Traceback" not in own.log_text()
+
+
+async def test_slow_first_packet_is_cut(pystack: StackHandle, tmp_path: Path) -> None:
+    with dbproxy_for(pystack, tmp_path, FAST + '\n[timeouts]\nfirst_packet = "500ms"\n') as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports["ro"])
+        writer.write(b"\0\0")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer[:1] == b"E" and b"did not arrive in time" in answer
+
+
+async def test_lag_takes_the_replica_out_of_ro_and_back(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    settings = FAST + '\n[ro]\nmax_lag_bytes = "64k"\n'
+    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+        p = pystack.ports
+        assert await port_of(pystack, proxy.ports["ro"]) == p.replica
+        replica = await superuser(p.replica, "users")
+        master = await superuser(p.master, "users")
+        try:
+            await replica.execute("ALTER SUBSCRIPTION users_sub DISABLE")
+            await master.execute(
+                "INSERT INTO users"
+                " (id, first_name, second_name, birthdate, password_hash, biography)"
+                " SELECT gen_random_uuid(), 'Лаг', 'Лагов', '2000-01-01', 'x', repeat('z', 500)"
+                " FROM generate_series(1, 2000)"
+            )
+            await wait_until(
+                lambda: (proxy.server(REPLICA).get("lag") or {}).get("lag_bytes", 0) > 65536, 10
+            )
+            assert await port_of(pystack, proxy.ports["ro"]) == p.master  # the primary as fallback
+        finally:
+            await replica.execute("ALTER SUBSCRIPTION users_sub ENABLE")
+        await wait_until(
+            lambda: (proxy.server(REPLICA).get("lag") or {}).get("lag_bytes", 1 << 30) <= 65536, 20
+        )
+        assert await port_of(pystack, proxy.ports["ro"]) == p.replica
+        await master.execute("DELETE FROM users WHERE first_name = 'Лаг'")
+        await master.close()
+        await replica.close()
+
+
+async def test_without_fallback_ro_refuses_when_no_replica_fits(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    settings = FAST + "\n[ro]\nprimary_fallback = false\n"
+    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+        proxy.admin(f"/servers/{REPLICA}/drain")
+        with pytest.raises(asyncpg.exceptions.CannotConnectNowError, match="listener 'ro'"):
+            await connect(pystack, proxy.ports["ro"])
+
+
+async def test_drain_keeps_sessions_and_disable_closes_them(
+    pystack: StackHandle, own: DbProxyProc
+) -> None:
+    session = await connect(pystack, own.ports["ro"])
+    try:
+        own.admin(f"/servers/{REPLICA}/drain")
+        assert await session.fetchval("SELECT 1") == 1  # drained: goes on
+        assert (
+            await port_of(pystack, own.ports["ro"]) == pystack.ports.master
+        )  # new ones go elsewhere
+        own.admin(f"/servers/{REPLICA}/disable")  # marked down: its sessions are closed at once
+        with pytest.raises(
+            (asyncpg.exceptions.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError)
+        ):
+            await asyncio.wait_for(session.fetchval("SELECT 1"), 5)
+    finally:
+        session.terminate()
+        own.admin(f"/servers/{REPLICA}/enable")
+
+
+async def test_metrics_and_status(pystack: StackHandle, own: DbProxyProc) -> None:
+    conn = await connect(pystack, own.ports["rw"])
+    await conn.close()
+    text = await asyncio.to_thread(own.metrics)
+    for needle in (
+        'dbproxy_listener_sessions_total{listener="rw"}',
+        f'dbproxy_server_role{{role="primary",server="{MASTER}"}} 1.0',
+        f'dbproxy_server_role{{role="replica",server="{REPLICA}"}} 1.0',
+        f'dbproxy_replica_lag_bytes{{server="{REPLICA}"}}',
+        "dbproxy_server_bytes_received_total",
+        "dbproxy_check_duration_seconds",
+        "dbproxy_server_connect_failures_total",
+    ):
+        assert needle in text, needle
+    status = own.status()
+    assert {s["name"]: s["role"] for s in status["pools"]["postgres"]} == {
+        MASTER: "primary",
+        REPLICA: "replica",
+    }
+
+
+async def test_sighup_reload_and_a_bad_file(pystack: StackHandle, own: DbProxyProc) -> None:
+    good = own.config.read_text()
+    own.config.write_text(good.replace('name = "service-db-replica"', 'name = "replica-renamed"'))
+    own.proc.send_signal(signal.SIGHUP)
+    await wait_until(
+        lambda: any(s["name"] == "replica-renamed" for s in own.status()["pools"]["postgres"]), 5
+    )
+    own.config.write_text("[listen\n")
+    own.proc.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.3)
+    assert "reload refused, the running configuration stays" in own.log_text()
+    assert await port_of(pystack, own.ports["rw"]) == pystack.ports.master
+
+
+async def test_sigterm_lets_sessions_end_then_exits_0(
+    pystack: StackHandle, own: DbProxyProc
+) -> None:
+    session = await connect(pystack, own.ports["rw"])
+    own.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert await session.fetchval("SELECT 42") == 42  # in flight: goes on
+    with pytest.raises(OSError):
+        await connect(pystack, own.ports["rw"])  # no new sessions
+    await session.close()
+    assert await asyncio.to_thread(own.proc.wait, 10) == 0
+
+
+def test_check_config(tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dbproxy", *args], cwd=REPO, capture_output=True, text=True
+        )
+
+    assert (
+        run("--config", str(REPO / "infra/balance/dbproxy.toml"), "--check-config").returncode == 0
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[ro]\nmax_lag = "1s"\n[[server]]\naddress = "127.0.0.1:1"\n')
+    result = run("--config", str(bad), "--check-config")
+    assert result.returncode == 2 and f"{bad}: [ro] max_lag: unknown key" in result.stderr
+
+
+async def wait_until(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout}s"
+        await asyncio.sleep(0.1)
