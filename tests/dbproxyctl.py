@@ -63,7 +63,7 @@ def write_config(
         + "".join(f'{role} = "127.0.0.1:{port}"\n' for role, port in ports.items())
         + extra
         + f'\n[[server]]\nname = "service-db"\naddress = "127.0.0.1:{stack.ports.master}"\n'
-        + f'\n[[server]]\nname = "service-db-replica"\n'
+        + '\n[[server]]\nname = "service-db-replica"\n'
         + f'address = "127.0.0.1:{stack.ports.replica}"\n'
         + 'slot = "users_sub"\n'
     )
