@@ -1,4 +1,4 @@
-"""python -m bench http [--seconds S] [--connections C] [--rounds R] [--out FILE]"""
+"""python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ..."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from .http import PROXIES, run_http, table
+from .pg import run_pg
+from .pg import table as pg_table
 from .procs import BenchError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,26 +38,42 @@ def main() -> int:
         help="only these (default: all; bare-relay is a reference point)",
     )
     http.add_argument("--out", type=Path, help="JSON file (default bench/results/http-<time>.json)")
+    pg = sub.add_parser(
+        "pg", help="pgbench direct vs HAProxy vs dbproxy (needs haproxy, postgresql-15)"
+    )
+    pg.add_argument(
+        "--seconds", type=float, default=10.0, help="length of each pgbench run (default 10)"
+    )
+    pg.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
+    pg.add_argument(
+        "--rounds", type=int, default=1, help="runs per path and mode, median kept (default 1)"
+    )
+    pg.add_argument("--out", type=Path, help="JSON file (default bench/results/pg-<time>.json)")
     args = p.parse_args()
 
     def say(text: str) -> None:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
     try:
-        result = run_http(
-            seconds=args.seconds,
-            connections=args.connections,
-            rounds=args.rounds,
-            proxies=tuple(args.proxy or PROXIES),
-            say=say,
-        )
+        if args.command == "http":
+            result = run_http(
+                seconds=args.seconds,
+                connections=args.connections,
+                rounds=args.rounds,
+                proxies=tuple(args.proxy or PROXIES),
+                say=say,
+            )
+            shown = table(result)
+        else:
+            result = run_pg(seconds=args.seconds, clients=args.clients, rounds=args.rounds, say=say)
+            shown = pg_table(result)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    out = args.out or RESULTS / f"http-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or RESULTS / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+    print(shown)
     print(f"\nwritten: {out}")
     return 0
 

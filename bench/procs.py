@@ -63,13 +63,22 @@ def cpu_seconds(pid: int) -> float:
 
 @contextlib.contextmanager
 def running(
-    argv: Sequence[str], *, core: int | None, port: int, log: Path
+    argv: Sequence[str],
+    *,
+    core: int | None,
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``argv`` (on ``core`` when given), wait for ``port``, always stop it by PID."""
     command = (["taskset", "-c", str(core)] if core is not None else []) + list(argv)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
     try:
         wait_port(port, proc)

@@ -57,6 +57,7 @@ class ClientSession(asyncio.Protocol):
         self._deadline = Deadline(proxy.loop, self._first_packet_timeout)
         self._key: tuple[int, int] | None = None
         self.ends = HalfClose()
+        self._out: asyncio.Transport | None = None  # the server's transport, once relaying
         self._probing: ServerSide | None = None  # waiting for the answer to an SSLRequest
         self._held: ServerSide | None = None  # answered 'N': kept for the packet to come
 
@@ -80,11 +81,10 @@ class ClientSession(asyncio.Protocol):
         self._deadline.after(proxy.config.timeouts.first_packet)
 
     def data_received(self, data: bytes) -> None:
-        side = self.server_side
-        if side is not None and side.transport is not None:
-            side.transport.write(data)
-            if self.server is not None:
-                self.server.bytes_out += len(data)
+        out = self._out
+        if out is not None:  # the relay, once established: nothing else to decide
+            out.write(data)
+            self.server.bytes_out += len(data)  # type: ignore[union-attr]
             return
         if self._connecting:
             self._pending.append(data)
@@ -237,6 +237,8 @@ class ClientSession(asyncio.Protocol):
         server = side.server
         self.server = server
         self.server_side = side
+        self._out = side.transport
+        side.relaying(self.transport)
         self.proxy.attach(self, server)
         assert side.transport is not None
         if initial:
@@ -270,6 +272,7 @@ class ClientSession(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        self._out = None
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
@@ -288,6 +291,8 @@ class ServerSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.valve: Valve | None = None
         self.watcher: BackendKeyWatcher | None = BackendKeyWatcher()
+        self._out: asyncio.Transport | None = None  # the client's transport, once only relaying
+        self._client_transport: asyncio.Transport | None = None
         self._ssl_probe = ssl_probe  # the first byte answers an SSLRequest: 'S' or 'N'
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -298,6 +303,10 @@ class ServerSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.server.bytes_in += len(data)
+        out = self._out
+        if out is not None:  # relaying and done watching: straight through
+            out.write(data)
+            return
         if self._ssl_probe:
             self._ssl_probe = False
             self.client.ssl_answer(self, data[:1])
@@ -315,6 +324,12 @@ class ServerSide(asyncio.Protocol):
             self.client.key_seen(watcher.key)
         if watcher.done:
             self.watcher = None
+            self._out = self._client_transport
+
+    def relaying(self, client_transport: asyncio.Transport | None) -> None:
+        self._client_transport = client_transport
+        if self.watcher is None:
+            self._out = client_transport
 
     def eof_received(self) -> bool | None:
         client = self.client
@@ -322,6 +337,7 @@ class ServerSide(asyncio.Protocol):
         return client.ends.ended(peer, client.close_both)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._out = None
         client = self.client
         if client.server_side is self or client._probing is self:
             client.close()
