@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .procs import cpu_seconds, free_port, require, running
+from .procs import cpu_seconds, free_port, require, rotated, running
 from .wrk import WrkResult, run
 
 PROXY_CORE, LOAD_CORE = 0, 1
@@ -175,7 +175,7 @@ def run_http(
         work = Path(tmp)
         with upstreams(work) as (up1, up2):
             for r in range(1, rounds + 1):
-                for name in proxies:
+                for name in rotated(proxies, r):
                     say(f"round {r}/{rounds}: {name} ({seconds:g}s, {connections} connections)")
                     rows[name].append(measure(name, work, up1, up2, seconds, connections))
     medians = {name: _median(ms) for name, ms in rows.items()}

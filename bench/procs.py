@@ -30,6 +30,12 @@ def require(*programs: str) -> None:
         )
 
 
+def rotated(items: tuple[str, ...], round_number: int) -> tuple[str, ...]:
+    """Each round starts with another contender, so none always runs first or last."""
+    k = (round_number - 1) % len(items)
+    return items[k:] + items[:k]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
