@@ -127,8 +127,11 @@ async def up(topology: Topology, say: Say) -> StackState:
         postgres.configure(topology.datadir(REPLICA), topology.ports.replica, publisher=False)
         await asyncio.gather(_start(state, MASTER), _start(state, REPLICA))
         await _bootstrap(topology, say)
-        rest = [n for n in topology.services() if n not in (MASTER, REPLICA)]
-        await asyncio.gather(*(_start(state, n) for n in rest))
+        # Tier by tier, each ready before the next: a proxy started before its
+        # servers would count them failed (nginx then leaves them out for
+        # fail_timeout), as compose's depends_on conditions also prevent.
+        for tier in topology.tiers()[1:]:
+            await asyncio.gather(*(_start(state, n) for n in tier))
     except BaseException:
         say("start-up failed; stopping what was started")
         down(topology.state_dir, say=lambda _: None)

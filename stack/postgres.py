@@ -161,6 +161,12 @@ def configure(datadir: Path, port: int, *, publisher: bool) -> None:
     (datadir / "pg_hba.conf").write_text(
         "# written by python -m stack\n"
         "host all postgres 127.0.0.1/32 trust\n"
+        # HAProxy's pgsql-check (infra/balance/haproxy.cfg) passes on any
+        # authentication request but cannot answer SCRAM: it is asked for a
+        # password it never sends, on a database of its user's name that does
+        # not exist, so nothing can log in through this line. Postgres logs
+        # nothing when a client leaves at the password prompt.
+        "host balance_check balance_check 127.0.0.1/32 password\n"
         "host all all 127.0.0.1/32 scram-sha-256\n"
     )
 

@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from . import classic
 from .errors import StackError
 from .postgres import REPO_ROOT, find_bindir, remove_stale_lock, run_as, server_argv
 
@@ -23,6 +24,14 @@ REPLICA = "service-db-replica"
 BACKENDS = ("users-backend-1", "users-backend-2")
 LB = "lb"
 DBPROXY = "dbproxy"
+NGINX = "nginx"
+HAPROXY = "haproxy"
+# Per profile: (database proxies, HTTP proxies). They take the same ports either way.
+PROXIES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "none": ((), ()),
+    "python": ((DBPROXY,), (LB,)),
+    "classic": ((HAPROXY,), (NGINX,)),
+}
 BALANCE_CONFIG = REPO_ROOT / "infra" / "balance"
 
 
@@ -122,13 +131,15 @@ class Topology:
     def datadir(self, name: str) -> Path:
         return self.pg_root / name
 
+    def tiers(self) -> list[tuple[str, ...]]:
+        """The services in start order, by tier: each tier needs the ones before it."""
+        db_proxies, http_proxies = PROXIES[self.proxies]
+        tiers = [(MASTER, REPLICA), db_proxies, BACKENDS, http_proxies]
+        return [t for t in tiers if t]
+
     def services(self) -> list[str]:
         """Every service, in start order."""
-        proxies = {"none": ([], []), "python": ([DBPROXY], [LB])}.get(self.proxies)
-        if proxies is None:
-            raise StackError(f"the '{self.proxies}' profile is not available yet")
-        db_proxies, http_proxies = proxies
-        return [MASTER, REPLICA, *db_proxies, *BACKENDS, *http_proxies]
+        return [name for tier in self.tiers() for name in tier]
 
     def backend_dsns(self) -> tuple[str, str]:
         """(rw, ro) for the backends: the database proxy's listeners, or the clusters themselves."""
@@ -138,6 +149,17 @@ class Topology:
             rw_port, ro_port = self.ports.db_rw, self.ports.db_ro
         base = "postgresql://users_app@127.0.0.1:{}/users"
         return base.format(rw_port), base.format(ro_port)
+
+    def local_addresses(self) -> dict[str, str]:
+        """Each compose address of infra/balance's files, and where it is on this machine."""
+        return {
+            address: f"127.0.0.1:{getattr(self.ports, field)}"
+            for field, address in classic.COMPOSE_ADDRESSES.items()
+        }
+
+    def _render_config(self, source: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(classic.render(source, self.local_addresses()))
 
     def spec(self, name: str) -> ServiceSpec:
         log = self.log_dir / f"{name}.log"
@@ -245,7 +267,43 @@ class Topology:
                 log=log,
                 address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (admin :{p.dbproxy_admin})",
             )
+        if name == NGINX and name in self.services():
+            prefix = self.state_dir / NGINX
+            conf = prefix / "nginx.conf"
+            return ServiceSpec(
+                name=name,
+                # -e: errors before the config is read go to the log, not /var/log.
+                argv=(
+                    classic.find_program("nginx"),
+                    *("-p", f"{prefix}/", "-c", str(conf), "-e", "stderr"),
+                    *("-g", "daemon off;"),
+                ),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                listens=(self.ports.entry, self.ports.lb_admin),
+                ready=Readiness("http", self.ports.entry),
+                log=log,
+                address=f"127.0.0.1:{self.ports.entry} (status :{self.ports.lb_admin})",
+                stop_signal=signal.SIGQUIT,  # nginx's graceful shutdown, as lb's SIGTERM
+                before_start=partial(self._render_nginx, prefix, conf),
+            )
+        if name == HAPROXY and name in self.services():
+            p = self.ports
+            cfg = self.state_dir / HAPROXY / "haproxy.cfg"
+            return ServiceSpec(
+                name=name,
+                argv=(classic.find_program("haproxy"), "-db", "-f", str(cfg)),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                listens=(p.db_rw, p.db_ro, p.db_any, p.dbproxy_admin),
+                ready=Readiness("postgres", p.db_rw),
+                log=log,
+                address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (stats :{p.dbproxy_admin})",
+                before_start=partial(self._render_config, BALANCE_CONFIG / "haproxy.cfg", cfg),
+            )
         raise StackError(f"unknown service '{name}'; services: {', '.join(self.services())}")
+
+    def _render_nginx(self, prefix: Path, conf: Path) -> None:
+        self._render_config(BALANCE_CONFIG / "nginx.conf", conf)
+        (prefix / "temp").mkdir(exist_ok=True)
 
     def to_json(self) -> dict[str, Any]:
         return {

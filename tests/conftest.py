@@ -15,3 +15,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
     """One stack without proxies for the tests that only read and write through it."""
     with running_stack(tmp_path_factory.mktemp("stack"), users=SESSION_USERS) as handle:
         yield handle
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    from tests.test_drill import drill_summary
+
+    table = drill_summary(config)
+    if table is not None:
+        terminalreporter.section("the seed's failure drill, responses per step")
+        terminalreporter.write_line(table)
