@@ -15,6 +15,7 @@ NEEDED=(
   "wrk wrk"
   "nginx nginx-light"
   "haproxy haproxy"
+  "docker-compose docker-compose"
 )
 
 found() {

@@ -88,7 +88,7 @@ async def _bootstrap(topology: Topology, say: Say) -> None:
         await seed.load_users(master, topology.users, topology.seed)
         publisher = (
             f"host=127.0.0.1 port={topology.ports.master} dbname={postgres.DATABASE} "
-            f"user=replicator password={creds.replication_password}"
+            f"user=replicator password={postgres.conninfo_value(creds.replication_password)}"
         )
         await postgres.execute_all(
             replica, postgres.sql_file("subscription.sql", publisher=publisher)

@@ -200,6 +200,11 @@ def literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def conninfo_value(value: str) -> str:
+    """A value for a libpq conninfo string: quoted, with \\ and ' escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def sql_file(name: str, **values: str) -> list[str]:
     """The statements of ``infra/postgres/<name>``, placeholders filled with SQL literals."""
     lines = (SQL_DIR / name).read_text().splitlines()

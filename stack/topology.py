@@ -284,7 +284,7 @@ class Topology:
                 log=log,
                 address=f"127.0.0.1:{self.ports.entry} (status :{self.ports.lb_admin})",
                 stop_signal=signal.SIGQUIT,  # nginx's graceful shutdown, as lb's SIGTERM
-                before_start=partial(self._render_nginx, prefix, conf),
+                before_start=partial(self._render_config, BALANCE_CONFIG / "nginx.conf", conf),
             )
         if name == HAPROXY and name in self.services():
             p = self.ports
@@ -300,10 +300,6 @@ class Topology:
                 before_start=partial(self._render_config, BALANCE_CONFIG / "haproxy.cfg", cfg),
             )
         raise StackError(f"unknown service '{name}'; services: {', '.join(self.services())}")
-
-    def _render_nginx(self, prefix: Path, conf: Path) -> None:
-        self._render_config(BALANCE_CONFIG / "nginx.conf", conf)
-        (prefix / "temp").mkdir(exist_ok=True)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from stack import processes
 from stack.processes import ProcessRef
 from stack.topology import Ports
@@ -121,3 +123,16 @@ def _recorded(state_dir: Path) -> list[ProcessRef]:
     except (FileNotFoundError, json.JSONDecodeError):
         return []
     return [ProcessRef.from_json(v) for v in data.get("processes", {}).values()]
+
+
+async def scrape(*ports: int) -> set[str]:
+    """Names of the metrics served at /metrics on these local ports."""
+    names: set[str] = set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        for port in ports:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200, port
+                for line in (await r.text()).splitlines():
+                    if line and not line.startswith("#"):
+                        names.add(line.split("{", 1)[0].split(" ", 1)[0])
+    return names

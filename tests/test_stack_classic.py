@@ -13,7 +13,8 @@ from stack.classic import COMPOSE_ADDRESSES, compose_addresses_in, render
 from stack.errors import StackError
 from stack.postgres import connect
 from stack.topology import BALANCE_CONFIG, Topology
-from tests.stackctl import StackHandle, random_ports, running_stack
+from tests.stackctl import StackHandle, random_ports, running_stack, scrape
+from tests.test_compose import dashboard_metrics
 
 NGINX_CONF, HAPROXY_CFG = BALANCE_CONFIG / "nginx.conf", BALANCE_CONFIG / "haproxy.cfg"
 
@@ -110,3 +111,9 @@ async def test_haproxy_sends_rw_to_the_master_ro_to_the_replica(classic_stack: S
     # Both servers up by pgsql-check, as the balance_check user is let in pg_hba.
     assert 'haproxy_server_status{proxy="master",server="service-db",state="UP"} 1' in text
     assert 'haproxy_server_status{proxy="replica",server="service-db-replica",state="UP"} 1' in text
+
+
+async def test_haproxy_serves_the_dashboards_metrics(classic_stack: StackHandle) -> None:
+    served = await scrape(classic_stack.ports.dbproxy_admin)
+    wanted = {m for m in dashboard_metrics() if m.startswith("haproxy_")}
+    assert wanted and wanted <= served, wanted - served

@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from stack.postgres import connect
-from tests.stackctl import StackHandle, running_stack
+from tests.stackctl import StackHandle, running_stack, scrape
+from tests.test_compose import dashboard_metrics
 from tests.test_lb_failover import Load
 
 
@@ -53,3 +54,10 @@ async def test_kill_9_of_a_backend_through_the_entry_every_read_is_200(
         await load.stop()
     assert set(load.statuses) == {200}, load.statuses
     assert load.statuses[200] > 100
+
+
+async def test_every_metric_of_the_grafana_dashboard_is_served(python_stack: StackHandle) -> None:
+    p = python_stack.ports
+    served = await scrape(p.backend_1, p.backend_2, p.lb_admin, p.dbproxy_admin)
+    wanted = {m for m in dashboard_metrics() if not m.startswith(("haproxy_", "nginx_"))}
+    assert wanted <= served, wanted - served
