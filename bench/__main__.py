@@ -1,4 +1,5 @@
-"""python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ..."""
+"""python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
+python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .compare import PROFILES, Plan, run_compare
 from .http import PROXIES, run_http, table
 from .pg import run_pg
 from .pg import table as pg_table
@@ -20,7 +22,17 @@ def main() -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench", description="Python proxies against nginx and HAProxy."
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument(
+        "--quick", action="store_true", help="about two minutes in all (default: a full run)"
+    )
+    p.add_argument("--profile", choices=PROFILES, help="run one side only (default: both)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="directory of results.json, REPORT.md and the charts "
+        "(default bench/results/<timestamp>/)",
+    )
+    sub = p.add_subparsers(dest="command")
     http = sub.add_parser(
         "http", help="lb vs nginx vs HAProxy throughput (needs wrk, nginx, haproxy)"
     )
@@ -55,6 +67,15 @@ def main() -> int:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
     try:
+        if args.command is None:
+            out_dir = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
+            plan = Plan(quick=args.quick, profiles=(args.profile,) if args.profile else PROFILES)
+            result = run_compare(
+                plan, out_dir, say, command=" ".join(["python -m bench", *sys.argv[1:]])
+            )
+            print(Path(out_dir / "REPORT.md").read_text())
+            print(f"\nwritten: {out_dir}/ (results.json, REPORT.md, charts)")
+            return 0
         if args.command == "http":
             result = run_http(
                 seconds=args.seconds,

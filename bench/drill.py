@@ -16,7 +16,7 @@ import itertools
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,7 @@ class Step:
     service: str | None = None
 
 
+DATABASES = ("service-db", "service-db-replica")
 STEPS: tuple[Step, ...] = (
     Step("all up"),
     Step("replica killed", "kill", "service-db-replica"),
@@ -74,6 +75,7 @@ class Outcome:
     latency: float
     status: int
     retry_after: bool
+    served_by: str = ""  # the backend that answered (X-Served-By), "" when none did
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ class DrillResult:
     steps: Sequence[Step]
     timings: list[StepTiming] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
+    # For a database's restart step: when it had the service's sessions again.
+    db_back: dict[int, float] = field(default_factory=dict)
 
     def of_step(
         self, index: int, kinds: Sequence[Kind] = ("get", "search", "register")
@@ -203,14 +207,17 @@ class OpenLoopLoad:
 
     async def _one(self, http: aiohttp.ClientSession, kind: Kind, n: int) -> None:
         step, sent = self.step, self.now()
-        status, retry_after = NO_ANSWER, False
+        status, retry_after, served_by = NO_ANSWER, False, ""
         try:
             async with self._request(http, kind, n) as response:
                 await response.read()
                 status, retry_after = response.status, "Retry-After" in response.headers
+                served_by = response.headers.get("X-Served-By", "")
         except (aiohttp.ClientError, TimeoutError, OSError):
             pass  # no answer: recorded as NO_ANSWER
-        self.outcomes.append(Outcome(kind, step, sent, self.now() - sent, status, retry_after))
+        self.outcomes.append(
+            Outcome(kind, step, sent, self.now() - sent, status, retry_after, served_by)
+        )
 
     def _request(self, http: aiohttp.ClientSession, kind: Kind, n: int) -> Any:
         if kind == "get":
@@ -256,12 +263,29 @@ async def run_drill(
     step_seconds: float = 4.0,
     steps: Sequence[Step] = STEPS,
     say: Callable[[str], None] = lambda _: None,
+    db_sessions: Callable[[str], Awaitable[bool]] | None = None,
 ) -> DrillResult:
-    """Each step: run its action (if any), then hold the load for step_seconds."""
+    """Each step: run its action (if any), then hold the load for step_seconds.
+
+    ``db_sessions(service)``, when given, tells whether a database has the
+    service's sessions; after a database restarts it is asked every 50 ms, to
+    time when the proxies send it traffic again.
+    """
     load = OpenLoopLoad(entry, rate, await seeded_user_ids(entry))
     result = DrillResult(profile, rate, step_seconds, steps)
     stop = asyncio.Event()
     runner = asyncio.create_task(load.run(stop))
+    watchers: list[asyncio.Task[None]] = []
+
+    async def watch(index: int, service: str) -> None:
+        assert db_sessions is not None
+        # Polled: the sessions are another process's state; nothing here can signal them.
+        while True:
+            if await db_sessions(service):
+                result.db_back[index] = load.now()
+                return
+            await asyncio.sleep(0.05)
+
     try:
         await asyncio.sleep(0)  # let the load start its clock
         for index, step in enumerate(steps):
@@ -270,10 +294,15 @@ async def run_drill(
             say(f"[{profile}] step {index + 1}/{len(steps)}: {step.name}")
             if step.command is not None and step.service is not None:
                 await control(step.command, step.service)
+                if step.command == "start" and step.service in DATABASES and db_sessions:
+                    watchers.append(asyncio.create_task(watch(index, step.service)))
             done = load.now()
             await asyncio.sleep(step_seconds)
             result.timings.append(StepTiming(started, done, load.now()))
     finally:
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         stop.set()
         await runner
     result.outcomes = load.outcomes

@@ -13,7 +13,6 @@ counts.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -26,12 +25,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .procs import BenchError, free_port, require, rotated, running
+from .procs import BenchError, cpu_seconds, free_port, require, rotated, running
+from .stackrun import local_stack
 
 PATHS = ("direct", "haproxy", "dbproxy")
 MODES = {"select-only": ["-S"], "tpcb-like": [], "select-only-connect": ["-S", "-C"]}
 PROXY_CORE, LOAD_CORE = 0, 1
-REPO = Path(__file__).resolve().parent.parent
 
 HAPROXY_CFG = """
 global
@@ -59,44 +58,6 @@ def _pg_bin(name: str) -> str:
     if debian.exists():
         return str(debian)
     raise BenchError(f"{name} not found; `make setup` installs postgresql-15")
-
-
-def _stack(args: list[str], state: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "stack", *args, "--state-dir", str(state)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise BenchError(f"stack {args[0]} failed: {result.stderr.strip()}")
-
-
-@contextlib.contextmanager
-def bench_stack(work: Path) -> Iterator[dict[str, Any]]:
-    state = work / "stack"
-    ports = {
-        "master": free_port(),
-        "replica": free_port(),
-        "backend-1": free_port(),
-        "backend-2": free_port(),
-    }
-    overrides = [a for k, v in ports.items() for a in ("--port", f"{k}={v}")]
-    try:
-        _stack(["up", "--users", "1000", *overrides], state)
-        topology = json.loads((state / "state.json").read_text())["topology"]
-        yield {
-            "master": ports["master"],
-            "check_password": topology["credentials"]["check_password"],
-        }
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "stack", "down", "--purge", "--state-dir", str(state)],
-            cwd=REPO,
-            capture_output=True,
-            timeout=120,
-        )
 
 
 def scale_for(clients: int) -> int:
@@ -139,9 +100,12 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
 
 
 @contextlib.contextmanager
-def path_port(path: str, master: int, check_password: str, work: Path) -> Iterator[int]:
+def path_port(
+    path: str, master: int, check_password: str, work: Path
+) -> Iterator[tuple[int, int | None]]:
+    """The port to point pgbench at, and the PID of the proxy behind it (None: direct)."""
     if path == "direct":
-        yield master
+        yield master, None
         return
     port = free_port()
     if path == "haproxy":
@@ -164,20 +128,29 @@ def path_port(path: str, master: int, check_password: str, work: Path) -> Iterat
             "postgres",
         ]
         env = {"DBPROXY_CHECK_PASSWORD": check_password}
-    with running(argv, core=PROXY_CORE, port=port, log=work / f"{path}.log", env=env):
-        yield port
+    with running(argv, core=PROXY_CORE, port=port, log=work / f"{path}.log", env=env) as proc:
+        yield port, proc.pid
 
 
 def run_pg(
-    *, seconds: float, clients: int, rounds: int, say: Callable[[str], None]
+    *,
+    seconds: float,
+    clients: int,
+    rounds: int,
+    say: Callable[[str], None],
+    paths: tuple[str, ...] = PATHS,
 ) -> dict[str, Any]:
-    require("taskset", "haproxy")
-    tps: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PATHS} for m in MODES}
+    require("taskset", *(p for p in paths if p == "haproxy"))
+    tps: dict[str, dict[str, list[float]]] = {m: {p: [] for p in paths} for m in MODES}
+    # The proxy's own CPU per transaction: steadier than tps, which Postgres and
+    # the shared cores make swing from round to round.
+    proxies = [p for p in paths if p != "direct"]
+    cpu: dict[str, dict[str, list[float]]] = {m: {p: [] for p in proxies} for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
         work = Path(tmp)
         say("starting a local stack for the benchmark")
-        with bench_stack(work) as stack:
-            master = stack["master"]
+        with local_stack(work, profile="none", users=1000) as stack:
+            master = stack.ports.master
             subprocess.run(
                 [
                     _pg_bin("psql"),
@@ -199,12 +172,20 @@ def run_pg(
             say(f"pgbench -i -s {scale_for(clients)}")
             _pgbench(master, [], 0, clients, init=True)
             for r in range(1, rounds + 1):
-                for path in rotated(PATHS, r):
-                    with path_port(path, master, stack["check_password"], work) as port:
+                for path in rotated(paths, r):
+                    with path_port(path, master, stack.check_password, work) as (port, pid):
                         for mode, flags in MODES.items():
                             say(f"round {r}/{rounds}: {path} {mode} ({seconds:g}s)")
-                            tps[mode][path].append(_pgbench(port, flags, seconds, clients))
+                            before = cpu_seconds(pid) if pid is not None else 0.0
+                            rate = _pgbench(port, flags, seconds, clients)
+                            tps[mode][path].append(rate)
+                            if pid is not None:
+                                used = cpu_seconds(pid) - before
+                                cpu[mode][path].append(used / (rate * seconds) * 1e6)
     medians = {m: {p: statistics.median(v) for p, v in paths.items()} for m, paths in tps.items()}
+    cpu_medians = {
+        m: {p: round(statistics.median(v), 1) for p, v in paths.items()} for m, paths in cpu.items()
+    }
     return {
         "benchmark": "pg",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -218,19 +199,29 @@ def run_pg(
             "load_core": LOAD_CORE,
         },
         "tps": medians,
-        "ratios_to_haproxy": {m: round(v["dbproxy"] / v["haproxy"], 3) for m, v in medians.items()},
+        "ratios_to_haproxy": (
+            {m: round(v["dbproxy"] / v["haproxy"], 3) for m, v in medians.items()}
+            if {"dbproxy", "haproxy"} <= set(paths)
+            else {}
+        ),
+        "cpu_us_per_transaction": cpu_medians,
         "rounds": tps,
+        "rounds_cpu_us_per_transaction": cpu,
     }
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [
-        "| mode | direct tps | HAProxy tps | dbproxy tps | dbproxy / HAProxy |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    paths = list(next(iter(result["tps"].values())))
+    proxies = [p for p in paths if p != "direct"]
+    names = {"direct": "direct", "haproxy": "HAProxy", "dbproxy": "dbproxy"}
+    ratios = result["ratios_to_haproxy"]
+    header = ["mode", *(f"{names[p]} tps" for p in paths)]
+    header += ["dbproxy / HAProxy"] if ratios else []
+    header += [f"{names[p]} CPU µs/tx" for p in proxies]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for mode, v in result["tps"].items():
-        lines.append(
-            f"| {mode} | {v['direct']:,.0f} | {v['haproxy']:,.0f} | {v['dbproxy']:,.0f} | "
-            f"{result['ratios_to_haproxy'][mode]:.2f} |"
-        )
+        cells = [mode, *(f"{v[p]:,.0f}" for p in paths)]
+        cells += [f"{ratios[mode]:.2f}"] if ratios else []
+        cells += [f"{result['cpu_us_per_transaction'][mode][p]:.1f}" for p in proxies]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from stack import processes
 from stack.processes import ProcessRef
@@ -115,6 +116,12 @@ def running_stack(
         # file) is killed here by PID, so no test leaves a process behind.
         for ref in started:
             processes.kill_tree(ref)
+
+
+def module_stack(factory: pytest.TempPathFactory, profile: str) -> Iterator[StackHandle]:
+    """Body of a module-scoped fixture: a small stack with this profile's proxies."""
+    with running_stack(factory.mktemp(profile), users=2000, extra=["--proxies", profile]) as h:
+        yield h
 
 
 def _recorded(state_dir: Path) -> list[ProcessRef]:

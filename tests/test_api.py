@@ -209,6 +209,10 @@ async def test_request_id_is_kept_or_made(http: aiohttp.ClientSession) -> None:
         assert r.headers["X-Request-ID"] == "trace-me-42"
     async with http.get("/health") as r:
         assert len(r.headers["X-Request-ID"]) == 32
+        # Every answer names the instance that gave it, errors included.
+        assert r.headers["X-Served-By"] == (await r.json())["instance"]
+    async with http.get("/user/get/not-a-uuid") as r:
+        assert r.status == 400 and r.headers["X-Served-By"].startswith("users-backend")
 
 
 async def test_health(http: aiohttp.ClientSession) -> None:

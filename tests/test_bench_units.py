@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from bench.drill import STEPS, DrillResult, Outcome, StepTiming
+from bench.drillstats import (
+    kill_to_clean,
+    percentile,
+    restart_to_traffic,
+    step_stats,
+    timeline,
+)
 from bench.procs import rotated
 from bench.wrk import parse
 
@@ -42,3 +50,58 @@ def test_rotation_gives_every_contender_every_place() -> None:
     order = [rotated(("a", "b", "c"), r) for r in range(1, 4)]
     assert order == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
     assert {o[0] for o in order} == {"a", "b", "c"}
+
+
+# -- the drill's statistics, on recorded requests made up here ----------------------
+
+
+def drill_of(outcomes: list[Outcome], timings: list[StepTiming]) -> DrillResult:
+    result = DrillResult("python", 10.0, 2.0, STEPS[: len(timings)], timings=timings)
+    result.outcomes = outcomes
+    return result
+
+
+def read(sent: float, status: int = 200, step: int = 1, served_by: str = "") -> Outcome:
+    return Outcome("get", step, sent, 0.01, status, False, served_by)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50 and percentile(values, 99) == 99
+    assert percentile(values, 99.9) == 100 and percentile([7.0], 99.9) == 7
+    assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def test_kill_to_clean_is_the_first_whole_second_of_good_reads() -> None:
+    # Killed at 10.0; reads fail until 10.45, then every 0.1 s succeed.
+    outcomes = [read(10.0 + i / 10, 502 if i < 5 else 200) for i in range(40)]
+    result = drill_of(outcomes, [StepTiming(0, 0, 10), StepTiming(10.0, 10.2, 14.0)])
+    assert kill_to_clean(result, 10.0, 14.0) == pytest.approx(0.4, abs=1e-3)
+    # Never stumbling counts as clean at once; never clean is None.
+    clean = drill_of([read(10 + i / 10) for i in range(40)], result.timings)
+    assert kill_to_clean(clean, 10.0, 14.0) == 0.0
+    broken = drill_of([read(10 + i / 10, 0) for i in range(40)], result.timings)
+    assert kill_to_clean(broken, 10.0, 14.0) is None
+
+
+def test_restart_to_traffic_by_the_backend_that_answered() -> None:
+    outcomes = [read(20 + i / 10, served_by="users-backend-2", step=4) for i in range(10)]
+    outcomes.append(read(21.5, served_by="users-backend-1", step=4))
+    timings = [StepTiming(0, 0, 5)] * 4 + [StepTiming(20.0, 20.8, 24.0)]
+    result = drill_of(outcomes, timings)
+    assert STEPS[4].service == "users-backend-1"
+    assert restart_to_traffic(result, 4) == pytest.approx(1.51)
+    result.db_back[4] = 22.0  # a database's return, when watched, wins
+    assert restart_to_traffic(result, 4) == pytest.approx(2.0)
+
+
+def test_step_stats_and_timeline_count_every_request() -> None:
+    outcomes = [read(0.5, step=0), read(1.5, 0, step=1), read(1.6, step=1), read(2.1, step=1)]
+    outcomes.append(Outcome("register", 1, 1.7, 0.02, 503, True))
+    result = drill_of(outcomes, [StepTiming(0, 0, 1), StepTiming(1.0, 1.1, 3.0)])
+    first, second = step_stats(result)
+    assert (first.reads, first.read_errors, first.writes) == (1, 0, 0)
+    assert (second.reads, second.read_errors) == (3, 1)
+    assert (second.writes, second.write_errors, second.writes_refused) == (1, 1, 1)
+    # The second cut short by the end of the load (2.0-2.1) is left out.
+    assert [(s.t, s.ok, s.errors) for s in timeline(result)] == [(0, 1, 0), (1, 1, 2)]

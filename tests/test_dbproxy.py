@@ -17,17 +17,14 @@ import pytest
 
 from stack.postgres import connect as superuser
 from tests.dbproxyctl import FAST, DbProxyProc, app_password, connect, dbproxy_for
-from tests.stackctl import REPO, StackHandle, running_stack
+from tests.stackctl import REPO, StackHandle, module_stack
 
 MASTER, REPLICA = "service-db", "service-db-replica"
 
 
 @pytest.fixture(scope="module")
 def pystack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
-    with running_stack(
-        Path(tmp_path_factory.mktemp("py")), users=2000, extra=["--proxies", "python"]
-    ) as h:
-        yield h
+    yield from module_stack(tmp_path_factory, "python")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from stack.classic import COMPOSE_ADDRESSES, compose_addresses_in, render
 from stack.errors import StackError
 from stack.postgres import connect
 from stack.topology import BALANCE_CONFIG, Topology
-from tests.stackctl import StackHandle, random_ports, running_stack, scrape
+from tests.stackctl import StackHandle, module_stack, random_ports, scrape
 from tests.test_compose import dashboard_metrics
 
 NGINX_CONF, HAPROXY_CFG = BALANCE_CONFIG / "nginx.conf", BALANCE_CONFIG / "haproxy.cfg"
@@ -72,10 +72,7 @@ def test_the_rendered_files_pass_nginx_and_haproxy_own_checks(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def classic_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
-    with running_stack(
-        Path(tmp_path_factory.mktemp("classic")), users=2000, extra=["--proxies", "classic"]
-    ) as h:
-        yield h
+    yield from module_stack(tmp_path_factory, "classic")
 
 
 async def test_entry_serves_through_nginx_reads_and_writes(classic_stack: StackHandle) -> None:

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from stack.postgres import connect
-from tests.stackctl import StackHandle, running_stack, scrape
+from tests.stackctl import StackHandle, module_stack, scrape
 from tests.test_compose import dashboard_metrics
 from tests.test_lb_failover import Load
 
 
 @pytest.fixture(scope="module")
 def python_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
-    with running_stack(
-        Path(tmp_path_factory.mktemp("python")), users=2000, extra=["--proxies", "python"]
-    ) as h:
-        yield h
+    yield from module_stack(tmp_path_factory, "python")
 
 
 async def test_entry_serves_through_lb(python_stack: StackHandle) -> None:

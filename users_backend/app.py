@@ -94,6 +94,8 @@ async def envelope(request: web.Request, handler: Any) -> web.StreamResponse:
         log.exception("%s %s failed (request id %s)", request.method, request.path, request_id)
         response = error_response(500, "internal", "internal error", request_id)
     response.headers["X-Request-ID"] = request_id
+    # Which instance answered: the drill times a restarted backend's return by it.
+    response.headers["X-Served-By"] = request.app[CONFIG].instance
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     metrics = request.app[METRICS]

@@ -1,0 +1,46 @@
+"""`python -m bench --quick` end to end on one profile: the files a user gets, in their shape.
+
+Speed is not judged here (the benchmark reports it); this checks the command
+works on this machine and writes the documented results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.drill import STEPS
+from tests.stackctl import REPO
+
+
+def test_quick_run_of_one_profile_writes_json_report_and_charts(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--profile", "python", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "about" in run.stderr and "left" in run.stderr  # progress while it ran
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["schema"] == 1 and result["mode"] == "quick" and result["cores"] >= 1
+    assert list(result["profiles"]) == ["python"] and "ratios" not in result
+    python = result["profiles"]["python"]
+    assert python["entry"]["rps"] > 0 and python["entry"]["proxy_cpu_us_per_request"] > 0
+    steps = python["drill"]["steps"]
+    assert [s["name"] for s in steps] == [s.name for s in STEPS]
+    assert sum(s["reads"] for s in steps) > 0
+    assert all(s["read_errors"] == 0 for s in steps), steps  # the python profile's promise
+    assert set(python["drill"]["latency_ms"]) == {"p50", "p99", "p99.9"}
+    assert list(result["http"]["proxies"]) == ["lb"]
+    assert set(next(iter(result["pg"]["tps"].values()))) == {"direct", "dbproxy"}
+
+    report = (out / "REPORT.md").read_text()
+    assert "## The failure drill, step by step" in report and "drill-python.png" in report
+    assert (out / "drill-python.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "work").exists()  # the stack it ran was taken down and removed
