@@ -4,14 +4,14 @@ The first packet is read within limits (10,000 bytes as Postgres, and a time
 limit); what it asks decides the rest. After it, bytes go both ways unread,
 except the server's first messages, watched for BackendKeyData so a later
 CancelRequest can find this session's server. Back-pressure both ways through
-proxycore's Valve; TCP_NODELAY; a half-close is passed on.
+proxycore's Valve; TCP_NODELAY (uvloop sets it on every TCP transport, see
+tests/test_proxycore_loop.py); a half-close is passed on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import TYPE_CHECKING, cast
 
 from proxycore.deadline import Deadline
@@ -35,12 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbproxy")
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class ClientSession(asyncio.Protocol):
     def __init__(self, proxy: DbProxy, listener: Listener) -> None:
         self.proxy = proxy
@@ -50,7 +44,6 @@ class ClientSession(asyncio.Protocol):
         self.server_side: ServerSide | None = None
         self.server: Server | None = None
         self.closed = False
-        self.peer = "-"
         self._buffer = b""
         self._pending: list[bytes] = []
         self._connecting = False
@@ -74,9 +67,6 @@ class ClientSession(asyncio.Protocol):
         proxy.sessions.add(self)
         self.listener.active += 1
         self.listener.total += 1
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
-        _nodelay(transport)
         bound_writes(self.transport)
         self._deadline.after(proxy.config.timeouts.first_packet)
 
@@ -256,6 +246,11 @@ class ClientSession(asyncio.Protocol):
             self.refuse("08P01", "the first packet did not arrive in time")
 
     # -- session life -------------------------------------------------------------
+    def peer(self) -> str:
+        # Asked only when logging: a getpeername() per session is not free.
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if peer else "-"
+
     def key_seen(self, key: tuple[int, int]) -> None:
         self._key = key
         if self.server is not None:
@@ -267,7 +262,7 @@ class ClientSession(asyncio.Protocol):
 
     def refuse(self, code: str, message: str) -> None:
         """A real ErrorResponse, then the close: psql and asyncpg print the message."""
-        log.info("session from %s on %s refused: %s", self.peer, self.listener.name, message)
+        log.info("session from %s on %s refused: %s", self.peer(), self.listener.name, message)
         self.write(error_response(code, message))
         self.close()
 
@@ -298,7 +293,6 @@ class ServerSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.valve = Valve(self.transport)
-        _nodelay(transport)
         bound_writes(self.transport)
 
     def data_received(self, data: bytes) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -71,9 +70,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.client_ip = str(peer[0]).encode()
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: uvloop sets it on every TCP transport (tests/test_proxycore_loop.py).
         bound_writes(transport)
         self._head_timer.after(lb.config.timeouts.client_header)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -46,9 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport = cast(asyncio.Transport, transport)
         self.valve = Valve(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # TCP_NODELAY: uvloop sets it on every TCP transport (tests/test_proxycore_loop.py).
         bound_writes(transport)
 
     def data_received(self, data: bytes) -> None:
