@@ -6,7 +6,10 @@ request), then the failure drill of the design notes under an open-loop load
 that records every request. Around them, the proxies alone: `bench http` (lb vs
 nginx over fixed upstreams) and `bench pg` (pgbench through dbproxy vs HAProxy).
 
-Writes DIR/results.json, DIR/REPORT.md and PNG charts. results.json, schema 1:
+Writes DIR/results.json, DIR/REPORT.md, PNG charts, and every request of each
+drill in DIR/requests-<profile>.csv (step, step_name, kind, sent_s, latency_ms,
+status, retry_after, served_by; status 0: no answer, -1: not sent). results.json,
+schema 1:
 
     schema            1
     date, cores, mode ("quick" | "full"), settings {...}, command
@@ -28,6 +31,7 @@ measured is null.
 from __future__ import annotations
 
 import asyncio
+import csv
 import dataclasses
 import json
 import math
@@ -236,6 +240,7 @@ def run_compare(
                 "timeline": [dataclasses.asdict(s) for s in timeline(drill)],
             },
         }
+        write_requests(drill, out_dir / f"requests-{profile}.csv")
         charts.drill_timeline(
             drill,
             out_dir / f"drill-{profile}.png",
@@ -256,6 +261,36 @@ def run_compare(
     (out_dir / "REPORT.md").write_text(report(result))
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def write_requests(drill: DrillResult, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(
+            [
+                "step",
+                "step_name",
+                "kind",
+                "sent_s",
+                "latency_ms",
+                "status",
+                "retry_after",
+                "served_by",
+            ]
+        )
+        for o in sorted(drill.outcomes, key=lambda o: o.sent):
+            out.writerow(
+                [
+                    o.step,
+                    drill.steps[o.step].name,
+                    o.kind,
+                    f"{o.sent:.4f}",
+                    f"{o.latency * 1000:.2f}",
+                    o.status,
+                    int(o.retry_after),
+                    o.served_by,
+                ]
+            )
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:

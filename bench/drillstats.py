@@ -6,8 +6,9 @@ Definitions (they are the report's, and the JSON's):
   as an error too, but apart (``writes_refused``), since it is the designed answer;
 - a clean second is one second of sent requests in which every read answered
   200 (writes are left out: without a master they cannot succeed);
-- "kill → clean" is the time from the kill command to the start of the first
-  clean second after it (0 when the service never stumbled);
+- "kill → clean" is the time from the kill command to the first clean second
+  after the step's last failed read (0 when no read failed): when the service
+  was whole again, however late the failures began;
 - "restart → traffic" is the time from the start command to the first request
   the restarted server served: a backend by the X-Served-By of the answers, a
   database by its first session of the service (polled in pg_stat_activity).
@@ -80,18 +81,17 @@ def step_stats(result: DrillResult) -> list[StepStats]:
 
 
 def kill_to_clean(result: DrillResult, killed: float, until: float) -> float | None:
-    """Seconds from ``killed`` to the start of the first clean second; None: never clean."""
-    reads = sorted(
-        (o for o in result.outcomes if o.kind in READS and killed <= o.sent < until),
-        key=lambda o: o.sent,
-    )
-    # Candidate starts: the kill itself, then just after each failed read.
-    starts = [killed] + [o.sent + 1e-6 for o in reads if not _ok(o)]
-    for start in starts:
-        window = [o for o in reads if start <= o.sent < start + 1.0]
-        if start + 1.0 <= until and window and all(_ok(o) for o in window):
-            return round(start - killed, 3)
-    return None
+    """Seconds from ``killed`` to the first clean second after the step's last failed
+    read; 0 when no read failed, None when no clean second followed within the step."""
+    reads = [o for o in result.outcomes if o.kind in READS and killed <= o.sent < until]
+    failed = [o.sent for o in reads if not _ok(o)]
+    if not failed:
+        return 0.0
+    start = max(failed) + 1e-6
+    window = [o for o in reads if start <= o.sent < start + 1.0]
+    if start + 1.0 > until or not window:
+        return None
+    return round(start - killed, 3)
 
 
 def restart_to_traffic(result: DrillResult, index: int) -> float | None:

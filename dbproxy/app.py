@@ -232,9 +232,35 @@ class DbProxy:
                 )
             for session in sessions:
                 session.abort()
+        self._return_to_replica()
 
     def _after_check(self, server: Server, record: CheckRecord) -> None:
         routing.update_lags(self.servers, self.config.slots)
+        self._return_to_replica()
+
+    def _return_to_replica(self) -> None:
+        """Close the ro sessions parked on the primary once a replica fits ro again."""
+        limits = self.config.ro
+        if not limits.return_to_replica or "ro" not in self.listeners:
+            return
+        replica = pick(self.servers, _FIRST, [], routing.accept_for("ro", limits, fallback=False))
+        if replica is None:
+            return
+        parked = [
+            session
+            for server in self.servers
+            if routing.is_primary(server)
+            for session in self.by_server.get(server, ())
+            if session.listener.name == "ro"
+        ]
+        if parked:
+            log.warning(
+                "%s fits ro again: closing %d ro session(s) on the primary",
+                replica.name,
+                len(parked),
+            )
+        for session in parked:
+            session.abort()
 
     def status(self) -> dict[str, Any]:
         return {

@@ -37,6 +37,10 @@ class ReadOnlyRouting:
     max_lag_bytes: int = 16 * 1024 * 1024  # one WAL segment
     max_lag_seconds: float = 10.0
     primary_fallback: bool = True
+    # When a replica fits ro again, close the ro sessions that fell back to the
+    # primary, so reads move back at once instead of when the clients' pools
+    # happen to reconnect (HAProxy: on-marked-up shutdown-backup-sessions).
+    return_to_replica: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         max_lag_bytes=r.size("max_lag_bytes", d.ro.max_lag_bytes),
         max_lag_seconds=r.duration("max_lag_seconds", d.ro.max_lag_seconds),
         primary_fallback=r.boolean("primary_fallback", d.ro.primary_fallback),
+        return_to_replica=r.boolean("return_to_replica", d.ro.return_to_replica),
     )
     r.done()
     t = root.section("timeouts")

@@ -6,6 +6,7 @@ works on this machine and writes the documented results.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -43,4 +44,8 @@ def test_quick_run_of_one_profile_writes_json_report_and_charts(tmp_path: Path) 
     report = (out / "REPORT.md").read_text()
     assert "## The failure drill, step by step" in report and "drill-python.png" in report
     assert (out / "drill-python.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "requests-python.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(s["reads"] + s["writes"] for s in steps)
+    assert {r["step_name"] for r in rows} == {s.name for s in STEPS}
     assert not (out / "work").exists()  # the stack it ran was taken down and removed

@@ -77,6 +77,9 @@ def test_kill_to_clean_is_the_first_whole_second_of_good_reads() -> None:
     outcomes = [read(10.0 + i / 10, 502 if i < 5 else 200) for i in range(40)]
     result = drill_of(outcomes, [StepTiming(0, 0, 10), StepTiming(10.0, 10.2, 14.0)])
     assert kill_to_clean(result, 10.0, 14.0) == pytest.approx(0.4, abs=1e-3)
+    # Failures that begin late (a proxy slow to notice) still count from the kill.
+    late = [read(10.0 + i / 10, 502 if 12 <= i < 20 else 200) for i in range(40)]
+    assert kill_to_clean(drill_of(late, result.timings), 10.0, 14.0) == pytest.approx(1.9, abs=1e-3)
     # Never stumbling counts as clean at once; never clean is None.
     clean = drill_of([read(10 + i / 10) for i in range(40)], result.timings)
     assert kill_to_clean(clean, 10.0, 14.0) == 0.0

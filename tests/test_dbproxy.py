@@ -204,6 +204,31 @@ async def test_without_fallback_ro_refuses_when_no_replica_fits(
             await connect(pystack, proxy.ports["ro"])
 
 
+@pytest.mark.parametrize("return_to_replica", [True, False])
+async def test_ro_sessions_parked_on_the_primary_and_the_replicas_return(
+    pystack: StackHandle, tmp_path: Path, return_to_replica: bool
+) -> None:
+    settings = FAST + f"\n[ro]\nreturn_to_replica = {str(return_to_replica).lower()}\n"
+    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+        p = pystack.ports
+        proxy.admin(f"/servers/{REPLICA}/drain")
+        parked = await connect(pystack, proxy.ports["ro"])
+        try:
+            assert await parked.fetchval("SELECT inet_server_port()") == p.master
+            proxy.admin(f"/servers/{REPLICA}/enable")
+            assert await port_of(pystack, proxy.ports["ro"]) == p.replica  # new sessions
+            if return_to_replica:
+                # The parked session is closed, so its pool reconnects to the replica.
+                await wait_until(parked.is_closed, 5)
+                assert "closing 1 ro session(s) on the primary" in proxy.log_text()
+            else:
+                # As HAProxy by default: it stays where it is until the client leaves.
+                await asyncio.sleep(1.5)
+                assert await parked.fetchval("SELECT inet_server_port()") == p.master
+        finally:
+            await parked.close()
+
+
 async def test_drain_keeps_sessions_and_disable_closes_them(
     pystack: StackHandle, own: DbProxyProc
 ) -> None:
