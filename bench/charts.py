@@ -11,11 +11,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
 from .drill import DrillResult
 from .drillstats import timeline
 
 KILL, START = "#c0392b", "#27ae60"
+LATENCY_RANGE_MS = (5.0, 5000.0)
 
 
 def drill_timeline(result: DrillResult, path: Path, *, subtitle: str) -> None:
@@ -34,6 +36,9 @@ def drill_timeline(result: DrillResult, path: Path, *, subtitle: str) -> None:
     p99 = [s.p99_ms if not math.isnan(s.p99_ms) else None for s in seconds]
     bottom.plot(t, p99, color="#7b3294", marker=".", label="p99 latency (ms)")
     bottom.set_yscale("log")
+    # The same range on every profile's chart, so two timelines compare at a glance.
+    worst = max([v for v in p99 if v is not None] + [LATENCY_RANGE_MS[1]])
+    bottom.set_ylim(LATENCY_RANGE_MS[0], worst * 1.5)
     bottom.set_ylabel("p99 latency, ms (log)")
     bottom.set_xlabel("seconds since the load started")
     for step, timing in zip(result.steps, result.timings, strict=True):
@@ -71,7 +76,16 @@ def ratio_bars(ratios: Mapping[str, float], path: Path, *, title: str, note: str
     names: Sequence[str] = list(ratios)
     values = [ratios[n] for n in names]
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.8))
-    bars = ax.barh(names, values, color="#2c7fb8")
+    cpu = ["CPU" in n for n in names]
+    bars = ax.barh(names, values, color=["#e67e22" if c else "#2c7fb8" for c in cpu])
+    ax.legend(
+        handles=[
+            Patch(color="#2c7fb8", label="throughput: higher is better"),
+            Patch(color="#e67e22", label="CPU per request: lower is better"),
+        ],
+        loc="upper right",
+        fontsize=8,
+    )
     ax.axvline(1.0, color="black", linewidth=1)
     for bar, value in zip(bars, values, strict=True):
         ax.text(

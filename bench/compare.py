@@ -16,9 +16,9 @@ schema 1:
     profiles.<profile>:
       entry           {rps, p50_ms, p99_ms, errors, proxy_cpu_us_per_request}
       drill           {rate, step_seconds, latency_ms {p50, p99, p99.9} (all-up step),
-                       steps: [{name, action, reads, read_errors, writes, write_errors,
-                                writes_refused, kill_to_clean_s, restart_to_traffic_s,
-                                p99_ms}],
+                       steps: [{name, action, started_s, action_done_s, ended_s, reads,
+                                read_errors, writes, write_errors, writes_refused,
+                                kill_to_clean_s, restart_to_traffic_s, p99_ms}],
                        timeline: [{t, ok, errors, p99_ms}]}
     http              the result of `bench http` for the profiles' HTTP proxies
     pg                the result of `bench pg` for direct and the profiles' DB proxies
@@ -253,8 +253,7 @@ def run_compare(
             result["ratios"],
             out_dir / "ratios.png",
             title="python profile (lb + dbproxy) ÷ classic profile (nginx + HAProxy)",
-            note=f"{result['date'][:10]}, {result['cores']} cores; throughput: higher is better, "
-            "CPU: lower is better",
+            note=f"{result['date'][:10]}, {result['cores']} cores",
         )
     result = _clean(result)
     (out_dir / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -369,7 +368,8 @@ def report(result: dict[str, Any]) -> str:
         "",
         "Reads and writes that failed in each step (writes refused with 503 + Retry-After "
         "in brackets); p99: of every answered request sent in the step; kill → clean: "
-        "seconds from the kill to the first second in which every read answered 200; "
+        "seconds from the kill to the first whole second, after the step's last failed "
+        "read, in which every read answered 200 (0: no read failed); "
         "restart → traffic: seconds from the start command to the first request the "
         "restarted server served.",
         "",

@@ -40,6 +40,9 @@ def _ok(o: Outcome) -> bool:
 class StepStats:
     name: str
     action: str | None
+    started_s: float  # when the step (and its action) began, since the load started
+    action_done_s: float  # when the service was killed, or back and ready
+    ended_s: float
     reads: int
     read_errors: int
     writes: int
@@ -61,6 +64,9 @@ def step_stats(result: DrillResult) -> list[StepStats]:
             StepStats(
                 name=step.name,
                 action=f"{step.command} {step.service}" if step.command else None,
+                started_s=round(timing.started, 3),
+                action_done_s=round(timing.done, 3),
+                ended_s=round(timing.ended, 3),
                 reads=len(reads),
                 read_errors=sum(not _ok(o) for o in reads),
                 writes=len(writes),
