@@ -177,12 +177,11 @@ class ClientSession(asyncio.Protocol):
             tried.append(server)
             address = server.spec.address
             try:
-                _, side = await asyncio.wait_for(
-                    proxy.loop.create_connection(
+                # asyncio.timeout, not wait_for: no second task per session.
+                async with asyncio.timeout(proxy.config.timeouts.connect):
+                    _, side = await proxy.loop.create_connection(
                         lambda s=server: ServerSide(self, s, ssl_probe), address.host, address.port
-                    ),
-                    proxy.config.timeouts.connect,
-                )
+                    )
             except (OSError, TimeoutError) as exc:
                 server.connect_errors += 1
                 why = (
