@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(PY) -m stack down
-	$(PY) -m stack up --proxies none
+	$(PY) -m stack up --proxies python
 	$(PY) -m stack demo
 
 test: setup
