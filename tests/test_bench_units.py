@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from bench.compare import ratios, report
 from bench.drill import STEPS, DrillResult, Outcome, StepTiming
 from bench.drillstats import (
     kill_to_clean,
@@ -108,3 +112,21 @@ def test_step_stats_and_timeline_count_every_request() -> None:
     assert (second.writes, second.write_errors, second.writes_refused) == (1, 1, 1)
     # The second cut short by the end of the load (2.0-2.1) is left out.
     assert [(s.t, s.ok, s.errors) for s in timeline(result)] == [(0, 1, 0), (1, 1, 2)]
+
+
+# -- the report, from the committed full run ------------------------------------------
+
+COMMITTED_RUN = Path(__file__).resolve().parent.parent / "bench/results/2026-11-25-full"
+
+
+def test_report_and_ratios_of_the_committed_run() -> None:
+    result = json.loads((COMMITTED_RUN / "results.json").read_text())
+    assert result["schema"] == 1 and set(result["profiles"]) == {"python", "classic"}
+    assert ratios(result) == result["ratios"]  # the same figures, recomputed
+    text = report(result)
+    for step in STEPS:
+        assert f"| {step.name} |" in text
+    assert "![drill timeline, classic](drill-classic.png)" in text and "ratios.png" in text
+    # What the README quotes is what the run wrote.
+    classic = {s["name"]: s for s in result["profiles"]["classic"]["drill"]["steps"]}
+    assert "| replica killed | 0/" in text and classic["replica killed"]["read_errors"] > 0
