@@ -69,7 +69,8 @@ def main() -> int:
     try:
         if args.command is None:
             out_dir = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
-            plan = Plan(quick=args.quick, profiles=(args.profile,) if args.profile else PROFILES)
+            profiles = (args.profile,) if args.profile else PROFILES
+            plan = Plan.quick_run(profiles) if args.quick else Plan(profiles)
             result = run_compare(
                 plan, out_dir, say, command=" ".join(["python -m bench", *sys.argv[1:]])
             )

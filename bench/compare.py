@@ -45,8 +45,10 @@ from typing import Any
 
 import asyncpg
 
+from stack.topology import MASTER, PROXIES, REPLICA
+
 from . import charts
-from .drill import DrillResult, StackControl, run_drill
+from .drill import DrillResult, StackControl, run_drill, seeded_user_ids
 from .drillstats import latency_ms, step_stats, timeline
 from .entry import EntryMeasure, measure_entry, proxy_pids
 from .http import run_http
@@ -57,36 +59,39 @@ from .procs import require
 from .stackrun import LocalStack, local_stack
 
 PROFILES = ("python", "classic")
-HTTP_PROXY = {"python": "lb", "classic": "nginx"}
-DB_PROXY = {"python": "dbproxy", "classic": "haproxy"}
+
+
+def http_proxy(profile: str) -> str:
+    return PROXIES[profile][1][0]
+
+
+def db_proxy(profile: str) -> str:
+    return PROXIES[profile][0][0]
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """How long each part runs: --quick is about two minutes in all."""
+    """How long each part runs; `Plan.quick_run` is about two minutes in all."""
 
-    quick: bool
     profiles: tuple[str, ...]
+    quick: bool = False
+    seconds: float = 10.0  # each throughput run
+    rounds: int = 3
+    users: int = 20_000
+    drill_rate: float = 200.0
+    step_seconds: float = 8.0
 
-    @property
-    def seconds(self) -> float:  # each throughput run
-        return 3.0 if self.quick else 10.0
-
-    @property
-    def rounds(self) -> int:
-        return 1 if self.quick else 3
-
-    @property
-    def users(self) -> int:
-        return 2_000 if self.quick else 20_000
-
-    @property
-    def drill_rate(self) -> float:
-        return 100.0 if self.quick else 200.0
-
-    @property
-    def step_seconds(self) -> float:
-        return 2.5 if self.quick else 8.0
+    @classmethod
+    def quick_run(cls, profiles: tuple[str, ...]) -> Plan:
+        return cls(
+            profiles,
+            quick=True,
+            seconds=3.0,
+            rounds=1,
+            users=2_000,
+            drill_rate=100.0,
+            step_seconds=2.5,
+        )
 
     def phases(self) -> list[tuple[str, float]]:
         """(what, expected seconds), for the progress line."""
@@ -137,7 +142,7 @@ async def _has_app_sessions(port: int) -> bool:
 async def _drill(
     stack: LocalStack, profile: str, plan: Plan, say: Callable[[str], None]
 ) -> DrillResult:
-    port_of = {"service-db": stack.ports.master, "service-db-replica": stack.ports.replica}
+    port_of = {MASTER: stack.ports.master, REPLICA: stack.ports.replica}
 
     async def db_sessions(service: str) -> bool:
         return await _has_app_sessions(port_of[service])
@@ -153,22 +158,12 @@ async def _drill(
     )
 
 
-async def _some_user_path(stack: LocalStack) -> str:
-    conn = await asyncpg.connect(
-        host="127.0.0.1", port=stack.ports.master, user="postgres", database="users"
-    )
-    try:
-        return f"/user/get/{await conn.fetchval('SELECT id FROM users ORDER BY id LIMIT 1')}"
-    finally:
-        await conn.close()
-
-
 def _profile_run(
     work: Path, profile: str, plan: Plan, say: Callable[[str], None]
 ) -> tuple[EntryMeasure, DrillResult]:
     with local_stack(work, profile=profile, users=plan.users) as stack:
         say(f"[{profile}] wrk through the entry port ({plan.seconds:g}s)")
-        path = asyncio.run(_some_user_path(stack))
+        path = f"/user/get/{asyncio.run(seeded_user_ids(stack.entry, count=1))[0]}"
         entry = measure_entry(
             stack.ports.entry, path, proxy_pids(stack.state_dir, profile), seconds=plan.seconds
         )
@@ -213,7 +208,7 @@ def run_compare(
         seconds=plan.seconds,
         connections=50,
         rounds=plan.rounds,
-        proxies=tuple(HTTP_PROXY[p] for p in PROFILES if p in plan.profiles),
+        proxies=tuple(http_proxy(p) for p in PROFILES if p in plan.profiles),
         say=say,
     )
     progress.next()
@@ -221,7 +216,7 @@ def run_compare(
         seconds=plan.seconds,
         clients=8,
         rounds=plan.rounds,
-        paths=("direct", *(DB_PROXY[p] for p in PROFILES if p in plan.profiles)),
+        paths=("direct", *(db_proxy(p) for p in PROFILES if p in plan.profiles)),
         say=say,
     )
     drills: dict[str, DrillResult] = {}

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import aiohttp
 
+from stack.topology import BACKENDS, MASTER, REPLICA
+
 Kind = Literal["get", "search", "register"]
 READS: tuple[Kind, ...] = ("get", "search")
 # Status of a request that got no HTTP answer (refused, reset, timed out), and of
@@ -53,15 +55,16 @@ class Step:
     service: str | None = None
 
 
-DATABASES = ("service-db", "service-db-replica")
+DATABASES = (MASTER, REPLICA)
+BACKEND = BACKENDS[0]
 STEPS: tuple[Step, ...] = (
     Step("all up"),
-    Step("replica killed", "kill", "service-db-replica"),
-    Step("replica restarted", "start", "service-db-replica"),
-    Step("backend killed", "kill", "users-backend-1"),
-    Step("backend restarted", "start", "users-backend-1"),
-    Step("master killed", "kill", "service-db"),
-    Step("master restarted", "start", "service-db"),
+    Step("replica killed", "kill", REPLICA),
+    Step("replica restarted", "start", REPLICA),
+    Step("backend killed", "kill", BACKEND),
+    Step("backend restarted", "start", BACKEND),
+    Step("master killed", "kill", MASTER),
+    Step("master restarted", "start", MASTER),
 )
 
 

@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from stack.topology import PROXIES
+
 from .procs import cpu_seconds
 from .wrk import run
-
-# The proxies of each profile, as `stack` names them.
-PROFILE_PROXIES = {"python": ("lb", "dbproxy"), "classic": ("nginx", "haproxy")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +28,8 @@ class EntryMeasure:
 
 def proxy_pids(state_dir: Path, profile: str) -> list[int]:
     processes = json.loads((state_dir / "state.json").read_text())["processes"]
-    return [processes[name]["pid"] for name in PROFILE_PROXIES[profile]]
+    db_proxies, http_proxies = PROXIES[profile]
+    return [processes[name]["pid"] for name in (*http_proxies, *db_proxies)]
 
 
 def measure_entry(
