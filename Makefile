@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The hot path (proxycore/compiled.py) is compiled with mypyc when any proxy source changes.
+HOT_STAMP := build/.hot-stamp
+HOT_SOURCES := $(wildcard lb/*.py dbproxy/*.py proxycore/*.py) scripts/compile_hot.py
 
-.PHONY: demo test lint format setup system-deps down clean
+.PHONY: demo test lint format setup system-deps down clean pure
 
-setup: system-deps $(STAMP)
+setup: system-deps $(STAMP) $(HOT_STAMP)
 
 system-deps:
 	@bash scripts/system-deps.sh
@@ -18,6 +21,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	@touch $@
+
+$(HOT_STAMP): $(STAMP) $(HOT_SOURCES)
+	$(PY) scripts/compile_hot.py
+	@mkdir -p build && touch $@
+
+# Run the hot path from its sources: drop the compiled modules (`make setup` builds them again).
+pure:
+	rm -f lb/*.so dbproxy/*.so proxycore/*.so $(HOT_STAMP)
 
 demo: setup
 	$(PY) -m stack down

@@ -11,6 +11,7 @@ tests/test_proxycore_loop.py); a half-close is passed on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -180,7 +181,9 @@ class ClientSession(asyncio.Protocol):
                 # asyncio.timeout, not wait_for: no second task per session.
                 async with asyncio.timeout(proxy.config.timeouts.connect):
                     _, side = await proxy.loop.create_connection(
-                        lambda s=server: ServerSide(self, s, ssl_probe), address.host, address.port
+                        functools.partial(ServerSide, self, server, ssl_probe),
+                        address.host,
+                        address.port,
                     )
             except (OSError, TimeoutError) as exc:
                 server.connect_errors += 1

@@ -88,6 +88,10 @@ class ClientConnection(asyncio.Protocol):
                 return
         try:
             self.parser.feed_data(data)
+            if self._in_head and not self.queue and not self._head_timer.armed:
+                # A head split over reads: from its first byte the whole head must
+                # come within client_header (a head read whole arms nothing).
+                self._head_timer.after(self.lb.config.timeouts.client_header)
         except httptools.HttpParserUpgrade as upgrade:
             ex = self.queue[-1] if self.queue else None
             if ex is not None and ex.info.upgrade is not None:
@@ -98,15 +102,15 @@ class ClientConnection(asyncio.Protocol):
                 tail = data[upgrade.args[0] :]
                 if tail:
                     ex.tunnel_from_client(tail)
-        except BadRequest as exc:
-            self._reject(exc)
-        except httptools.HttpParserError as exc:
+        except BadRequest as refused:
+            self._reject(refused)
+        except httptools.HttpParserError as malformed:
             # httptools wraps what a callback raised: our own refusals come out as the cause
-            cause = exc.__cause__ or exc.__context__
+            cause = malformed.__cause__ or malformed.__context__
             if isinstance(cause, BadRequest):
                 self._reject(cause)
             else:
-                self._reject(BadRequest(400, "bad_request", f"malformed request: {exc}"))
+                self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
 
     def _request_line(self, data: bytes) -> bytes:
         """At the start of a request: hold bytes until its first line is whole, then
@@ -159,15 +163,11 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------
     def on_message_begin(self) -> None:
+        # The keep-alive idle timer is left armed: when it fires it finds a head
+        # or a request in progress and does nothing (cheaper than a cancel here).
         self._at_start = False
         self._in_head = True
-        self._url = b""
-        self._headers = []
         self._head_size = 0
-        self._idle_timer.cancel()
-        if not self.queue:
-            # From the first byte of a head, the whole head must come within client_header.
-            self._head_timer.after(self.lb.config.timeouts.client_header)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -189,8 +189,11 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         parser = self.parser
         http11 = parser.get_http_version() == "1.1"
-        info = RequestInfo(self._headers, http11, self.lb.config.limits.max_body_bytes)
-        ex = Exchange(self, parser.get_method(), self._url, self._headers, info, http11)
+        headers = self._headers
+        info = RequestInfo(headers, http11, self.lb.config.limits.max_body_bytes)
+        ex = Exchange(self, parser.get_method(), self._url, headers, info, http11)
+        self._url = b""
+        self._headers = []
         self._current = ex
         self.queue.append(ex)
         self.lb.metrics.in_flight += 1
@@ -199,7 +202,7 @@ class ClientConnection(asyncio.Protocol):
             self._reading_body = True
             self._body_timer.after(self.lb.config.timeouts.client_body)
         if len(self.queue) == 1:
-            ex.begin()
+            ex.begin(ex.started)
         else:
             self.valve.pause(Reason.WAITING_TURN)
 

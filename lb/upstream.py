@@ -61,8 +61,6 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._first_byte:
             self._first_byte = True
             self.first_byte_timer.cancel()
-            ex.on_first_byte()
-        self.idle_timer.after(self.pool.config.timeouts.upstream_idle)
         client = ex.client
         client.cork()
         try:
@@ -75,8 +73,13 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is ex:
                 ex.upstream_failed(f"invalid response: {exc}", failure=True)
         else:
-            if self._done and self.exchange is ex:
-                self._response_done(ex)
+            if self.exchange is ex:
+                if self._done:
+                    self._response_done(ex)
+                else:
+                    # More of the response is due: upstream_idle between its reads.
+                    # (A response read whole, the usual case, arms nothing.)
+                    self.idle_timer.after(self.pool.config.timeouts.upstream_idle)
         finally:
             client.uncork()
 
@@ -105,11 +108,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client_valve.pause(Reason.PEER_BUFFER_FULL)
+            self.exchange.client.valve.pause(Reason.PEER_BUFFER_FULL)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.client_valve.resume(Reason.PEER_BUFFER_FULL)
+            self.exchange.client.valve.resume(Reason.PEER_BUFFER_FULL)
 
     # -- httptools callbacks -------------------------------------------------
     def on_status(self, reason: bytes) -> None:
@@ -157,11 +160,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
         ex.on_response_complete(self._keep_alive and not self.closed)
 
-    def start_exchange(self, ex: Exchange) -> None:
+    def start_exchange(self, ex: Exchange, now: float) -> None:
         self.exchange = ex
         self._first_byte = False
         self._done = False
-        self.first_byte_timer.after(self.pool.config.timeouts.first_byte)
+        self.first_byte_timer.at(now + self.pool.config.timeouts.first_byte)
 
     def release(self, reusable: bool) -> None:
         """The exchange is over: back to the pool, or closed."""

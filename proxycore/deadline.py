@@ -25,7 +25,10 @@ class Deadline:
 
     def after(self, seconds: float) -> None:
         """Fire ``seconds`` from now unless moved or cancelled before."""
-        at = self._loop.time() + seconds
+        self.at(self._loop.time() + seconds)
+
+    def at(self, at: float) -> None:
+        """Fire at loop time ``at``: for a caller that has read the clock already."""
         self._at = at
         if self._handle is None or self._handle_at > at:
             if self._handle is not None:

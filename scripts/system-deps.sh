@@ -12,6 +12,7 @@ NEEDED=(
   "$PG_BIN/postgres postgresql-15"
   "psql postgresql-client-15"
   "taskset util-linux"
+  "gcc gcc"
   "wrk wrk"
   "nginx nginx-light"
   "haproxy haproxy"
