@@ -45,7 +45,14 @@ def main() -> int:
     setup(
         name="balance-hot-path",
         ext_modules=extensions,
-        script_args=["--quiet", "build_ext", "--inplace", "--force", "--build-temp", "build/mypyc-obj"],
+        script_args=[
+            "--quiet",
+            "build_ext",
+            "--inplace",
+            "--force",
+            "--build-temp",
+            "build/mypyc-obj",
+        ],
     )
     print(f"compile_hot: compiled {len(paths)} modules")
     return 0
