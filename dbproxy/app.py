@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy, pick
+from proxycore.compiled import hot_path, protocol_factory
 from proxycore.health import HealthChecker
 from proxycore.servers import CheckRecord, Server, ServerSet
 
@@ -76,7 +78,7 @@ class DbProxy:
         for name, listener in self.listeners.items():
             address = self.config.listen[name]
             listener.server = await self.loop.create_server(
-                lambda listener=listener: ClientSession(self, listener),
+                protocol_factory(functools.partial(ClientSession, self, listener)),
                 address.host,
                 address.port,
                 reuse_address=True,
@@ -98,11 +100,12 @@ class DbProxy:
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
-            "dbproxy listening on %s; servers: %s",
+            "dbproxy listening on %s; servers: %s; hot path %s",
             ", ".join(f"{n}={self.config.listen[n]}" for n in self.listeners),
             ", ".join(
                 f"{s.name} ({s.info.get('role', 'unknown')}, {s.state})" for s in self.servers
             ),
+            hot_path(),
         )
 
     def apply(self, new: DbProxyConfig) -> None:
@@ -265,6 +268,7 @@ class DbProxy:
     def status(self) -> dict[str, Any]:
         return {
             "service": "dbproxy",
+            "hot_path": hot_path(),
             "listen": {n: str(a) for n, a in self.config.listen.items()},
             "method": self.config.method,
             "uptime_seconds": round(time.time() - self.started, 1),

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from proxycore.balancing import POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
@@ -197,7 +198,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         config = from_section(load_toml(args.config), args.config, env)
     else:
         config = from_section(Section({}, "", "flags"), None, env)
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if args.listen:
         listen = {}
         for text in args.listen:

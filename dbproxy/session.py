@@ -15,6 +15,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, cast
 
+from proxycore.compiled import protocol_factory
 from proxycore.deadline import Deadline
 from proxycore.flow import HalfClose, Reason, Valve, bound_writes
 from proxycore.servers import Server
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbproxy")
 
 
-class ClientSession(asyncio.Protocol):
+class ClientSession:
     def __init__(self, proxy: DbProxy, listener: Listener) -> None:
         self.proxy = proxy
         self.listener = listener
@@ -180,11 +181,12 @@ class ClientSession(asyncio.Protocol):
             try:
                 # asyncio.timeout, not wait_for: no second task per session.
                 async with asyncio.timeout(proxy.config.timeouts.connect):
-                    _, side = await proxy.loop.create_connection(
-                        functools.partial(ServerSide, self, server, ssl_probe),
+                    _, protocol = await proxy.loop.create_connection(
+                        protocol_factory(functools.partial(ServerSide, self, server, ssl_probe)),
                         address.host,
                         address.port,
                     )
+                side = cast(ServerSide, protocol)
             except (OSError, TimeoutError) as exc:
                 server.connect_errors += 1
                 why = (
@@ -281,7 +283,7 @@ class ClientSession(asyncio.Protocol):
             self.transport.abort()
 
 
-class ServerSide(asyncio.Protocol):
+class ServerSide:
     def __init__(self, client: ClientSession, server: Server, ssl_probe: bool) -> None:
         self.client = client
         self.server = server

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy
+from proxycore.compiled import hot_path, protocol_factory
 from proxycore.health import HealthChecker
 from proxycore.servers import ServerSet
 
@@ -50,7 +51,7 @@ class Balancer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listen.host, listen.port))
         self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), sock=sock, backlog=4096
+            protocol_factory(lambda: ClientConnection(self)), sock=sock, backlog=4096
         )
         self._start_checks()
         if self.config.admin is not None:
@@ -62,11 +63,12 @@ class Balancer:
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
-            "lb listening on %s, %d server(s), %s, admin %s",
+            "lb listening on %s, %d server(s), %s, admin %s, hot path %s",
             listen,
             len(self.servers),
             self.config.method,
             self.config.admin or "off",
+            hot_path(),
         )
 
     def _start_checks(self) -> None:
@@ -109,6 +111,7 @@ class Balancer:
         m = self.metrics
         return {
             "service": "lb",
+            "hot_path": hot_path(),
             "listen": str(self.config.listen),
             "method": self.config.method,
             "uptime_seconds": round(time.time() - self.started, 1),

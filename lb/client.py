@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb")
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     def __init__(self, lb: Balancer) -> None:
         self.lb = lb
         self.transport: asyncio.Transport | None = None

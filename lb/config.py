@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from proxycore.balancing import POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
@@ -232,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
 def from_args(args: argparse.Namespace) -> LbConfig:
     """The file (if any), then the flags over it."""
     config = load(args.config) if args.config else LbConfig()
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if args.listen:
         changes["listen"] = parse_address(args.listen, "--listen")
     if args.admin:

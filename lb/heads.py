@@ -108,28 +108,37 @@ class RequestInfo:
     )
 
     def __init__(self, headers: Sequence[Header], http11: bool, max_body: int) -> None:
-        content_lengths: list[bytes] = []
-        transfer_encodings: list[bytes] = []
-        connection: list[bytes] = []
-        hosts: list[bytes] = []
+        # The lists of rare headers are made only when one is seen: a plain
+        # request allocates none of them.
+        content_lengths: list[bytes] | None = None
+        transfer_encodings: list[bytes] | None = None
+        connection: list[bytes] | None = None
+        host: bytes | None = None
+        hosts = 0
         self.expect_continue = False
         self.upgrade: bytes | None = None
         self.request_id: bytes | None = None
         self.x_forwarded_for: bytes | None = None
         # Lines that go upstream as they are, gathered in the same single pass.
         forwarded: list[bytes] = []
-        self.forwarded = forwarded
         for name, value in headers:
             lname = name.lower()
             if lname not in _REBUILT_REQUEST:
                 forwarded += (name, b": ", value, b"\r\n")
                 if lname == b"host":
-                    hosts.append(value)
+                    host = value
+                    hosts += 1
             elif lname == b"content-length":
+                if content_lengths is None:
+                    content_lengths = []
                 content_lengths.append(value)
             elif lname == b"transfer-encoding":
+                if transfer_encodings is None:
+                    transfer_encodings = []
                 transfer_encodings.append(value)
             elif lname == b"connection":
+                if connection is None:
+                    connection = []
                 connection.append(value)
             elif lname == b"expect":
                 if value.strip().lower() != b"100-continue":
@@ -148,20 +157,20 @@ class RequestInfo:
                 )
         # The parser (llhttp, strict) already refuses most of these; the checks are
         # repeated here so that the rules do not hang on a parser's build flags.
-        if content_lengths and transfer_encodings:
-            raise BadRequest(400, "bad_request", "both Content-Length and Transfer-Encoding")
-        if len(set(content_lengths)) > 1:
-            raise BadRequest(400, "bad_request", "differing Content-Length headers")
         self.content_length: int | None = None
-        if content_lengths:
+        self.chunked = False
+        if content_lengths is not None:
+            if transfer_encodings is not None:
+                raise BadRequest(400, "bad_request", "both Content-Length and Transfer-Encoding")
+            if len(set(content_lengths)) > 1:
+                raise BadRequest(400, "bad_request", "differing Content-Length headers")
             text = content_lengths[0].strip()
             if not text.isdigit() or len(text) > 18:
                 raise BadRequest(400, "bad_request", "Content-Length is not a number")
             self.content_length = int(text)
             if self.content_length > max_body:
                 raise BadRequest(413, "payload_too_large", f"request body over {max_body} bytes")
-        self.chunked = False
-        if transfer_encodings:
+        elif transfer_encodings is not None:
             codings = [
                 c.strip().lower() for v in transfer_encodings for c in v.split(b",") if c.strip()
             ]
@@ -170,18 +179,21 @@ class RequestInfo:
             if not http11:
                 raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
             self.chunked = True
-        if http11 and len(hosts) != 1:
+        if http11 and hosts != 1:
             raise BadRequest(
                 400, "bad_request", "an HTTP/1.1 request needs exactly one Host header"
             )
-        self.host = hosts[0] if hosts else b""
-        self.connection_tokens = _connection_tokens(connection) if connection else _NO_TOKENS
+        self.host = b"" if host is None else host
+        self.connection_tokens = (
+            _NO_TOKENS if connection is None else _connection_tokens(connection)
+        )
         if self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
             # Rare: headers named in Connection are hop-by-hop too; gather again without them.
             drop = _REBUILT_REQUEST | self.connection_tokens
-            self.forwarded = [
+            forwarded = [
                 part for n, v in headers if n.lower() not in drop for part in (n, b": ", v, b"\r\n")
             ]
+        self.forwarded = b"".join(forwarded)
         self.close = b"close" in self.connection_tokens or (
             not http11 and b"keep-alive" not in self.connection_tokens
         )
@@ -203,22 +215,34 @@ def upstream_request_head(
     An HTTP/1.0 request may come without Host; HTTP/1.1 upstreams require one,
     so it gets ``default_host`` (as nginx sends $proxy_host).
     """
-    parts = [method, b" ", target, b" HTTP/1.1\r\n", *info.forwarded]
     xff = client_ip if info.x_forwarded_for is None else info.x_forwarded_for + b", " + client_ip
-    parts += (b"X-Forwarded-For: ", xff, b"\r\nX-Forwarded-Proto: http\r\n")
-    if info.host:
-        parts += (b"X-Forwarded-Host: ", info.host, b"\r\n")
-    else:
-        parts += (b"Host: ", default_host, b"\r\n")
-    parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    host_line = b"X-Forwarded-Host: " + info.host if info.host else b"Host: " + default_host
+    framing = b""
     if info.upgrade is not None:
-        parts += (b"Connection: upgrade\r\nUpgrade: ", info.upgrade, b"\r\n")
+        framing = b"Connection: upgrade\r\nUpgrade: " + info.upgrade + b"\r\n"
     if info.chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        framing += b"Transfer-Encoding: chunked\r\n"
     elif info.content_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % info.content_length)
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        framing += b"Content-Length: %d\r\n" % info.content_length
+    # One join of a fixed shape: the cheapest way to build it (measured).
+    return b"".join(
+        (
+            method,
+            b" ",
+            target,
+            b" HTTP/1.1\r\n",
+            info.forwarded,
+            b"X-Forwarded-For: ",
+            xff,
+            b"\r\nX-Forwarded-Proto: http\r\n",
+            host_line,
+            b"\r\nX-Request-ID: ",
+            request_id,
+            b"\r\n",
+            framing,
+            b"\r\n",
+        )
+    )
 
 
 class ResponseInfo:
@@ -231,7 +255,7 @@ class ResponseInfo:
         self.chunked = False
         self.request_id = False
         lines: list[bytes] = []
-        tokens: set[bytes] = set()
+        tokens: set[bytes] | None = None
         for name, value in headers:
             lname = name.lower()
             if lname not in _REBUILT_RESPONSE:
@@ -243,13 +267,14 @@ class ResponseInfo:
             elif lname == b"transfer-encoding":
                 self.chunked = True
             elif lname == b"connection":
-                tokens |= _connection_tokens([value])
+                named = _connection_tokens([value])
+                tokens = named if tokens is None else tokens | named
             elif upgrade and lname == b"upgrade":
                 lines += (name, b": ", value, b"\r\n")
-        if tokens - _PLAIN_CONNECTION_TOKENS:
+        if tokens is not None and tokens - _PLAIN_CONNECTION_TOKENS:
             drop = (_REBUILT_RESPONSE | tokens) - ({b"upgrade"} if upgrade else set())
             lines = [p for n, v in headers if n.lower() not in drop for p in (n, b": ", v, b"\r\n")]
-        self.lines = lines
+        self.lines = b"".join(lines)
 
 
 def client_response_head(
@@ -264,19 +289,26 @@ def client_response_head(
     upgrade: bool = False,
 ) -> bytes:
     """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise)."""
-    parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason), *info.lines]
-    if not info.request_id:
-        parts += (b"X-Request-ID: ", request_id, b"\r\n")
+    framing = b"" if info.request_id else b"X-Request-ID: " + request_id + b"\r\n"
     if upgrade:
-        parts.append(b"Connection: upgrade\r\n")
+        framing += b"Connection: upgrade\r\n"
     elif chunked_to_client:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
+        framing += b"Transfer-Encoding: chunked\r\n"
     elif content_length is not None:
-        parts.append(b"Content-Length: %d\r\n" % content_length)
+        framing += b"Content-Length: %d\r\n" % content_length
     if not upgrade and not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    return b"".join(parts)
+        framing += b"Connection: close\r\n"
+    return b"".join(
+        (b"HTTP/1.1 ", _status_text(status), b" ", reason, b"\r\n", info.lines, framing, b"\r\n")
+    )
+
+
+# "200".. as bytes once, not formatted per response
+_STATUS_TEXT = [str(code).encode() for code in range(600)]
+
+
+def _status_text(status: int) -> bytes:
+    return _STATUS_TEXT[status] if 0 <= status < 600 else str(status).encode()
 
 
 def error_response(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from proxycore.compiled import protocol_factory
 from proxycore.deadline import Deadline
 from proxycore.flow import Reason, Valve, bound_writes
 from proxycore.servers import Server
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One connection to one server, carrying one exchange at a time."""
 
     def __init__(self, server: Server, pool: UpstreamPool) -> None:
@@ -243,11 +244,13 @@ class UpstreamPool:
         address = server.spec.address
         _, protocol = await asyncio.wait_for(
             self.loop.create_connection(
-                lambda: UpstreamConnection(server, self), address.host, address.port
+                protocol_factory(lambda: UpstreamConnection(server, self)),
+                address.host,
+                address.port,
             ),
             self.config.timeouts.connect,
         )
-        return protocol
+        return cast(UpstreamConnection, protocol)
 
     def drop(self, server: Server) -> None:
         for conn in self._idle.pop(server, []):

@@ -71,8 +71,8 @@ def pick(
     """The next server among those taking traffic, not in ``exclude`` and (when
     given) accepted by ``accept``; backups only when no primary takes traffic.
     None when nothing fits."""
-    primaries: list[Server] = []
-    backups: list[Server] = []
+    candidates: list[Server] = []
+    backups: list[Server] | None = None  # made only when a backup server is seen
     for server in servers:
         # ``open`` is the fast answer; only a passively ejected server without
         # active checks needs the clock (its fail_timeout may be over).
@@ -82,10 +82,16 @@ def pick(
             continue
         if accept is not None and not accept(server):
             continue
-        (backups if server.spec.backup else primaries).append(server)
-    candidates = primaries or backups
+        if server.spec.backup:
+            if backups is None:
+                backups = []
+            backups.append(server)
+        else:
+            candidates.append(server)
     if not candidates:
-        return None
+        if backups is None:
+            return None
+        candidates = backups
     if len(candidates) == 1:
         return candidates[0]
     return policy.choose(candidates)

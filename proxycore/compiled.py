@@ -13,16 +13,23 @@ so importing lb or dbproxy checks that first (``require_fresh``).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.machinery
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # One list for the build (scripts/compile_hot.py) and for the checks below.
 HOT_MODULES = (
+    "proxycore.config",
+    "proxycore.servers",
     "proxycore.deadline",
     "proxycore.flow",
     "proxycore.balancing",
+    "lb.config",
+    "lb.metrics",
     "lb.heads",
     "lb.retry",
     "lb.client",
@@ -39,12 +46,12 @@ class StaleBuild(ImportError):
     pass
 
 
-def source_of(module: str) -> Path:
-    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+def source_of(module: str, root: Path = ROOT) -> Path:
+    return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
-def extension_of(module: str) -> Path | None:
-    source = source_of(module)
+def extension_of(module: str, root: Path = ROOT) -> Path | None:
+    source = source_of(module, root)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         built = source.with_name(source.stem + suffix)
         if built.exists():
@@ -52,12 +59,12 @@ def extension_of(module: str) -> Path | None:
     return None
 
 
-def stale() -> list[str]:
+def stale(modules: tuple[str, ...] = HOT_MODULES, root: Path = ROOT) -> list[str]:
     """Hot modules whose compiled extension is older than their source."""
     out = []
-    for module in HOT_MODULES:
-        built = extension_of(module)
-        if built is not None and built.stat().st_mtime < source_of(module).stat().st_mtime:
+    for module in modules:
+        built = extension_of(module, root)
+        if built is not None and built.stat().st_mtime < source_of(module, root).stat().st_mtime:
             out.append(module)
     return out
 
@@ -81,3 +88,15 @@ def hot_path() -> str:
     from . import flow
 
     return "compiled" if is_compiled(flow) else "interpreted"
+
+
+P = TypeVar("P")
+
+
+def protocol_factory(factory: Callable[[], P]) -> Callable[[], asyncio.BaseProtocol]:
+    """For loop.create_server / create_connection: our protocol classes do not
+    inherit asyncio.Protocol, because mypyc compiles a class with a Python base
+    into a plain Python class (attributes in a dict) and one without into a C
+    struct. The loop only calls the methods by name (uvloop checks for
+    BufferedProtocol alone), so the classes keep the Protocol's method set."""
+    return cast("Callable[[], asyncio.BaseProtocol]", factory)

@@ -8,7 +8,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 
 class ConfigError(Exception):
@@ -133,6 +133,10 @@ class Section:
         value = self._get(key)
         return default if value is None else parse_size(value, self.where(key))
 
+    @overload
+    def address(self, key: str, default: Address) -> Address: ...
+    @overload
+    def address(self, key: str, default: None) -> Address | None: ...
     def address(self, key: str, default: Address | None) -> Address | None:
         value = self._get(key)
         return default if value is None else parse_address(value, self.where(key))
