@@ -261,7 +261,9 @@ class ClientConnection:
             else:
                 timer.cancel()
 
-    def exchange_finished(self, ex: Exchange, keep_alive: bool, abort: bool = False) -> None:
+    def exchange_finished(
+        self, ex: Exchange, keep_alive: bool, abort: bool = False, now: float | None = None
+    ) -> None:
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
             self.lb.metrics.in_flight -= 1
@@ -290,7 +292,9 @@ class ClientConnection:
         if self._in_head:
             self._head_timer.after(timeouts.client_header)
         else:
-            self._idle_timer.after(timeouts.client_keepalive)
+            self._idle_timer.at(
+                (self.lb.loop.time() if now is None else now) + timeouts.client_keepalive
+            )
 
     # -- refusals ------------------------------------------------------------------------
     def _reject(self, exc: BadRequest) -> None:

@@ -180,7 +180,9 @@ class Exchange:
             for chunk in pending:
                 self._send_body(chunk)
 
-    def _detach(self, reusable: bool) -> None:
+    def _detach(self, reusable: bool, now: float | None = None) -> None:
+        """Let go of the upstream; a reusable one goes back to the pool (``now``:
+        the loop time when the caller has read it)."""
         conn = self.upstream
         if conn is None:
             return
@@ -188,7 +190,7 @@ class Exchange:
         if self.server is not None:
             self.server.active -= 1
         if reusable:
-            conn.release(True)
+            conn.release(True, now)
         else:
             conn.abort()
 
@@ -323,8 +325,9 @@ class Exchange:
         if self.chunked_to_client:
             self.client.write(LAST_CHUNK)
         reusable = upstream_reusable and self.body_done and not self.response_until_close
-        self._detach(reusable=reusable)
-        self._finish(self.status)
+        now = self.lb.loop.time()  # once, for the pool, the histogram and the client's idle timer
+        self._detach(reusable, now)
+        self._finish(self.status, now=now)
 
     # -- failures --------------------------------------------------------------
     def upstream_failed(self, why: str, *, failure: bool, timeout: bool = False) -> None:
@@ -417,13 +420,15 @@ class Exchange:
             )
         self._finish(status)
 
-    def _finish(self, status: int, abort: bool = False) -> None:
+    def _finish(self, status: int, abort: bool = False, now: float | None = None) -> None:
         self.finished = True
         lb = self.lb
         server = self.server
         if server is not None:
             server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
-        elapsed = lb.loop.time() - self.started
+        if now is None:
+            now = lb.loop.time()
+        elapsed = now - self.started
         lb.metrics.observe(elapsed)
         if lb.config.access_log:
             access_log.info(
@@ -437,9 +442,7 @@ class Exchange:
                 len(self.tried),
                 self.request_id.decode(),
             )
-        self.client.exchange_finished(
-            self, keep_alive=self.client_keep_alive and not abort, abort=abort
-        )
+        self.client.exchange_finished(self, self.client_keep_alive and not abort, abort, now)
 
     def client_gone(self) -> None:
         """The client connection closed: stop, and do not keep a half-used upstream."""

@@ -167,11 +167,11 @@ class UpstreamConnection:
         self._done = False
         self.first_byte_timer.at(now + self.pool.config.timeouts.first_byte)
 
-    def release(self, reusable: bool) -> None:
+    def release(self, reusable: bool, now: float | None = None) -> None:
         """The exchange is over: back to the pool, or closed."""
         self.exchange = None
         if reusable and not self.closed:
-            self.pool.give(self)
+            self.pool.give(self, now)
         else:
             self.close()
 
@@ -226,14 +226,14 @@ class UpstreamPool:
                 return conn
         return None
 
-    def give(self, conn: UpstreamConnection) -> None:
+    def give(self, conn: UpstreamConnection, now: float | None = None) -> None:
         settings = self.config.keepalive
         idle = self._idle.setdefault(conn.server, [])
         if len(idle) >= settings.max_idle:
             conn.close()
             return
         idle.append(conn)
-        conn.pool_timer.after(settings.idle_timeout)
+        conn.pool_timer.at((self.loop.time() if now is None else now) + settings.idle_timeout)
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.server)
