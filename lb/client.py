@@ -43,6 +43,7 @@ class ClientConnection:
         self.closed = False
         self._current: Exchange | None = None  # the request whose body is being read
         self._in_head = False
+        self._connection_header = False  # seen in the head being read
         self._reading_body = False
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -162,14 +163,15 @@ class ClientConnection:
             ex.upstream.valve.resume(Reason.PEER_BUFFER_FULL)
 
     # -- httptools callbacks ---------------------------------------------------------
-    def on_message_begin(self) -> None:
-        # The keep-alive idle timer is left armed: when it fires it finds a head
-        # or a request in progress and does nothing (cheaper than a cancel here).
-        self._at_start = False
-        self._in_head = True
-        self._head_size = 0
-
+    # No on_message_begin: every request has a target, so the first on_url marks
+    # the start of a head, and httptools skips a callback it is not given.
     def on_url(self, url: bytes) -> None:
+        if self._at_start:
+            # A head has begun. The keep-alive idle timer is left armed: when it
+            # fires it finds a head or a request in progress and does nothing.
+            self._at_start = False
+            self._in_head = True
+            self._head_size = 0
         self._url += url
         self._head_size += len(url)
         if self._head_size > self.lb.config.limits.max_header_bytes:
@@ -183,12 +185,21 @@ class ClientConnection:
                 "header_too_large",
                 f"request head over {self.lb.config.limits.max_header_bytes} bytes",
             )
+        if len(name) == 10 and name.lower() == b"connection":
+            self._connection_header = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self.parser
-        http11 = parser.get_http_version() == "1.1"
+        # llhttp keeps an HTTP/1.0 connection alive only when a Connection header
+        # asks: keep-alive without one means HTTP/1.1, and spares
+        # get_http_version(), which formats a str (a tenth of a microsecond).
+        if parser.should_keep_alive() and not self._connection_header:
+            http11 = True
+        else:
+            http11 = parser.get_http_version() == "1.1"
+        self._connection_header = False
         headers = self._headers
         info = RequestInfo(headers, http11, self.lb.config.limits.max_body_bytes)
         ex = Exchange(self, parser.get_method(), self._url, headers, info, http11)

@@ -40,6 +40,7 @@ class UpstreamConnection:
         self._head_only = False
         self._first_byte = False
         self._keep_alive = False
+        self._interim = False
 
     # -- asyncio.Protocol --------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,6 +126,7 @@ class UpstreamConnection:
     def on_headers_complete(self) -> None:
         ex = self.exchange
         status = self.parser.get_status_code()
+        self._interim = status < 200  # 1xx and 101: the response proper is still to come
         headers, reason = self._headers, self._reason
         self._headers, self._reason = [], b""
         if ex is None:
@@ -147,7 +149,7 @@ class UpstreamConnection:
             self.exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:
+        if not self._interim:
             self._done = True
 
     # -- life of the connection ------------------------------------------------
