@@ -30,6 +30,7 @@ HOT_MODULES = (
     "proxycore.balancing",
     "lb.config",
     "lb.metrics",
+    "lb.app",
     "lb.heads",
     "lb.retry",
     "lb.client",
