@@ -28,7 +28,7 @@ $(HOT_STAMP): $(STAMP) $(HOT_SOURCES)
 
 # Run the hot path from its sources: drop the compiled modules (`make setup` builds them again).
 pure:
-	rm -f lb/*.so dbproxy/*.so proxycore/*.so $(HOT_STAMP)
+	rm -f lb/*.so dbproxy/*.so proxycore/*.so proxycore/_hot_sources.txt $(HOT_STAMP)
 
 demo: setup
 	$(PY) -m stack down

@@ -7,13 +7,16 @@ to their sources; CPython then imports the extension first. Measured on the
 request in lb and per message in dbproxy. Without a C compiler nothing is
 built and the same sources run as they are.
 
-An extension older than its source would run yesterday's code without a word,
-so importing lb or dbproxy checks that first (``require_fresh``).
+An extension built from another version of its source would run that
+version without a word, so the build records each source's hash (MANIFEST)
+and importing lb or dbproxy checks them first (``require_fresh``). Hashes, not
+file times: a checkout, a wheel install or a container copy all reset those.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.machinery
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +44,8 @@ HOT_MODULES = (
 )
 # mypyc puts the code of all of them in one shared library, inside this package.
 GROUP = "proxycore._hot"
+# "module sha256" per line: the sources the extensions were built from.
+MANIFEST = "_hot_sources.txt"
 
 
 class StaleBuild(ImportError):
@@ -60,22 +65,36 @@ def extension_of(module: str, root: Path = ROOT) -> Path | None:
     return None
 
 
+def source_hash(module: str, root: Path = ROOT) -> str:
+    return hashlib.sha256(source_of(module, root).read_bytes()).hexdigest()
+
+
+def write_manifest(modules: tuple[str, ...] = HOT_MODULES, root: Path = ROOT) -> None:
+    """Called by the build, right after it compiled ``modules``."""
+    lines = [f"{m} {source_hash(m, root)}\n" for m in modules]
+    (root / "proxycore" / MANIFEST).write_text("".join(lines))
+
+
 def stale(modules: tuple[str, ...] = HOT_MODULES, root: Path = ROOT) -> list[str]:
-    """Hot modules whose compiled extension is older than their source."""
-    out = []
-    for module in modules:
-        built = extension_of(module, root)
-        if built is not None and built.stat().st_mtime < source_of(module, root).stat().st_mtime:
-            out.append(module)
-    return out
+    """Hot modules whose compiled extension was not built from their present source."""
+    built = [m for m in modules if extension_of(m, root) is not None]
+    if not built:
+        return []
+    manifest = root / "proxycore" / MANIFEST
+    recorded = {}
+    if manifest.exists():
+        for line in manifest.read_text().splitlines():
+            module, _, digest = line.partition(" ")
+            recorded[module] = digest
+    return [m for m in built if recorded.get(m) != source_hash(m, root)]
 
 
 def require_fresh() -> None:
-    old = stale()
-    if old:
+    changed = stale()
+    if changed:
         raise StaleBuild(
-            f"compiled {', '.join(old)} older than the source: run `make setup` to rebuild, "
-            "or `make pure` to run the sources as they are"
+            f"compiled {', '.join(changed)} from another version of the source: "
+            "run `make setup` to rebuild, or `make pure` to run the sources as they are"
         )
 
 

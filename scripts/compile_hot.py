@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxycore.compiled import GROUP, HOT_MODULES, source_of  # noqa: E402
+from proxycore.compiled import GROUP, HOT_MODULES, MANIFEST, source_of, write_manifest  # noqa: E402
 
 
 def main() -> int:
@@ -32,6 +32,8 @@ def main() -> int:
         print("compile_hot: mypyc is not installed; the hot path runs interpreted")
         return 0
     os.chdir(ROOT)
+    # A half-done build must not look fresh: the manifest is written last.
+    (ROOT / "proxycore" / MANIFEST).unlink(missing_ok=True)
     paths = [str(source_of(m).relative_to(ROOT)) for m in HOT_MODULES]
     # Errors in modules they merely import (config, app) are not the build's business.
     flags = ["--follow-imports=silent", "--ignore-missing-imports"]
@@ -54,6 +56,7 @@ def main() -> int:
             "build/mypyc-obj",
         ],
     )
+    write_manifest()
     print(f"compile_hot: compiled {len(paths)} modules")
     return 0
 

@@ -5,14 +5,20 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
-import os
 import shutil
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from proxycore.compiled import HOT_MODULES, StaleBuild, is_compiled, require_fresh, stale
+from proxycore.compiled import (
+    HOT_MODULES,
+    StaleBuild,
+    is_compiled,
+    require_fresh,
+    stale,
+    write_manifest,
+)
 
 from .lbctl import lb_with
 
@@ -29,18 +35,20 @@ def test_every_hot_module_runs_compiled() -> None:
     assert not interpreted, f"running from source: {interpreted}; run `make setup`"
 
 
-def test_an_extension_older_than_its_source_is_refused(tmp_path: Path) -> None:
+def test_an_extension_built_from_another_source_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "proxycore").mkdir()
     package = tmp_path / "pkg"
     package.mkdir()
     source = package / "hot.py"
     source.write_text("x = 1\n")
-    built = package / ("hot" + importlib.machinery.EXTENSION_SUFFIXES[0])
-    built.write_bytes(b"")
-    os.utime(built, (1_000_000, 1_000_000))  # built long before the source was written
-    assert stale(("pkg.hot",), tmp_path) == ["pkg.hot"]
-    os.utime(built, None)
-    os.utime(source, (1_000_000, 1_000_000))
-    assert stale(("pkg.hot",), tmp_path) == []
+    modules = ("pkg.hot",)
+    assert stale(modules, tmp_path) == []  # nothing built: the source runs
+    (package / ("hot" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"")
+    assert stale(modules, tmp_path) == ["pkg.hot"]  # built, but no manifest says from what
+    write_manifest(modules, tmp_path)
+    assert stale(modules, tmp_path) == []
+    source.write_text("x = 2\n")  # edited after the build
+    assert stale(modules, tmp_path) == ["pkg.hot"]
 
 
 def test_this_checkout_is_fresh() -> None:

@@ -137,9 +137,13 @@ def test_every_file_the_compose_file_and_dockerfile_use_exists() -> None:
     for source in re.findall(r"- \./([\w./-]+):", text):
         assert (REPO / source).exists(), source
     dockerfile = (REPO / "infra/Dockerfile").read_text()
-    for source in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+    # From the build context (a COPY --from=stage takes what an earlier stage made).
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M):
         for part in source.split():
             assert (REPO / part).exists(), part
+    stages = re.findall(r"^FROM \S+ AS (\w+)$", dockerfile, re.M)
+    for stage, source in re.findall(r"^COPY --from=(\w+) /src/(\S+) \S+$", dockerfile, re.M):
+        assert stage in stages and (REPO / source).exists(), (stage, source)
     dashboard = json.loads((REPO / "infra/grafana/dashboards/balance.json").read_text())
     assert dashboard["panels"] and all(p["targets"] for p in dashboard["panels"])
 
