@@ -25,11 +25,11 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lb.app import Balancer  # noqa: E402
-from lb.client import ClientConnection  # noqa: E402
-from lb.config import from_args, parser  # noqa: E402
-from lb.upstream import UpstreamConnection  # noqa: E402
-from proxycore.compiled import hot_path  # noqa: E402
+from lb.app import Balancer
+from lb.client import ClientConnection
+from lb.config import from_args, parser
+from lb.upstream import UpstreamConnection
+from proxycore.compiled import hot_path
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 RESPONSE = (
