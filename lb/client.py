@@ -246,9 +246,10 @@ class ClientConnection:
         self._corked = False
         out = self._out
         if out:
-            self._out = []
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()  # the list is kept: one fewer allocation per response
             if self.transport is not None and not self.closed:
-                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self.transport.write(data)
 
     def write_eof(self) -> None:
         if self.transport is not None and not self.closed and self.transport.can_write_eof():

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
+
+# "No deadline": a plain float, not None, so that compiled (proxycore/compiled.py)
+# a deadline is a C double in the object and setting one allocates nothing.
+_NONE: Final = -1.0
 
 
 class Deadline:
@@ -19,7 +24,7 @@ class Deadline:
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
         self._loop = loop
         self._callback = callback
-        self._at: float | None = None
+        self._at = _NONE
         self._handle: asyncio.TimerHandle | None = None
         self._handle_at = 0.0
 
@@ -38,26 +43,26 @@ class Deadline:
 
     def cancel(self) -> None:
         """No deadline for now; the armed timer, if any, will fire and find nothing due."""
-        self._at = None
+        self._at = _NONE
 
     def stop(self) -> None:
         """For good (the connection is closing): release the timer too."""
-        self._at = None
+        self._at = _NONE
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
 
     @property
     def armed(self) -> bool:
-        return self._at is not None
+        return self._at != _NONE
 
     def _fire(self) -> None:
         self._handle = None
         at = self._at
-        if at is None:
+        if at == _NONE:
             return
         if self._loop.time() >= at:
-            self._at = None
+            self._at = _NONE
             self._callback()
         else:
             self._handle_at = at
