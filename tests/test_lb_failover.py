@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.lbctl import lb_with
+from tests.rawhttp import read_response
 
 RISE, FALL, INTERVAL, TIMEOUT = 2, 2, 0.2, 0.2
 SETTINGS = f"""
@@ -202,3 +203,21 @@ async def test_kill_9_of_lb_backend_pool_keeps_checks_honest(tmp_path: Path) -> 
         await wait_for(lambda: all(s["state"] == "UP" for s in lb.status()["pools"]["http"]), 5)
         assert up  # both still running
         assert lb.log_text().count("server a is now DOWN") == 1  # logged once, not every check
+
+
+async def test_a_refused_connect_leaves_the_client_connection_served(tmp_path: Path) -> None:
+    # While it connects, lb stops reading the client; a connect that fails must
+    # undo that, or the next request on the same connection is never read.
+    settings = "[health]\nenabled = false\n\n[passive]\nmax_fails = 0\n"
+    with lb_with(tmp_path, names=("a",), settings=settings) as (lb, up):
+        up["a"].kill()  # nothing listens there now: every connect is refused
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        try:
+            for _ in range(3):
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                async with asyncio.timeout(5):
+                    response = await read_response(reader)
+                assert response.status == 502
+                assert response.header("connection") != "close"
+        finally:
+            writer.close()
