@@ -1,4 +1,5 @@
-"""The client side of lb: one asyncio.Protocol per client connection.
+"""The client side of lb: one protocol object per client connection (asyncio's
+Protocol methods without its base class: see proxycore.compiled.protocol_factory).
 
 Requests are parsed with httptools and answered strictly in order: a pipelined
 request waits (with reading paused) until the one before it is answered. Every
