@@ -38,7 +38,8 @@ class Upstream(asyncio.Protocol):
         client = self.client
         self.parser.feed_data(data)
         if client is not None and self.out:
-            client.transport.write(b"".join(self.out))
+            if not client.transport.is_closing():  # wrk hangs up with requests in flight
+                client.transport.write(b"".join(self.out))
             self.out = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
