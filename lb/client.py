@@ -274,9 +274,7 @@ class ClientConnection:
             else:
                 timer.cancel()
 
-    def exchange_finished(
-        self, ex: Exchange, keep_alive: bool, abort: bool = False, now: float | None = None
-    ) -> None:
+    def exchange_finished(self, ex: Exchange, keep_alive: bool, abort: bool, now: float) -> None:
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
             self.lb.metrics.in_flight -= 1
@@ -298,16 +296,14 @@ class ClientConnection:
             nxt = self.queue[0]
             if len(self.queue) == 1:
                 self.valve.resume(Reason.WAITING_TURN)
-            nxt.begin()
+            nxt.begin(now)
             return
         self.valve.resume(Reason.WAITING_TURN)
         timeouts = self.lb.config.timeouts
         if self._in_head:
             self._head_timer.after(timeouts.client_header)
         else:
-            self._idle_timer.at(
-                (self.lb.loop.time() if now is None else now) + timeouts.client_keepalive
-            )
+            self._idle_timer.at(now + timeouts.client_keepalive)
 
     # -- refusals ------------------------------------------------------------------------
     def _reject(self, exc: BadRequest) -> None:

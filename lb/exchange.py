@@ -135,7 +135,8 @@ class Exchange:
             return
         self._connected()
         if self.finished:
-            self.lb.pool.give(conn)  # the client went away meanwhile; keep the connection warm
+            # the client went away meanwhile; keep the connection warm
+            self.lb.pool.give(conn, self.lb.loop.time())
             return
         try:
             self._attach(conn, self.lb.loop.time())
@@ -190,7 +191,7 @@ class Exchange:
         if self.server is not None:
             self.server.active -= 1
         if reusable:
-            conn.release(True, now)
+            conn.release(self.lb.loop.time() if now is None else now)
         else:
             conn.abort()
 

@@ -35,25 +35,55 @@ _REBUILT_REQUEST = _HOP_BY_HOP | {
 _REBUILT_RESPONSE = _HOP_BY_HOP | {b"content-length"}
 
 
-def _both_cases(names: str) -> frozenset[bytes]:
-    spelled = [n.encode() for n in names.split()]
-    return frozenset(spelled + [n.lower() for n in spelled])
-
-
-# Names that pass as they are, spelled as clients and servers send them: a hit
-# on the name as it came spares a lower() and a second lookup per header.
-_PLAIN_REQUEST_NAMES = _both_cases(
-    "User-Agent Accept Accept-Encoding Accept-Language Cookie Content-Type Authorization "
-    "Referer Origin Cache-Control Pragma If-None-Match If-Modified-Since DNT "
-    "Sec-Fetch-Mode Sec-Fetch-Site Sec-Fetch-Dest Upgrade-Insecure-Requests"
+# Header names as clients and servers usually spell them, each with its
+# lowercase form: a lookup here spares the lower() (a new bytes object) per header.
+_KNOWN_NAMES = (
+    "Host",
+    "User-Agent",
+    "Accept",
+    "Accept-Encoding",
+    "Accept-Language",
+    "Cookie",
+    "Content-Type",
+    "Content-Length",
+    "Transfer-Encoding",
+    "Connection",
+    "Authorization",
+    "Referer",
+    "Origin",
+    "Cache-Control",
+    "Pragma",
+    "If-None-Match",
+    "If-Modified-Since",
+    "DNT",
+    "Upgrade",
+    "Expect",
+    "Sec-Fetch-Mode",
+    "Sec-Fetch-Site",
+    "Sec-Fetch-Dest",
+    "Upgrade-Insecure-Requests",
+    "X-Request-ID",
+    "X-Forwarded-For",
+    "Date",
+    "Server",
+    "ETag",
+    "Last-Modified",
+    "Set-Cookie",
+    "Vary",
+    "Location",
+    "Expires",
+    "Content-Encoding",
+    "Content-Language",
+    "Age",
+    "Accept-Ranges",
+    "Access-Control-Allow-Origin",
+    "X-Served-By",
 )
-_HOST_NAMES = frozenset({b"Host", b"host"})
-_PLAIN_RESPONSE_NAMES = _both_cases(
-    "Content-Type Date Server Cache-Control ETag Last-Modified Set-Cookie Vary Location "
-    "Expires Content-Encoding Content-Language Age Accept-Ranges Access-Control-Allow-Origin "
-    "X-Served-By"
-)
-_CONTENT_LENGTH_NAMES = frozenset({b"Content-Length", b"content-length"})
+_LOWER = {
+    spelled: name.lower().encode()
+    for name in _KNOWN_NAMES
+    for spelled in (name.encode(), name.lower().encode())
+}
 _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
 _NO_TOKENS: frozenset[bytes] = frozenset()
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
@@ -152,15 +182,7 @@ class RequestInfo:
         # Lines that go upstream as they are, gathered in the same single pass.
         forwarded: list[bytes] = []
         for name, value in headers:
-            if name in _PLAIN_REQUEST_NAMES:
-                _add_line(forwarded, name, value)
-                continue
-            if name in _HOST_NAMES:
-                _add_line(forwarded, name, value)
-                host = value
-                hosts += 1
-                continue
-            lname = name.lower()
+            lname = _LOWER.get(name) or name.lower()
             if lname not in _REBUILT_REQUEST:
                 _add_line(forwarded, name, value)
                 if lname == b"host":
@@ -295,13 +317,7 @@ class ResponseInfo:
         lines: list[bytes] = []
         tokens: set[bytes] | None = None
         for name, value in headers:
-            if name in _PLAIN_RESPONSE_NAMES:
-                _add_line(lines, name, value)
-                continue
-            if name in _CONTENT_LENGTH_NAMES:
-                self.content_length = int(value)
-                continue
-            lname = name.lower()
+            lname = _LOWER.get(name) or name.lower()
             if lname not in _REBUILT_RESPONSE:
                 if lname == b"x-request-id":
                     self.request_id = True

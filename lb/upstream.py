@@ -169,10 +169,11 @@ class UpstreamConnection:
         self._done = False
         self.first_byte_timer.at(now + self.pool.config.timeouts.first_byte)
 
-    def release(self, reusable: bool, now: float | None = None) -> None:
-        """The exchange is over: back to the pool, or closed."""
+    def release(self, now: float) -> None:
+        """The exchange is over and the connection can carry another: back to the
+        pool (closed instead if the server closed it meanwhile)."""
         self.exchange = None
-        if reusable and not self.closed:
+        if not self.closed:
             self.pool.give(self, now)
         else:
             self.close()
@@ -228,14 +229,14 @@ class UpstreamPool:
                 return conn
         return None
 
-    def give(self, conn: UpstreamConnection, now: float | None = None) -> None:
+    def give(self, conn: UpstreamConnection, now: float) -> None:
         settings = self.config.keepalive
         idle = self._idle.setdefault(conn.server, [])
         if len(idle) >= settings.max_idle:
             conn.close()
             return
         idle.append(conn)
-        conn.pool_timer.at((self.loop.time() if now is None else now) + settings.idle_timeout)
+        conn.pool_timer.at(now + settings.idle_timeout)
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self._idle.get(conn.server)

@@ -86,7 +86,7 @@ async def measure(requests: int) -> float:
             conn = UpstreamConnection(server, lb.pool)
             transport = KeptWrites()
             conn.connection_made(transport)  # type: ignore[arg-type]
-            lb.pool.give(conn)
+            lb.pool.give(conn, loop.time())
             upstreams.append((conn, transport))
     client = ClientConnection(lb)
     client_transport = KeptWrites()

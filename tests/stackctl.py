@@ -118,10 +118,19 @@ def running_stack(
             processes.kill_tree(ref)
 
 
-def module_stack(factory: pytest.TempPathFactory, profile: str) -> Iterator[StackHandle]:
-    """Body of a module-scoped fixture: a small stack with this profile's proxies."""
-    with running_stack(factory.mktemp(profile), users=2000, extra=["--proxies", profile]) as h:
-        yield h
+def profile_stack(profile: str, name: str | None = None) -> object:
+    """A module-scoped fixture, named ``name`` (default ``<profile>_stack``): a small
+    stack with this profile's proxies, started once for the module's tests and
+    always taken down."""
+
+    @pytest.fixture(scope="module", name=name or f"{profile}_stack")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+        with running_stack(
+            tmp_path_factory.mktemp(profile), users=2000, extra=["--proxies", profile]
+        ) as handle:
+            yield handle
+
+    return fixture
 
 
 def _recorded(state_dir: Path) -> list[ProcessRef]:

@@ -17,14 +17,12 @@ import pytest
 
 from stack.postgres import connect as superuser
 from tests.dbproxyctl import FAST, DbProxyProc, app_password, connect, dbproxy_for
-from tests.stackctl import REPO, StackHandle, module_stack
+from tests.stackctl import REPO, StackHandle, profile_stack
 
 MASTER, REPLICA = "service-db", "service-db-replica"
 
 
-@pytest.fixture(scope="module")
-def pystack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
-    yield from module_stack(tmp_path_factory, "python")
+pystack = profile_stack("python", name="pystack")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +12,7 @@ from stack.classic import COMPOSE_ADDRESSES, compose_addresses_in, render
 from stack.errors import StackError
 from stack.postgres import connect
 from stack.topology import BALANCE_CONFIG, Topology
-from tests.stackctl import StackHandle, module_stack, random_ports, scrape
+from tests.stackctl import StackHandle, profile_stack, random_ports, scrape
 from tests.test_compose import dashboard_metrics
 
 NGINX_CONF, HAPROXY_CFG = BALANCE_CONFIG / "nginx.conf", BALANCE_CONFIG / "haproxy.cfg"
@@ -70,9 +69,7 @@ def test_the_rendered_files_pass_nginx_and_haproxy_own_checks(tmp_path: Path) ->
         assert "warning" not in (checked.stdout + checked.stderr).lower(), checked.stderr
 
 
-@pytest.fixture(scope="module")
-def classic_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
-    yield from module_stack(tmp_path_factory, "classic")
+classic_stack = profile_stack("classic")
 
 
 async def test_entry_serves_through_nginx_reads_and_writes(classic_stack: StackHandle) -> None:

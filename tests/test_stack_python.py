@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aiohttp
-import pytest
 
 from stack.postgres import connect
-from tests.stackctl import StackHandle, module_stack, scrape
+from tests.stackctl import StackHandle, profile_stack, scrape
 from tests.test_compose import dashboard_metrics
 from tests.test_lb_failover import Load
 
-
-@pytest.fixture(scope="module")
-def python_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
-    yield from module_stack(tmp_path_factory, "python")
+python_stack = profile_stack("python")
 
 
 async def test_entry_serves_through_lb(python_stack: StackHandle) -> None:
