@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +15,7 @@ from aiohttp import web
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy, pick
 from proxycore.compiled import hot_path, protocol_factory
+from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.servers import CheckRecord, Server, ServerSet
 
@@ -65,6 +66,9 @@ class DbProxy:
         )
         self._admin: web.AppRunner | None = None
         self._idle = asyncio.Event()
+        # Sessions waiting for their first packet, or for a server's connect.
+        self.first_packet_limits = Expiries(loop, ClientSession.first_packet_late)
+        self.connect_limits = Expiries(loop, ClientSession.connect_late)
         self._watch(self.servers)
 
     @property
@@ -148,15 +152,17 @@ class DbProxy:
         for session in list(self.sessions):
             session.close()
         await self._checker.stop()
+        self.first_packet_limits.close()
+        self.connect_limits.close()
         if self._admin is not None:
             await self._admin.cleanup()
         log.warning("dbproxy stopped")
 
     # -- routing --------------------------------------------------------------------
-    def choose(self, listener: Listener, tried: list[Server], peek: bool = False) -> Server | None:
-        """The server for a new session of ``listener``; ``peek`` only asks whether there is one."""
+    def choose(self, listener: Listener, tried: Collection[Server]) -> Server | None:
+        """The server for a new session of ``listener``, not one of ``tried``."""
         limits = self.config.ro
-        policy = _FIRST if peek else self.policy
+        policy = self.policy
         accept = routing.accept_for(listener.name, limits, fallback=False)
         server = pick(self.servers, policy, tried, accept)
         if server is None and listener.name == "ro" and limits.primary_fallback:

@@ -10,7 +10,6 @@ session. Everything here is pure: bytes in, values out, no I/O.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 PROTOCOL_3_0 = 196608  # 3 << 16
 SSL_REQUEST = 80877103
@@ -26,10 +25,15 @@ class ProtocolViolation(Exception):
     """The client's first packet is not one a PostgreSQL server would accept."""
 
 
-@dataclass(frozen=True, slots=True)
+# Plain classes, not frozen dataclasses: compiled (proxycore/compiled.py) a
+# frozen dataclass still builds through its generated Python __init__, and a
+# session builds one or two of these before its first byte reaches a server.
 class Startup:
-    parameters: dict[str, str]
-    raw: bytes
+    __slots__ = ("parameters", "raw")
+
+    def __init__(self, parameters: dict[str, str], raw: bytes) -> None:
+        self.parameters = parameters
+        self.raw = raw
 
     @property
     def user(self) -> str:
@@ -40,21 +44,27 @@ class Startup:
         return self.parameters.get("database", self.user)
 
 
-@dataclass(frozen=True, slots=True)
 class SSLRequest:
-    raw: bytes
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
 
 
-@dataclass(frozen=True, slots=True)
 class GSSENCRequest:
-    raw: bytes
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
 
 
-@dataclass(frozen=True, slots=True)
 class CancelRequest:
-    pid: int
-    key: int
-    raw: bytes
+    __slots__ = ("key", "pid", "raw")
+
+    def __init__(self, pid: int, key: int, raw: bytes) -> None:
+        self.pid = pid
+        self.key = key
+        self.raw = raw
 
 
 FirstPacket = Startup | SSLRequest | GSSENCRequest | CancelRequest

@@ -10,8 +10,8 @@ or does nothing. Only a deadline earlier than the armed timer costs a new one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Hashable
+from typing import Final, Generic, TypeVar
 
 # "No deadline": a plain float, not None, so that compiled (proxycore/compiled.py)
 # a deadline is a C double in the object and setting one allocates nothing.
@@ -46,8 +46,14 @@ class Deadline:
         self._at = _NONE
 
     def stop(self) -> None:
-        """For good (the connection is closing): release the timer too."""
+        """For good (the connection is closing): release the timer and the callback.
+
+        The callback is the owner's bound method, so owner and Deadline form a
+        cycle; dropping it here lets reference counting free a closed connection
+        at once instead of leaving it to the cyclic collector.
+        """
         self._at = _NONE
+        self._callback = _nothing
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -67,3 +73,67 @@ class Deadline:
         else:
             self._handle_at = at
             self._handle = self._loop.call_at(at, self._fire)
+
+
+def _nothing() -> None:
+    pass
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class Expiries(Generic[K]):
+    """Coarse time limits on many short waits (a first packet, a connect): one
+    loop timer for all of them, fired every ``resolution`` while any is set.
+
+    A loop timer per wait costs an allocation, a timer-heap insert and a later
+    removal; a short-lived connection that arms two of them pays that twice. Here
+    setting a limit stores a float and clearing it pops a key; a limit fires up
+    to ``resolution`` late, which is nothing against limits of seconds.
+    """
+
+    __slots__ = ("_due", "_expired", "_handle", "_loop", "_resolution")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        expired: Callable[[K], None],
+        resolution: float = 0.1,
+    ) -> None:
+        self._loop = loop
+        self._expired = expired
+        self._resolution = resolution
+        self._due: dict[K, float] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def set(self, key: K, at: float) -> None:
+        """``expired(key)`` at loop time ``at`` (or within ``resolution`` after)
+        unless cleared before."""
+        self._due[key] = at
+        if self._handle is None:
+            self._handle = self._loop.call_later(self._resolution, self._sweep)
+
+    def clear(self, key: K) -> None:
+        self._due.pop(key, None)
+
+    def close(self) -> None:
+        self._due.clear()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _sweep(self) -> None:
+        self._handle = None
+        now = self._loop.time()
+        due = [key for key, at in self._due.items() if at <= now]
+        for key in due:
+            # an earlier callback may have cleared or moved this one
+            at = self._due.get(key)
+            if at is not None and at <= now:
+                del self._due[key]
+                self._expired(key)
+        if self._due and self._handle is None:
+            self._handle = self._loop.call_later(self._resolution, self._sweep)

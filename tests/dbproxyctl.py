@@ -55,10 +55,11 @@ class DbProxyProc:
 
 
 def write_config(
-    path: Path, stack: StackHandle, ports: dict[str, int], admin: int, extra: str
+    path: Path, stack: StackHandle, ports: dict[str, int], admin: int, extra: str, top: str = ""
 ) -> None:
     path.write_text(
-        f'admin = "127.0.0.1:{admin}"\n'
+        top
+        + f'admin = "127.0.0.1:{admin}"\n'
         + "[listen]\n"
         + "".join(f'{role} = "127.0.0.1:{port}"\n' for role, port in ports.items())
         + extra
@@ -70,11 +71,14 @@ def write_config(
 
 
 @contextlib.contextmanager
-def dbproxy_for(stack: StackHandle, tmp: Path, extra: str = FAST) -> Iterator[DbProxyProc]:
+def dbproxy_for(
+    stack: StackHandle, tmp: Path, extra: str = FAST, top: str = ""
+) -> Iterator[DbProxyProc]:
+    """``top``: top-level keys (before the first table); ``extra``: tables after [listen]."""
     rw, ro, any_, admin = free_ports(4)
     ports = {"rw": rw, "ro": ro, "any": any_}
     config, log = tmp / "dbproxy.toml", tmp / "dbproxy.log"
-    write_config(config, stack, ports, admin, extra)
+    write_config(config, stack, ports, admin, extra, top)
     env = dict(
         os.environ,
         DBPROXY_CHECK_PASSWORD=stack.state()["topology"]["credentials"]["check_password"],
@@ -108,3 +112,21 @@ async def connect(stack: StackHandle, port: int, **kwargs: object) -> asyncpg.Co
         database="users",
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def connections_to(pid: int, port: int) -> int:
+    """How many established TCP connections process ``pid`` holds to 127.0.0.1:``port``
+    (read from /proc: the sockets among its fds, matched in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    remote = f"0100007F:{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[2] == remote and fields[3] == "01" and fields[9] in inodes:
+            count += 1
+    return count

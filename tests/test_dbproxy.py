@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import pwd
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from stack.postgres import connect as superuser
-from tests.dbproxyctl import FAST, DbProxyProc, app_password, connect, dbproxy_for
+from stack.postgres import run_as
+from tests.dbproxyctl import (
+    FAST,
+    DbProxyProc,
+    app_password,
+    connect,
+    connections_to,
+    dbproxy_for,
+)
 from tests.stackctl import REPO, StackHandle, profile_stack
 
 MASTER, REPLICA = "service-db", "service-db-replica"
@@ -158,6 +169,152 @@ async def test_slow_first_packet_is_cut(pystack: StackHandle, tmp_path: Path) ->
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         assert answer[:1] == b"E" and b"did not arrive in time" in answer
+
+
+# Checks far apart: the only connections dbproxy holds to a server are sessions'.
+QUIET_CHECKS = '\n[check]\ninterval = "30s"\ntimeout = "1s"\nrise = 2\nfall = 2\n'
+
+
+async def test_the_server_is_dialled_at_accept_and_let_go_with_the_client(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    master = pystack.ports.master
+    with dbproxy_for(pystack, tmp_path, QUIET_CHECKS) as proxy:
+        pid = proxy.proc.pid
+        await wait_until(lambda: connections_to(pid, master) == 0, 5)  # the first check is over
+        # As HAProxy in TCP mode: connected before the client says anything.
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.ports["rw"])
+        await wait_until(lambda: connections_to(pid, master) == 1, 5)
+        writer.close()
+        await wait_until(lambda: connections_to(pid, master) == 0, 5)
+        # A CancelRequest or a bad first packet: the early connection goes with the client.
+        for packet in (struct.pack("!iiii", 16, 80877102, 1, 2), b"GET / HTTP/1.1\r\n\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.ports["rw"])
+            writer.write(packet)
+            await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            await wait_until(lambda: connections_to(pid, master) == 0, 5)
+        conn = await connect(pystack, proxy.ports["rw"])
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert "Traceback" not in proxy.log_text()
+
+
+async def test_gssenc_is_declined_and_the_session_goes_on(
+    pystack: StackHandle, own: DbProxyProc
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", own.ports["rw"])
+    try:
+        writer.write(struct.pack("!ii", 8, 80877104))
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"N"
+        body = b"user\0users_app\0database\0users\0\0"
+        writer.write(struct.pack("!ii", 8 + len(body), 196608) + body)
+        kind, _, code = struct.unpack("!cii", await asyncio.wait_for(reader.readexactly(9), 5))
+        assert (kind, code) == (b"R", 10)  # the server asks for SASL: the startup reached it
+    finally:
+        writer.close()
+
+
+async def test_a_connect_that_hangs_times_out_and_the_next_server_serves(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a
+    # connect to it hangs as to a host gone silent.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    filler = socket.create_connection(hole.getsockname())
+    settings = (
+        QUIET_CHECKS
+        + '\n[timeouts]\nconnect = "300ms"\n'
+        + f'\n[[server]]\nname = "hole"\naddress = "127.0.0.1:{hole.getsockname()[1]}"\n'
+    )
+    try:
+        with dbproxy_for(pystack, tmp_path, settings, top='method = "round_robin"\n') as proxy:
+            for _ in range(4):  # round robin over three: the hole comes first at least once
+                conn = await connect(pystack, proxy.ports["any"])
+                assert await conn.fetchval("SELECT 1") == 1
+                await conn.close()
+            assert proxy.server("hole")["connect_errors"] >= 1
+            assert "connect timed out" in proxy.log_text()
+    finally:
+        filler.close()
+        hole.close()
+
+
+def self_signed_certificate(datadir: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key in ``datadir``, readable by the cluster's user only."""
+    crt, key = datadir / "balance-test.crt", datadir / "balance-test.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(crt)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)
+    user = run_as()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        for path in (crt, key):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    return crt, key
+
+
+@contextlib.asynccontextmanager
+async def tls_on_master(stack: StackHandle) -> AsyncIterator[None]:
+    """The master with a self-signed certificate, for as long as the block runs."""
+    datadir = Path(stack.state()["topology"]["pg_root"]) / MASTER
+    crt, key = await asyncio.to_thread(self_signed_certificate, datadir)
+    conn = await superuser(stack.ports.master)
+    settings = {"ssl": "on", "ssl_cert_file": crt.name, "ssl_key_file": key.name}
+    try:
+        for name, value in settings.items():
+            await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        await conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 5
+        while await conn.fetchval("SHOW ssl") != "on":
+            assert time.monotonic() < deadline, "the master did not turn TLS on"
+            await asyncio.sleep(0.1)
+        yield
+    finally:
+        for name in settings:
+            await conn.execute(f"ALTER SYSTEM RESET {name}")
+        await conn.execute("SELECT pg_reload_conf()")
+        await conn.close()
+        crt.unlink(missing_ok=True)
+        key.unlink(missing_ok=True)
+
+
+async def test_tls_goes_end_to_end_unless_refused(pystack: StackHandle, tmp_path: Path) -> None:
+    tls_query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    (tmp_path / "pass").mkdir()
+    (tmp_path / "refuse").mkdir()
+    async with tls_on_master(pystack):
+        with dbproxy_for(pystack, tmp_path / "pass") as proxy:
+            conn = await connect(pystack, proxy.ports["rw"], ssl="require")
+            try:
+                assert await conn.fetchval(tls_query) is True
+                # The session's key went by encrypted; the cancel still finds the query.
+                with pytest.raises(TimeoutError):
+                    await conn.execute("SELECT pg_sleep(30)", timeout=0.5)
+                await asyncio.sleep(0.2)
+                running = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'"
+                )
+                assert running == 0
+            finally:
+                await conn.close()
+        with dbproxy_for(pystack, tmp_path / "refuse", top='ssl = "refuse"\n') as proxy:
+            with pytest.raises(ConnectionError, match="SSL"):
+                await connect(pystack, proxy.ports["rw"], ssl="require")
+            conn = await connect(pystack, proxy.ports["rw"], ssl="prefer")
+            try:
+                assert await conn.fetchval(tls_query) is False
+            finally:
+                await conn.close()
 
 
 async def test_lag_takes_the_replica_out_of_ro_and_back(
