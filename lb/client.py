@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from proxycore.deadline import Deadline
-from proxycore.flow import Reason, Valve, bound_writes
+from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 
 from .exchange import Exchange
 from .heads import BadRequest, RequestInfo, error_response, escape_request_line, new_request_id
@@ -33,6 +34,9 @@ class ClientConnection:
         self.transport: asyncio.Transport | None = None
         self.valve: Valve = None  # type: ignore[assignment]  # set in connection_made
         self.parser = httptools.HttpRequestParser(self)
+        # Bound once per connection, not looked up per call (compiled: a direct call).
+        self._feed = self.parser.feed_data
+        self._send: Callable[[bytes], None] = unconnected_write
         # One timer per kind of wait: each only ever moves later, so re-arming it
         # costs a float store (see proxycore/deadline.py).
         self._head_timer = Deadline(lb.loop, self._head_timeout)
@@ -59,6 +63,7 @@ class ClientConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport = cast(asyncio.Transport, transport)
+        self._send = transport.write
         self.valve = Valve(transport)
         lb = self.lb
         lb.metrics.client_total += 1
@@ -89,7 +94,7 @@ class ClientConnection:
             if not data:
                 return
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
             if self._in_head and not self.queue and not self._head_timer.armed:
                 # A head split over reads: from its first byte the whole head must
                 # come within client_header (a head read whole arms nothing).
@@ -237,7 +242,7 @@ class ClientConnection:
         if self._corked:
             self._out.append(data)
         elif self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self._send(data)
 
     def cork(self) -> None:
         """Hold writes until uncork: what one upstream read produces leaves in one send."""
@@ -250,7 +255,7 @@ class ClientConnection:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()  # the list is kept: one fewer allocation per response
             if self.transport is not None and not self.closed:
-                self.transport.write(data)
+                self._send(data)
 
     def write_eof(self) -> None:
         if self.transport is not None and not self.closed and self.transport.can_write_eof():

@@ -8,7 +8,7 @@ An Exchange lives from the end of a request head until its response is written
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxycore.balancing import any_available, pick
 from proxycore.flow import HalfClose, Reason
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb")
 access_log = logging.getLogger("lb.access")
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def frame_chunk(data: bytes) -> bytes:
@@ -85,7 +85,7 @@ class Exchange:
         self.http11 = http11
         self.request_id = info.request_id or new_request_id()
         self.client_keep_alive = not info.close and info.upgrade is None
-        self.started = self.lb.loop.time()
+        self.started = self.lb.clock()
         self.tried: list[Server] = []
         self.body_done = not info.chunked and not info.content_length and info.upgrade is None
 
@@ -116,7 +116,7 @@ class Exchange:
             self.client.write(CONTINUE)
         conn = lb.pool.take(server)
         if conn is not None:
-            self._attach(conn, lb.loop.time() if now is None else now)
+            self._attach(conn, lb.clock() if now is None else now)
             return
         self.connecting = True
         self.client.valve.pause(Reason.NO_PEER_YET)
@@ -136,10 +136,10 @@ class Exchange:
         self._connected()
         if self.finished:
             # the client went away meanwhile; keep the connection warm
-            self.lb.pool.give(conn, self.lb.loop.time())
+            self.lb.pool.give(conn, self.lb.clock())
             return
         try:
-            self._attach(conn, self.lb.loop.time())
+            self._attach(conn, self.lb.clock())
         except Exception:  # a bug must cost this request, not leave it hanging
             log.exception("internal error while sending %s", self.request_id.decode())
             conn.abort()
@@ -170,12 +170,11 @@ class Exchange:
                 self.client.client_ip,
                 self.lb.default_host,
             )
-        transport = conn.transport
-        transport.write(head)
+        conn.send(head)
         self.reached_upstream = True
         server.bytes_out += len(head)
         if self.sent_body:
-            transport.writelines(self.sent_body)
+            conn.transport.writelines(self.sent_body)
         if self.pending:
             pending, self.pending = self.pending, None
             for chunk in pending:
@@ -191,7 +190,7 @@ class Exchange:
         if self.server is not None:
             self.server.active -= 1
         if reusable:
-            conn.release(self.lb.loop.time() if now is None else now)
+            conn.release(self.lb.clock() if now is None else now)
         else:
             conn.abort()
 
@@ -203,7 +202,7 @@ class Exchange:
                 self.pending = []
             self.pending.append(chunk)
             return
-        conn.transport.write(chunk)
+        conn.send(chunk)
         conn.server.bytes_out += len(chunk)
         if self.replayable:
             if self.sent_size + len(chunk) <= self.lb.config.limits.retry_body_buffer:
@@ -287,7 +286,7 @@ class Exchange:
                 return False
         self.status = status
         info = ResponseInfo(headers)
-        content_length = info.content_length
+        content_length = info.content_length_text
         upstream_chunked = info.chunked
         is_head = self.method == b"HEAD"
         no_body = is_head or status in (204, 304)
@@ -326,7 +325,7 @@ class Exchange:
         if self.chunked_to_client:
             self.client.write(LAST_CHUNK)
         reusable = upstream_reusable and self.body_done and not self.response_until_close
-        now = self.lb.loop.time()  # once, for the pool, the histogram and the client's idle timer
+        now = self.lb.clock()  # once, for the pool, the histogram and the client's idle timer
         self._detach(reusable, now)
         self._finish(self.status, now=now)
 
@@ -428,7 +427,7 @@ class Exchange:
         if server is not None:
             server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
         if now is None:
-            now = lb.loop.time()
+            now = lb.clock()
         elapsed = now - self.started
         lb.metrics.observe(elapsed)
         if lb.config.access_log:
@@ -458,7 +457,7 @@ class Exchange:
     def tunnel_from_client(self, data: bytes) -> None:
         conn = self.upstream
         if self.tunnel_open and conn is not None and conn.transport is not None:
-            conn.transport.write(data)
+            conn.send(data)
         elif self.tunnel_buffer is None:
             self.tunnel_buffer = [data]
         else:

@@ -7,11 +7,12 @@ import itertools
 import os
 import re
 from collections.abc import Sequence
+from typing import Final
 
 Header = tuple[bytes, bytes]
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the ones we rebuild ourselves.
-_HOP_BY_HOP = frozenset(
+_HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -24,7 +25,7 @@ _HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-_REBUILT_REQUEST = _HOP_BY_HOP | {
+_REBUILT_REQUEST: Final = _HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"x-forwarded-for",
@@ -32,12 +33,12 @@ _REBUILT_REQUEST = _HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
 }
-_REBUILT_RESPONSE = _HOP_BY_HOP | {b"content-length"}
+_REBUILT_RESPONSE: Final = _HOP_BY_HOP | {b"content-length"}
 
 
 # Header names as clients and servers usually spell them, each with its
 # lowercase form: a lookup here spares the lower() (a new bytes object) per header.
-_KNOWN_NAMES = (
+_KNOWN_NAMES: Final = (
     "Host",
     "User-Agent",
     "Accept",
@@ -79,18 +80,18 @@ _KNOWN_NAMES = (
     "Access-Control-Allow-Origin",
     "X-Served-By",
 )
-_LOWER = {
+_LOWER: Final = {
     spelled: name.lower().encode()
     for name in _KNOWN_NAMES
     for spelled in (name.encode(), name.lower().encode())
 }
-_PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close", b"upgrade"})
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_PLAIN_CONNECTION_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
-_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,200}")
+_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
 
 
-_HIGH_BYTE = re.compile(rb"[\x80-\xff]")
+_HIGH_BYTE: Final = re.compile(rb"[\x80-\xff]")
 
 
 def escape_request_line(data: bytes) -> bytes:
@@ -247,7 +248,7 @@ class RequestInfo:
         self.connection_tokens = (
             _NO_TOKENS if connection is None else _connection_tokens(connection)
         )
-        if self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
+        if connection is not None and self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
             # Rare: headers named in Connection are hop-by-hop too; gather again without them.
             drop = _REBUILT_REQUEST | self.connection_tokens
             forwarded = [
@@ -276,7 +277,10 @@ def upstream_request_head(
     so it gets ``default_host`` (as nginx sends $proxy_host).
     """
     xff = client_ip if info.x_forwarded_for is None else info.x_forwarded_for + b", " + client_ip
-    host_line = b"X-Forwarded-Host: " + info.host if info.host else b"Host: " + default_host
+    if info.host:
+        host_name, host = b"X-Forwarded-Host: ", info.host
+    else:
+        host_name, host = b"Host: ", default_host
     framing = b""
     if info.upgrade is not None:
         framing = b"Connection: upgrade\r\nUpgrade: " + info.upgrade + b"\r\n"
@@ -295,7 +299,8 @@ def upstream_request_head(
             b"X-Forwarded-For: ",
             xff,
             b"\r\nX-Forwarded-Proto: http\r\n",
-            host_line,
+            host_name,
+            host,
             b"\r\nX-Request-ID: ",
             request_id,
             b"\r\n",
@@ -308,10 +313,12 @@ def upstream_request_head(
 class ResponseInfo:
     """One pass over a response head: its framing, and the lines the client gets."""
 
-    __slots__ = ("chunked", "content_length", "lines", "request_id")
+    __slots__ = ("chunked", "content_length", "content_length_text", "lines", "request_id")
 
     def __init__(self, headers: Sequence[Header], upgrade: bool = False) -> None:
         self.content_length: int | None = None
+        # the digits as the upstream sent them: passed on without formatting an int
+        self.content_length_text: bytes | None = None
         self.chunked = False
         self.request_id = False
         lines: list[bytes] = []
@@ -324,6 +331,8 @@ class ResponseInfo:
                 _add_line(lines, name, value)
             elif lname == b"content-length":
                 self.content_length = int(value)
+                text = value.strip()
+                self.content_length_text = text if text.isdigit() else b"%d" % self.content_length
             elif lname == b"transfer-encoding":
                 self.chunked = True
             elif lname == b"connection":
@@ -342,29 +351,37 @@ def client_response_head(
     reason: bytes,
     info: ResponseInfo,
     *,
-    content_length: int | None,
+    content_length: bytes | None,
     chunked_to_client: bool,
     keep_alive: bool,
     request_id: bytes,
     upgrade: bool = False,
 ) -> bytes:
-    """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise)."""
-    framing = b"" if info.request_id else b"X-Request-ID: " + request_id + b"\r\n"
+    """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise).
+
+    ``content_length``: the digits to send, as ResponseInfo.content_length_text.
+    """
+    parts = [b"HTTP/1.1 ", _status_text(status), b" ", reason, b"\r\n", info.lines]
+    if not info.request_id:
+        parts.append(b"X-Request-ID: ")
+        parts.append(request_id)
+        parts.append(b"\r\n")
     if upgrade:
-        framing += b"Connection: upgrade\r\n"
+        parts.append(b"Connection: upgrade\r\n")
     elif chunked_to_client:
-        framing += b"Transfer-Encoding: chunked\r\n"
+        parts.append(b"Transfer-Encoding: chunked\r\n")
     elif content_length is not None:
-        framing += b"Content-Length: %d\r\n" % content_length
+        parts.append(b"Content-Length: ")
+        parts.append(content_length)
+        parts.append(b"\r\n")
     if not upgrade and not keep_alive:
-        framing += b"Connection: close\r\n"
-    return b"".join(
-        (b"HTTP/1.1 ", _status_text(status), b" ", reason, b"\r\n", info.lines, framing, b"\r\n")
-    )
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 # "200".. as bytes once, not formatted per response
-_STATUS_TEXT = [str(code).encode() for code in range(600)]
+_STATUS_TEXT: Final = [str(code).encode() for code in range(600)]
 
 
 def _status_text(status: int) -> bytes:
@@ -411,7 +428,7 @@ def error_response(
     return b"".join(head) + body
 
 
-REASONS = {
+REASONS: Final = {
     400: b"Bad Request",
     408: b"Request Timeout",
     413: b"Payload Too Large",

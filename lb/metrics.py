@@ -32,7 +32,7 @@ LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     5.0,
     10.0,
 )
-STATUS_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
 class LbMetrics:

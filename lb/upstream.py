@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from proxycore.compiled import protocol_factory
 from proxycore.deadline import Deadline
-from proxycore.flow import Reason, Valve, bound_writes
+from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 from proxycore.servers import Server
 
 from .config import LbConfig
@@ -30,6 +31,9 @@ class UpstreamConnection:
         self.closed = False
         self.tunnel = False
         self.parser = httptools.HttpResponseParser(self)
+        # Bound once per connection, not looked up per call (compiled: a direct call).
+        self._feed = self.parser.feed_data
+        self.send: Callable[[bytes], None] = unconnected_write
         # One timer per kind of wait, each only ever moved later (see proxycore/deadline.py).
         self.first_byte_timer = Deadline(pool.loop, self._first_byte_timeout)
         self.idle_timer = Deadline(pool.loop, self._idle_timeout)
@@ -46,6 +50,7 @@ class UpstreamConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.send = transport.write
         self.valve = Valve(transport)
         # TCP_NODELAY: uvloop sets it on every TCP transport (tests/test_proxycore_loop.py).
         bound_writes(transport)
@@ -66,7 +71,7 @@ class UpstreamConnection:
         client = ex.client
         client.cork()
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
             if self.exchange is ex and self.tunnel:
@@ -161,6 +166,7 @@ class UpstreamConnection:
             # llhttp would wait for the body a HEAD response never has
             self._head_only = False
             self.parser = httptools.HttpResponseParser(self)
+            self._feed = self.parser.feed_data
         ex.on_response_complete(self._keep_alive and not self.closed)
 
     def start_exchange(self, ex: Exchange, now: float) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from .servers import Server
 
-POLICIES = ("round_robin", "least_conn")
+POLICIES: Final = ("round_robin", "least_conn")
 
 
 class Policy(Protocol):

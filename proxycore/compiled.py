@@ -40,6 +40,8 @@ HOT_MODULES = (
     "lb.exchange",
     "lb.upstream",
     "dbproxy.pgwire",
+    "dbproxy.routing",
+    "dbproxy.app",
     "dbproxy.session",
 )
 # mypyc puts the code of all of them in one shared library, inside this package.

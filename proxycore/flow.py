@@ -48,12 +48,17 @@ class Valve:
 
 
 # Per-connection write buffer bounds: what a slow reader can make us hold.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 
 
 def bound_writes(transport: asyncio.WriteTransport) -> None:
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+
+
+def unconnected_write(data: bytes) -> None:
+    """A protocol's bound write before connection_made gives it the transport's."""
+    raise RuntimeError("write before the connection was made")
 
 
 class HalfClose:

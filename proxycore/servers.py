@@ -12,13 +12,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .config import Address
 
 log = logging.getLogger("balance.servers")
 
-ADMIN_STATES = ("enabled", "drain", "disabled")
+ADMIN_STATES: Final = ("enabled", "drain", "disabled")
 
 
 @dataclass(frozen=True, slots=True)

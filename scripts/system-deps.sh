@@ -13,6 +13,7 @@ NEEDED=(
   "psql postgresql-client-15"
   "taskset util-linux"
   "gcc gcc"
+  "openssl openssl"
   "wrk wrk"
   "nginx nginx-light"
   "haproxy haproxy"

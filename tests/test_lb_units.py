@@ -228,13 +228,16 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
         ResponseInfo(
             [(b"Connection", b"close, X-Internal"), (b"X-Internal", b"1"), (b"Server", b"s")]
         ),
-        content_length=3,
+        content_length=b"3",
         chunked_to_client=False,
         keep_alive=True,
         request_id=b"rid",
     ).decode()
     assert "X-Internal" not in response and "Connection" not in response
     assert "Server: s\r\nX-Request-ID: rid\r\nContent-Length: 3\r\n\r\n" in response
+    # the upstream's digits are passed on as sent, an odd spelling is normalised
+    assert ResponseInfo([(b"Content-Length", b" 42 ")]).content_length_text == b"42"
+    assert ResponseInfo([(b"Content-Length", b"+42")]).content_length_text == b"42"
 
 
 def test_escape_request_line_only_touches_the_first_line() -> None:
