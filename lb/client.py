@@ -125,7 +125,9 @@ class ClientConnection:
         if self._line:
             data = self._line + data
             self._line = b""
-        if b"\n" not in data:
+        # find(), not `in`: bytes.__contains__ first tries its argument as an int,
+        # and that failed try (an exception set and cleared) cost more than the search.
+        if data.find(b"\n") < 0:
             if len(data) > self.lb.config.limits.max_header_bytes:
                 self._reject(BadRequest(414, "uri_too_long", "the request line is too long"))
                 return b""

@@ -286,7 +286,7 @@ class Exchange:
                 return False
         self.status = status
         info = ResponseInfo(headers)
-        content_length = info.content_length_text
+        content_length = info.content_length
         upstream_chunked = info.chunked
         is_head = self.method == b"HEAD"
         no_body = is_head or status in (204, 304)

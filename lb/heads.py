@@ -3,7 +3,6 @@ side gets (hop-by-hop headers out, X-Forwarded-* and X-Request-ID in, framing)."
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -85,6 +84,12 @@ _LOWER: Final = {
     for name in _KNOWN_NAMES
     for spelled in (name.encode(), name.lower().encode())
 }
+# By a header name's length: could it be one a pass over a head looks for (the
+# rebuilt ones, Host, X-Request-ID)? Most names are not, and skip the lookup.
+_WATCHED_SIZES: Final = bytes(
+    int(size in {len(n) for n in (_REBUILT_REQUEST | _REBUILT_RESPONSE | {b"host"})})
+    for size in range(32)
+)
 _PLAIN_CONNECTION_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
@@ -125,18 +130,30 @@ class BadRequest(Exception):
         self.message = message
 
 
+# "00".."ff": the last two hex digits of a request id, looked up, not formatted
+_HEX_PAIRS: Final = [b"%02x" % i for i in range(256)]
+
+
 class _RequestIds:
     """32 hex digits like nginx's $request_id: a random per-process half and a counter.
 
-    Unique without a system call per request (os.urandom would cost one).
+    Unique without a system call per request (os.urandom would cost one). The
+    counter's digits but the last two are formatted once per 256 ids; per id it
+    is one concatenation (formatting an int into bytes cost 0.13 µs per request).
     """
 
     def __init__(self) -> None:
         self._prefix = os.urandom(8).hex().encode()
-        self._next = itertools.count(int.from_bytes(os.urandom(4), "big"))
+        self._count = int.from_bytes(os.urandom(4), "big") << 8
+        self._head = b""
 
     def __call__(self) -> bytes:
-        return b"%b%016x" % (self._prefix, next(self._next))
+        count = self._count
+        self._count = count + 1
+        low = count & 0xFF
+        if low == 0 or not self._head:
+            self._head = b"%b%014x" % (self._prefix, count >> 8)
+        return self._head + _HEX_PAIRS[low]
 
 
 new_request_id = _RequestIds()
@@ -183,6 +200,10 @@ class RequestInfo:
         # Lines that go upstream as they are, gathered in the same single pass.
         forwarded: list[bytes] = []
         for name, value in headers:
+            size = len(name)
+            if size >= len(_WATCHED_SIZES) or not _WATCHED_SIZES[size]:
+                _add_line(forwarded, name, value)  # no name we look for is this long
+                continue
             lname = _LOWER.get(name) or name.lower()
             if lname not in _REBUILT_REQUEST:
                 _add_line(forwarded, name, value)
@@ -313,26 +334,31 @@ def upstream_request_head(
 class ResponseInfo:
     """One pass over a response head: its framing, and the lines the client gets."""
 
-    __slots__ = ("chunked", "content_length", "content_length_text", "lines", "request_id")
+    __slots__ = ("chunked", "content_length", "lines", "request_id")
 
     def __init__(self, headers: Sequence[Header], upgrade: bool = False) -> None:
-        self.content_length: int | None = None
-        # the digits as the upstream sent them: passed on without formatting an int
-        self.content_length_text: bytes | None = None
+        # The digits as the upstream sent them (llhttp has checked them): they go
+        # to the client as they are, never parsed into an int and formatted back.
+        self.content_length: bytes | None = None
         self.chunked = False
         self.request_id = False
         lines: list[bytes] = []
         tokens: set[bytes] | None = None
         for name, value in headers:
+            size = len(name)
+            if size >= len(_WATCHED_SIZES) or not _WATCHED_SIZES[size]:
+                _add_line(lines, name, value)  # no name we look for is this long
+                continue
             lname = _LOWER.get(name) or name.lower()
             if lname not in _REBUILT_RESPONSE:
                 if lname == b"x-request-id":
                     self.request_id = True
                 _add_line(lines, name, value)
             elif lname == b"content-length":
-                self.content_length = int(value)
-                text = value.strip()
-                self.content_length_text = text if text.isdigit() else b"%d" % self.content_length
+                digits = value.strip()
+                if not digits.isdigit():
+                    raise ValueError(f"Content-Length {value!r} is not a number")
+                self.content_length = digits.lstrip(b"0") or b"0"
             elif lname == b"transfer-encoding":
                 self.chunked = True
             elif lname == b"connection":

@@ -236,8 +236,15 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
     assert "X-Internal" not in response and "Connection" not in response
     assert "Server: s\r\nX-Request-ID: rid\r\nContent-Length: 3\r\n\r\n" in response
     # the upstream's digits are passed on as sent, an odd spelling is normalised
-    assert ResponseInfo([(b"Content-Length", b" 42 ")]).content_length_text == b"42"
-    assert ResponseInfo([(b"Content-Length", b"+42")]).content_length_text == b"42"
+    assert ResponseInfo([(b"Content-Length", b" 42 ")]).content_length == b"42"
+    assert ResponseInfo([(b"Content-Length", b"0042")]).content_length == b"42"
+    assert ResponseInfo([(b"Content-Length", b"0")]).content_length == b"0"
+    with pytest.raises(ValueError):
+        ResponseInfo([(b"Content-Length", b"+42")])
+    # a name no rule looks at passes by its length alone, spelled as sent
+    assert ResponseInfo([(b"X-Anything-Long-Enough-To-Skip", b"1")]).lines == (
+        b"X-Anything-Long-Enough-To-Skip: 1\r\n"
+    )
 
 
 def test_escape_request_line_only_touches_the_first_line() -> None:
@@ -247,3 +254,18 @@ def test_escape_request_line_only_touches_the_first_line() -> None:
     escaped = escape_request_line(raw)
     assert escaped.startswith(b"GET /s?n=%D0%98%D0%B2 HTTP/1.1\r\n")
     assert escaped.endswith("X-Name: Иван\r\n\r\n".encode())
+
+
+def test_request_ids_are_32_hex_digits_and_unique_across_the_counters_carry() -> None:
+    import re
+
+    from lb.heads import _RequestIds
+
+    ids = _RequestIds()
+    made = [ids() for _ in range(1000)]  # at least three carries into the formatted digits
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in made)
+    assert len(set(made)) == len(made)
+    # consecutive, as a counter: the same process half, the counter half one apart
+    counters = [int(i[16:], 16) for i in made]
+    assert counters == list(range(counters[0], counters[0] + len(made)))
+    assert len({i[:16] for i in made}) == 1
