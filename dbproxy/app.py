@@ -29,7 +29,7 @@ from .session import ClientSession
 log = logging.getLogger("dbproxy")
 
 
-class _First:
+class _First(Policy):
     """A policy that moves no state: for asking whether any server fits."""
 
     def choose(self, candidates: Sequence[Server]) -> Server:

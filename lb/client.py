@@ -125,9 +125,11 @@ class ClientConnection:
         if self._line:
             data = self._line + data
             self._line = b""
-        # find(), not `in`: bytes.__contains__ first tries its argument as an int,
-        # and that failed try (an exception set and cleared) cost more than the search.
-        if data.find(b"\n") < 0:
+        # A read that ends a line has one (the usual case: a whole head), checked on
+        # the last byte; else find(), not `in`: bytes.__contains__ first tries its
+        # argument as an int, a failed try (an exception set and cleared) that
+        # cost more than the search.
+        if data[len(data) - 1] != 10 and data.find(b"\n") < 0:
             if len(data) > self.lb.config.limits.max_header_bytes:
                 self._reject(BadRequest(414, "uri_too_long", "the request line is too long"))
                 return b""

@@ -358,7 +358,7 @@ class ResponseInfo:
                 digits = value.strip()
                 if not digits.isdigit():
                     raise ValueError(f"Content-Length {value!r} is not a number")
-                self.content_length = digits.lstrip(b"0") or b"0"
+                self.content_length = digits
             elif lname == b"transfer-encoding":
                 self.chunked = True
             elif lname == b"connection":

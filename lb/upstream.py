@@ -30,9 +30,7 @@ class UpstreamConnection:
         self.exchange: Exchange | None = None
         self.closed = False
         self.tunnel = False
-        self.parser = httptools.HttpResponseParser(self)
-        # Bound once per connection, not looked up per call (compiled: a direct call).
-        self._feed = self.parser.feed_data
+        self._new_parser()
         self.send: Callable[[bytes], None] = unconnected_write
         # One timer per kind of wait, each only ever moved later (see proxycore/deadline.py).
         self.first_byte_timer = Deadline(pool.loop, self._first_byte_timeout)
@@ -165,9 +163,13 @@ class UpstreamConnection:
         if self._head_only:
             # llhttp would wait for the body a HEAD response never has
             self._head_only = False
-            self.parser = httptools.HttpResponseParser(self)
-            self._feed = self.parser.feed_data
+            self._new_parser()
         ex.on_response_complete(self._keep_alive and not self.closed)
+
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        # Bound once, not looked up per call (compiled: a direct call).
+        self._feed = self.parser.feed_data
 
     def start_exchange(self, ex: Exchange, now: float) -> None:
         self.exchange = ex

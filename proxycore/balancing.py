@@ -4,34 +4,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Final, Protocol
+from typing import Final
 
 from .servers import Server
 
 POLICIES: Final = ("round_robin", "least_conn")
 
 
-class Policy(Protocol):
-    def choose(self, candidates: Sequence[Server]) -> Server: ...
+class Policy:
+    """A base class, not a typing.Protocol: compiled, a call through it is a native
+    method call, where a Protocol's is a lookup by name per request."""
+
+    def choose(self, candidates: Sequence[Server]) -> Server:
+        raise NotImplementedError
 
 
-class SmoothWeightedRoundRobin:
+class SmoothWeightedRoundRobin(Policy):
     """nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, never a burst."""
 
     def choose(self, candidates: Sequence[Server]) -> Server:
         total = 0
         best = candidates[0]
-        best_weight = None
+        best_weight = 0
+        first = True
         for server in candidates:
             server.rr_current += server.weight
             total += server.weight
-            if best_weight is None or server.rr_current > best_weight:
-                best, best_weight = server, server.rr_current
+            if first or server.rr_current > best_weight:
+                best, best_weight, first = server, server.rr_current, False
         best.rr_current -= total
         return best
 
 
-class LeastConn:
+class LeastConn(Policy):
     """Fewest in-flight per unit of weight; ties go round robin so equals share the load."""
 
     def __init__(self) -> None:
