@@ -385,7 +385,7 @@ def client_response_head(
 ) -> bytes:
     """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise).
 
-    ``content_length``: the digits to send, as ResponseInfo.content_length_text.
+    ``content_length``: the digits to send, as in ResponseInfo.content_length.
     """
     parts = [b"HTTP/1.1 ", _status_text(status), b" ", reason, b"\r\n", info.lines]
     if not info.request_id:
