@@ -20,7 +20,14 @@ from proxycore.deadline import Deadline
 from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 
 from .exchange import Exchange
-from .heads import BadRequest, RequestInfo, error_response, escape_request_line, new_request_id
+from .heads import (
+    BadRequest,
+    RequestInfo,
+    error_response,
+    escape_request_line,
+    new_request_id,
+    rule_name,
+)
 
 if TYPE_CHECKING:
     from .app import Balancer
@@ -195,7 +202,7 @@ class ClientConnection:
                 "header_too_large",
                 f"request head over {self.lb.config.limits.max_header_bytes} bytes",
             )
-        if len(name) == 10 and name.lower() == b"connection":
+        if rule_name(name) == b"connection":
             self._connection_header = True
         self._headers.append((name, value))
 

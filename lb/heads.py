@@ -111,6 +111,25 @@ def escape_request_line(data: bytes) -> bytes:
     return _HIGH_BYTE.sub(lambda m: b"%%%02X" % m.group()[0], line) + rest
 
 
+def rule_name(name: bytes) -> bytes:
+    """The lowercase form of a header name some rule looks at; b"" for a name no
+    rule can be about, told by its length alone (most names: no lookup at all)."""
+    size = len(name)
+    if size >= len(_WATCHED_SIZES) or not _WATCHED_SIZES[size]:
+        return b""
+    return _LOWER.get(name) or name.lower()
+
+
+def _lines_without(headers: Sequence[Header], drop: frozenset[bytes] | set[bytes]) -> list[bytes]:
+    """The header lines, as parts of a later join, but those whose name is in ``drop``
+    (the rare second pass, when Connection names further hop-by-hop headers)."""
+    out: list[bytes] = []
+    for name, value in headers:
+        if name.lower() not in drop:
+            _add_line(out, name, value)
+    return out
+
+
 def _add_line(out: list[bytes], name: bytes, value: bytes) -> None:
     """A header line as four parts of a later join; appended one by one, as
     compiled that allocates nothing (a tuple to extend with would)."""
@@ -200,12 +219,8 @@ class RequestInfo:
         # Lines that go upstream as they are, gathered in the same single pass.
         forwarded: list[bytes] = []
         for name, value in headers:
-            size = len(name)
-            if size >= len(_WATCHED_SIZES) or not _WATCHED_SIZES[size]:
-                _add_line(forwarded, name, value)  # no name we look for is this long
-                continue
-            lname = _LOWER.get(name) or name.lower()
-            if lname not in _REBUILT_REQUEST:
+            lname = rule_name(name)
+            if not lname or lname not in _REBUILT_REQUEST:
                 _add_line(forwarded, name, value)
                 if lname == b"host":
                     host = value
@@ -271,10 +286,7 @@ class RequestInfo:
         )
         if connection is not None and self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
             # Rare: headers named in Connection are hop-by-hop too; gather again without them.
-            drop = _REBUILT_REQUEST | self.connection_tokens
-            forwarded = [
-                part for n, v in headers if n.lower() not in drop for part in (n, b": ", v, b"\r\n")
-            ]
+            forwarded = _lines_without(headers, _REBUILT_REQUEST | self.connection_tokens)
         self.forwarded = b"".join(forwarded)
         self.close = b"close" in self.connection_tokens or (
             not http11 and b"keep-alive" not in self.connection_tokens
@@ -345,12 +357,8 @@ class ResponseInfo:
         lines: list[bytes] = []
         tokens: set[bytes] | None = None
         for name, value in headers:
-            size = len(name)
-            if size >= len(_WATCHED_SIZES) or not _WATCHED_SIZES[size]:
-                _add_line(lines, name, value)  # no name we look for is this long
-                continue
-            lname = _LOWER.get(name) or name.lower()
-            if lname not in _REBUILT_RESPONSE:
+            lname = rule_name(name)
+            if not lname or lname not in _REBUILT_RESPONSE:
                 if lname == b"x-request-id":
                     self.request_id = True
                 _add_line(lines, name, value)
@@ -368,7 +376,7 @@ class ResponseInfo:
                 _add_line(lines, name, value)
         if tokens is not None and tokens - _PLAIN_CONNECTION_TOKENS:
             drop = (_REBUILT_RESPONSE | tokens) - ({b"upgrade"} if upgrade else set())
-            lines = [p for n, v in headers if n.lower() not in drop for p in (n, b": ", v, b"\r\n")]
+            lines = _lines_without(headers, drop)
         self.lines = b"".join(lines)
 
 
