@@ -6,8 +6,9 @@ mode against each path: select-only (-S), the default tpcb-like mix, and -S -C
 (a new connection per transaction, where a proxy's connect path shows). The
 proxy is pinned to core 0 and pgbench to core 1; Postgres itself runs
 unpinned, the same for every path. Rounds interleave the paths, each round
-starting with another one, and pgbench vacuums before every run; the median
-counts.
+starting with another one. Before every run pgbench vacuums and a CHECKPOINT
+writes out what the run before dirtied, so no run pays for another's writes;
+the median counts.
 """
 
 from __future__ import annotations
@@ -99,6 +100,27 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
     return float(m.group(1))
 
 
+def _psql(port: int, sql: str) -> None:
+    subprocess.run(
+        [
+            _pg_bin("psql"),
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-c",
+            sql,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 @contextlib.contextmanager
 def path_port(
     path: str, master: int, check_password: str, work: Path
@@ -151,24 +173,7 @@ def run_pg(
         say("starting a local stack for the benchmark")
         with local_stack(work, profile="none", users=1000) as stack:
             master = stack.ports.master
-            subprocess.run(
-                [
-                    _pg_bin("psql"),
-                    "-X",
-                    "-q",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(master),
-                    "-U",
-                    "postgres",
-                    "-c",
-                    "CREATE DATABASE bench",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+            _psql(master, "CREATE DATABASE bench")
             say(f"pgbench -i -s {scale_for(clients)}")
             _pgbench(master, [], 0, clients, init=True)
             for r in range(1, rounds + 1):
@@ -176,6 +181,10 @@ def run_pg(
                     with path_port(path, master, stack.check_password, work) as (port, pid):
                         for mode, flags in MODES.items():
                             say(f"round {r}/{rounds}: {path} {mode} ({seconds:g}s)")
+                            # Each run starts with no dirty pages left by the one
+                            # before (tpcb-like writes): else the checkpointer writes
+                            # them out during the next run, on whichever path that is.
+                            _psql(master, "CHECKPOINT")
                             before = cpu_seconds(pid) if pid is not None else 0.0
                             rate = _pgbench(port, flags, seconds, clients)
                             tps[mode][path].append(rate)

@@ -25,6 +25,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.upstream import response
 from lb.app import Balancer
 from lb.client import ClientConnection
 from lb.config import from_args, parser
@@ -32,9 +33,8 @@ from lb.upstream import UpstreamConnection
 from proxycore.compiled import hot_path
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 14\r\n\r\nhello from up1\n"
-)
+# What bench's upstreams answer (its Content-Length counts the newline).
+RESPONSE = response("up1")
 
 
 class KeptWrites:
