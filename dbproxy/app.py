@@ -17,6 +17,7 @@ from proxycore.balancing import Policy, make_policy, pick
 from proxycore.compiled import hot_path, protocol_factory
 from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
+from proxycore.lifecycle import log_reloaded
 from proxycore.servers import CheckRecord, Server, ServerSet
 
 from . import routing
@@ -131,13 +132,7 @@ class DbProxy:
                 self.servers, pg_probe(new.check), new.check.timing, after_check=self._after_check
             )
         self._checker.sync()
-        log.warning(
-            "reloaded %s: %d server(s) (+%d -%d)",
-            new.source or "flags",
-            len(self.servers),
-            len(added),
-            len(removed),
-        )
+        log_reloaded(log, new.source, len(self.servers), len(added), len(removed))
 
     async def shutdown(self) -> None:
         self.draining = True

@@ -121,19 +121,12 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
     )
     r.done()
     t = root.section("timeouts")
-    timeouts = Timeouts(
-        **{
-            f.name: t.duration(f.name, getattr(d.timeouts, f.name))
-            for f in dataclasses.fields(Timeouts)
-        }
-    )
+    timeouts = t.durations(d.timeouts)
     t.done()
 
     servers, slots = [], {}
     for s in root.sections("server"):
-        address = s.address("address", None)
-        if address is None:
-            raise ConfigError(f"{s.where('address')}: every [[server]] needs an address")
+        address = s.server_address()
         name = s.string("name", str(address))
         servers.append(
             ServerSpec(name=name, address=address, weight=s.integer("weight", 1, minimum=1))
@@ -141,9 +134,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         if s.has("slot"):
             slots[name] = s.string("slot", "")
         s.done()
-    names = [s.name for s in servers]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{root.where('server')}: server names must differ: {', '.join(names)}")
+    root.distinct_names("server", [s.name for s in servers])
     root.done()
     return DbProxyConfig(
         listen=listen,

@@ -16,6 +16,7 @@ from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy
 from proxycore.compiled import hot_path, protocol_factory
 from proxycore.health import HealthChecker
+from proxycore.lifecycle import log_reloaded
 from proxycore.servers import ServerSet
 
 from .checks import http_probe
@@ -102,13 +103,7 @@ class Balancer:
             self.loop.create_task(self._checker.stop())
             self._checker = None
         self._start_checks()
-        log.warning(
-            "reloaded %s: %d server(s) (+%d -%d)",
-            new.source or "flags",
-            len(self.servers),
-            len(added),
-            len(removed),
-        )
+        log_reloaded(log, new.source, len(self.servers), len(added), len(removed))
 
     def status(self) -> dict[str, Any]:
         m = self.metrics

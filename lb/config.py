@@ -135,12 +135,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     p.done()
 
     t = root.section("timeouts")
-    timeouts = Timeouts(
-        **{
-            f.name: t.duration(f.name, getattr(d.timeouts, f.name))
-            for f in dataclasses.fields(Timeouts)
-        }
-    )
+    timeouts = t.durations(d.timeouts)
     t.done()
     lim = root.section("limits")
     limits = Limits(
@@ -163,9 +158,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
 
     servers = []
     for s in root.sections("server"):
-        address = s.address("address", None)
-        if address is None:
-            raise ConfigError(f"{s.where('address')}: every [[server]] needs an address")
+        address = s.server_address()
         servers.append(
             ServerSpec(
                 name=s.string("name", str(address)),
@@ -175,9 +168,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
             )
         )
         s.done()
-    names = [s.name for s in servers]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{root.where('server')}: server names must differ: {', '.join(names)}")
+    root.distinct_names("server", [s.name for s in servers])
     root.done()
     return LbConfig(
         listen=listen,

@@ -3,12 +3,18 @@ name the file and the key in every error."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")
 
 
 class ConfigError(Exception):
@@ -140,6 +146,29 @@ class Section:
     def address(self, key: str, default: Address | None) -> Address | None:
         value = self._get(key)
         return default if value is None else parse_address(value, self.where(key))
+
+    def durations(self, defaults: D) -> D:
+        """A table whose every key is a duration: one per field of the frozen
+        dataclass ``defaults``, each defaulting to its value there."""
+        return dataclasses.replace(
+            defaults,
+            **{
+                f.name: self.duration(f.name, getattr(defaults, f.name))
+                for f in dataclasses.fields(defaults)
+            },
+        )
+
+    def server_address(self) -> Address:
+        """A [[server]] table's address, which it cannot go without."""
+        address = self.address("address", None)
+        if address is None:
+            raise ConfigError(f"{self.where('address')}: every [[server]] needs an address")
+        return address
+
+    def distinct_names(self, key: str, names: list[str]) -> None:
+        """The [[key]] tables read from here must be told apart by name."""
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{self.where(key)}: {key} names must differ: {', '.join(names)}")
 
     def section(self, key: str) -> Section:
         value = self._get(key)

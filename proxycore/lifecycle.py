@@ -77,6 +77,15 @@ class Runner(Generic[C]):
         service.apply(config)
 
 
+def log_reloaded(
+    logger: logging.Logger, source: object, servers: int, added: int, removed: int
+) -> None:
+    """The one line a reload leaves, in both proxies' words alike."""
+    logger.warning(
+        "reloaded %s: %d server(s) (+%d -%d)", source or "flags", servers, added, removed
+    )
+
+
 def setup_logging(name: str) -> None:
     logging.basicConfig(
         level=logging.INFO,
