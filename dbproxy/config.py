@@ -67,6 +67,9 @@ class DbProxyConfig:
     max_client_connections: int = 10_000
     close_sessions_on_down: bool = True
     ssl: str = "passthrough"  # or "refuse": answer SSLRequest with 'N' ourselves
+    # passthrough: how long a server's 'N' to an SSLRequest is given again on its
+    # behalf, sparing the client a round trip to a backend still starting (0: never)
+    ssl_refusal_memory: float = 1.0
     source: Path | None = field(default=None, compare=False)
 
 
@@ -86,6 +89,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
     method = root.string("method", d.method, POLICIES)
     ssl = root.string("ssl", d.ssl, ("passthrough", "refuse"))
+    ssl_refusal_memory = root.duration("ssl_refusal_memory", d.ssl_refusal_memory)
     close_sessions = root.boolean("close_sessions_on_down", d.close_sessions_on_down)
     max_clients = root.integer("max_client_connections", d.max_client_connections, minimum=1)
 
@@ -149,6 +153,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         max_client_connections=max_clients,
         close_sessions_on_down=close_sessions,
         ssl=ssl,
+        ssl_refusal_memory=ssl_refusal_memory,
         source=source,
     )
 

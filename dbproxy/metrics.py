@@ -18,10 +18,12 @@ class DbProxyCollector(Collector):
         listeners: Callable[[], Iterable[object]],
         servers: Callable[[], Iterable[Server]],
         cancels: Callable[[], tuple[int, int]],
+        ssl_requests: Callable[[], tuple[int, int]],
     ) -> None:
         self._listeners = listeners
         self._servers = servers
         self._cancels = cancels
+        self._ssl_requests = ssl_requests
 
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily(
@@ -103,3 +105,12 @@ class DbProxyCollector(Collector):
         cancels.add_metric(["to_session_server"], routed)
         cancels.add_metric(["to_every_server"], broadcast)
         yield cancels
+        forwarded, answered = self._ssl_requests()
+        ssl = CounterMetricFamily(
+            "dbproxy_ssl_requests",
+            "SSLRequests forwarded, or answered 'N' as the server had just answered one",
+            labels=["how"],
+        )
+        ssl.add_metric(["forwarded"], forwarded)
+        ssl.add_metric(["answered_for_server"], answered)
+        yield ssl

@@ -60,6 +60,7 @@ class ClientSession:
         self.ends = HalfClose()
         self._out: asyncio.Transport | None = None  # the server's transport, once relaying
         self._dial: asyncio.Task[None] | None = None  # a connect in flight
+        self._target: Server | None = None  # the server dialled last
         self._dial_timed_out = False
         self._failed: list[Server] = []  # servers whose connect failed for this session
         self._ready: ServerSide | None = None  # connected, nothing sent to it yet
@@ -162,6 +163,9 @@ class ClientSession:
                     self.write(b"N")
                     continue
                 self._ssl_asked = True
+                if self.proxy.refuses_ssl(self._target):
+                    self.write(b"N")  # what it said a moment ago (see DbProxy.refuses_ssl)
+                    continue
                 self._send(packet, probe=True)
                 return
             if isinstance(first, CancelRequest):
@@ -206,6 +210,7 @@ class ClientSession:
         server = self.proxy.choose(self.listener, self._failed)
         if server is None:
             return False
+        self._target = server
         proxy = self.proxy
         self._dial_timed_out = False
         # A limit that cancels the connect, not asyncio.timeout: no Timeout
@@ -271,6 +276,7 @@ class ClientSession:
     def ssl_answer(self, side: ServerSide, answer: bytes) -> None:
         """The server answered the forwarded SSLRequest."""
         self._probing = None
+        self.proxy.ssl_answered(side.server, answer)
         if answer == b"S":
             # TLS end to end from here on: relay; the session's key stays unseen.
             side.watcher = None

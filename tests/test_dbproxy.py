@@ -313,6 +313,11 @@ async def test_tls_goes_end_to_end_unless_refused(pystack: StackHandle, tmp_path
                 with pytest.raises(asyncpg.exceptions.QueryCanceledError):
                     await asyncio.wait_for(query, 5)
                 assert proxy.status()["cancels_to_every_server"] == 1
+                # A server that says 'S' is asked every time: TLS stays end to end.
+                again = await connect(pystack, proxy.ports["rw"], ssl="require")
+                assert await again.fetchval(tls_query) is True
+                await again.close()
+                assert proxy.status()["ssl_requests_answered_for_server"] == 0
             finally:
                 await conn.close()
         with dbproxy_for(pystack, tmp_path / "refuse", top='ssl = "refuse"\n') as proxy:
@@ -323,6 +328,39 @@ async def test_tls_goes_end_to_end_unless_refused(pystack: StackHandle, tmp_path
                 assert await conn.fetchval(tls_query) is False
             finally:
                 await conn.close()
+
+
+async def test_a_servers_refusal_of_tls_is_given_again_for_a_while(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    tls_query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+    async def session(proxy: DbProxyProc) -> None:
+        conn = await connect(pystack, proxy.ports["rw"], ssl="prefer")  # SSLRequest first
+        try:
+            assert await conn.fetchval(tls_query) is False
+        finally:
+            await conn.close()
+
+    def counts(proxy: DbProxyProc) -> tuple[int, int]:
+        status = proxy.status()
+        return status["ssl_requests_forwarded"], status["ssl_requests_answered_for_server"]
+
+    (tmp_path / "remember").mkdir()
+    (tmp_path / "forget").mkdir()
+    # The master has no certificate here: it answers 'N'.
+    top = 'ssl_refusal_memory = "10m"\n'
+    with dbproxy_for(pystack, tmp_path / "remember", top=top) as proxy:
+        await session(proxy)
+        assert counts(proxy) == (1, 0)  # the first is asked of the server
+        for _ in range(3):
+            await session(proxy)
+        assert counts(proxy) == (1, 3)  # then its answer is ours to give
+        assert 'dbproxy_ssl_requests_total{how="answered_for_server"} 3.0' in proxy.metrics()
+    with dbproxy_for(pystack, tmp_path / "forget", top='ssl_refusal_memory = "0s"\n') as proxy:
+        for _ in range(3):
+            await session(proxy)
+        assert counts(proxy) == (3, 0)
 
 
 async def test_lag_takes_the_replica_out_of_ro_and_back(
