@@ -201,7 +201,7 @@ class DbProxy:
         """Whether ``server`` answered an SSLRequest 'N' within ssl_refusal_memory: then
         its session hears that 'N' from us at once. Forwarded, the SSLRequest waits
         for the backend Postgres forks for it; answered here, the client's startup
-        packet is on its way meanwhile (measured under pgbench -C: 9% more
+        packet is on its way meanwhile (measured under pgbench -S -C: a tenth more
         connections a second). A server that says 'S' is always asked: TLS stays
         end to end."""
         at = None if server is None else self._ssl_refused_at.get(server)
