@@ -13,6 +13,7 @@ the median counts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -25,6 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from stack.postgres import connect
 
 from .procs import BenchError, cpu_seconds, free_port, require, rotated, running
 from .stackrun import local_stack
@@ -100,25 +103,17 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
     return float(m.group(1))
 
 
-def _psql(port: int, sql: str) -> None:
-    subprocess.run(
-        [
-            _pg_bin("psql"),
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
-            "-c",
-            sql,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+def _superuser(port: int, statement: str) -> None:
+    """One statement as the superuser, over stack.postgres's own connection."""
+
+    async def run() -> None:
+        conn = await connect(port)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
 
 
 @contextlib.contextmanager
@@ -173,7 +168,7 @@ def run_pg(
         say("starting a local stack for the benchmark")
         with local_stack(work, profile="none", users=1000) as stack:
             master = stack.ports.master
-            _psql(master, "CREATE DATABASE bench")
+            _superuser(master, "CREATE DATABASE bench")
             say(f"pgbench -i -s {scale_for(clients)}")
             _pgbench(master, [], 0, clients, init=True)
             for r in range(1, rounds + 1):
@@ -184,7 +179,7 @@ def run_pg(
                             # Each run starts with no dirty pages left by the one
                             # before (tpcb-like writes): else the checkpointer writes
                             # them out during the next run, on whichever path that is.
-                            _psql(master, "CHECKPOINT")
+                            _superuser(master, "CHECKPOINT")
                             before = cpu_seconds(pid) if pid is not None else 0.0
                             rate = _pgbench(port, flags, seconds, clients)
                             tps[mode][path].append(rate)
