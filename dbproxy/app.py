@@ -165,10 +165,10 @@ class DbProxy:
         limits = self.config.ro
         policy = self.policy
         accept = routing.accept_for(listener.name, limits, fallback=False)
-        server = pick(self.servers, policy, tried, accept)
+        server = pick(self.servers.order, policy, tried, accept)
         if server is None and listener.name == "ro" and limits.primary_fallback:
             fallback = routing.accept_for("ro", limits, fallback=True)
-            server = pick(self.servers, policy, tried, fallback)
+            server = pick(self.servers.order, policy, tried, fallback)
         return server
 
     def attach(self, session: ClientSession, server: Server) -> None:
@@ -277,7 +277,9 @@ class DbProxy:
         limits = self.config.ro
         if not limits.return_to_replica or "ro" not in self.listeners:
             return
-        replica = pick(self.servers, _FIRST, [], routing.accept_for("ro", limits, fallback=False))
+        replica = pick(
+            self.servers.order, _FIRST, [], routing.accept_for("ro", limits, fallback=False)
+        )
         if replica is None:
             return
         parked = [

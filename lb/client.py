@@ -202,7 +202,9 @@ class ClientConnection:
                 "header_too_large",
                 f"request head over {self.lb.config.limits.max_header_bytes} bytes",
             )
-        if rule_name(name) == b"connection":
+        # Only a name of ten letters can be Connection: the rest skip the lookup
+        # (RequestInfo reads every name once more anyway).
+        if len(name) == 10 and rule_name(name) == b"connection":
             self._connection_header = True
         self._headers.append((name, value))
 
@@ -218,10 +220,12 @@ class ClientConnection:
             http11 = parser.get_http_version() == "1.1"
         self._connection_header = False
         headers = self._headers
-        info = RequestInfo(headers, http11, self.lb.config.limits.max_body_bytes)
-        ex = Exchange(self, parser.get_method(), self._url, headers, info, http11)
+        try:
+            info = RequestInfo(headers, http11, self.lb.config.limits.max_body_bytes)
+        finally:
+            headers.clear()  # the list is kept: one fewer allocation per request
+        ex = Exchange(self, parser.get_method(), self._url, info, http11)
         self._url = b""
-        self._headers = []
         self._current = ex
         self.queue.append(ex)
         self.lb.metrics.in_flight += 1

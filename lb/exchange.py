@@ -72,7 +72,6 @@ class Exchange:
         client: ClientConnection,
         method: bytes,
         target: bytes,
-        headers: list[Header],
         info: RequestInfo,
         http11: bool,
     ) -> None:
@@ -80,13 +79,12 @@ class Exchange:
         self.lb: Balancer = client.lb
         self.method = method
         self.target = target
-        self.headers = headers
         self.info = info
         self.http11 = http11
         self.request_id = info.request_id or new_request_id()
         self.client_keep_alive = not info.close and info.upgrade is None
         self.started = self.lb.clock()
-        self.tried: list[Server] = []
+        self.tried: tuple[Server, ...] = ()  # a tuple: a request usually tries one
         self.body_done = not info.chunked and not info.content_length and info.upgrade is None
 
     # -- choosing and reaching a server --------------------------------------
@@ -94,7 +92,7 @@ class Exchange:
         """Choose a server and send; ``now``: the loop time when the caller has it
         (a request begun as soon as its head is read), else it is read here."""
         lb = self.lb
-        server = pick(lb.servers, lb.policy, self.tried)
+        server = pick(lb.servers.order, lb.policy, self.tried)
         if server is None:
             if not self.tried:
                 lb.metrics.no_server += 1
@@ -104,7 +102,7 @@ class Exchange:
                     502, "bad_gateway", f"no other server to try after {len(self.tried)} attempt(s)"
                 )
             return
-        self.tried.append(server)
+        self.tried += (server,)
         if (
             self.info.expect_continue
             and not self.body_done
@@ -164,7 +162,6 @@ class Exchange:
             head = self.head = upstream_request_head(
                 self.method,
                 self.target,
-                self.headers,
                 self.info,
                 self.request_id,
                 self.client.client_ip,

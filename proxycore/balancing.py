@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 from .servers import Server
@@ -15,14 +15,14 @@ class Policy:
     """A base class, not a typing.Protocol: compiled, a call through it is a native
     method call, where a Protocol's is a lookup by name per request."""
 
-    def choose(self, candidates: Sequence[Server]) -> Server:
+    def choose(self, candidates: list[Server]) -> Server:
         raise NotImplementedError
 
 
 class SmoothWeightedRoundRobin(Policy):
     """nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, never a burst."""
 
-    def choose(self, candidates: Sequence[Server]) -> Server:
+    def choose(self, candidates: list[Server]) -> Server:
         total = 0
         best = candidates[0]
         best_weight = 0
@@ -42,7 +42,7 @@ class LeastConn(Policy):
     def __init__(self) -> None:
         self._turn = 0
 
-    def choose(self, candidates: Sequence[Server]) -> Server:
+    def choose(self, candidates: list[Server]) -> Server:
         self._turn += 1
         count = len(candidates)
         best = candidates[self._turn % count]
@@ -68,7 +68,7 @@ def any_available(servers: Iterable[Server], exclude: Collection[Server] = ()) -
 
 
 def pick(
-    servers: Iterable[Server],
+    servers: list[Server],
     policy: Policy,
     exclude: Collection[Server] = (),
     accept: Callable[[Server], bool] | None = None,
@@ -76,6 +76,18 @@ def pick(
     """The next server among those taking traffic, not in ``exclude`` and (when
     given) accepted by ``accept``; backups only when no primary takes traffic.
     None when nothing fits."""
+    if not exclude and accept is None:
+        # The usual case, every server a primary taking traffic: the policy
+        # chooses among them all, with no list of candidates built per request.
+        for server in servers:
+            if not server.open or server.spec.backup:
+                break
+        else:
+            if len(servers) == 1:
+                return servers[0]
+            if servers:
+                return policy.choose(servers)
+            return None
     candidates: list[Server] = []
     backups: list[Server] | None = None  # made only when a backup server is seen
     for server in servers:

@@ -215,7 +215,7 @@ class ServerSet:
 
     params: HealthParams
     _servers: dict[str, Server] = field(default_factory=dict)
-    _order: tuple[Server, ...] = ()
+    _order: list[Server] = field(default_factory=list)
 
     @classmethod
     def of(cls, specs: Iterable[ServerSpec], params: HealthParams) -> ServerSet:
@@ -225,6 +225,13 @@ class ServerSet:
 
     def __iter__(self) -> Iterator[Server]:
         return iter(self._order)
+
+    @property
+    def order(self) -> list[Server]:
+        """The servers in configuration order (for ``balancing.pick``: compiled, a
+        list is walked by index where an iterable needs an iterator). Not to be
+        changed: a reload puts a new list in its place."""
+        return self._order
 
     def __len__(self) -> int:
         return len(self._servers)
@@ -249,5 +256,5 @@ class ServerSet:
             new[spec.name] = server
         removed = [s for name, s in self._servers.items() if new.get(name) is not s]
         self._servers = new
-        self._order = tuple(new.values())
+        self._order = list(new.values())
         return added, removed

@@ -216,7 +216,7 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
         (b"Proxy-Authorization", b"Basic x"),
     ]
     info = RequestInfo(headers, http11=True, max_body=100)
-    head = upstream_request_head(b"GET", b"/p?q=1", headers, info, b"rid", b"127.0.0.1").decode()
+    head = upstream_request_head(b"GET", b"/p?q=1", info, b"rid", b"127.0.0.1").decode()
     assert head.startswith("GET /p?q=1 HTTP/1.1\r\n")
     for gone in ("X-Secret", "Keep-Alive", "TE:", "Connection", "Proxy-Authorization"):
         assert gone not in head
