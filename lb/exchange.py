@@ -102,7 +102,9 @@ class Exchange:
                     502, "bad_gateway", f"no other server to try after {len(self.tried)} attempt(s)"
                 )
             return
-        self.tried += (server,)
+        tried = self.tried
+        # built, not added: compiled, tuple + tuple is a generic call
+        self.tried = (server,) if not tried else (*tried, server)
         if (
             self.info.expect_continue
             and not self.body_done
