@@ -26,7 +26,6 @@ from .heads import (
     error_response,
     escape_request_line,
     new_request_id,
-    rule_name,
 )
 
 if TYPE_CHECKING:
@@ -55,10 +54,9 @@ class ClientConnection:
         self.closed = False
         self._current: Exchange | None = None  # the request whose body is being read
         self._in_head = False
-        self._connection_header = False  # seen in the head being read
         self._reading_body = False
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._request = RequestInfo()  # the head being read, gathered header by header
         self._head_size = 0
         self._rejected: bytes | None = None  # an error answer waiting for the response before it
         self._corked = False
@@ -202,11 +200,7 @@ class ClientConnection:
                 "header_too_large",
                 f"request head over {self.lb.config.limits.max_header_bytes} bytes",
             )
-        # Only a name of ten letters can be Connection: the rest skip the lookup
-        # (RequestInfo reads every name once more anyway).
-        if len(name) == 10 and rule_name(name) == b"connection":
-            self._connection_header = True
-        self._headers.append((name, value))
+        self._request.add(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -214,16 +208,13 @@ class ClientConnection:
         # llhttp keeps an HTTP/1.0 connection alive only when a Connection header
         # asks: keep-alive without one means HTTP/1.1, and spares
         # get_http_version(), which formats a str (a tenth of a microsecond).
-        if parser.should_keep_alive() and not self._connection_header:
+        info = self._request
+        self._request = RequestInfo()  # for the next head, whatever becomes of this one
+        if parser.should_keep_alive() and not info.has_connection_header:
             http11 = True
         else:
             http11 = parser.get_http_version() == "1.1"
-        self._connection_header = False
-        headers = self._headers
-        try:
-            info = RequestInfo(headers, http11, self.lb.config.limits.max_body_bytes)
-        finally:
-            headers.clear()  # the list is kept: one fewer allocation per request
+        info.finish(http11, self.lb.config.limits.max_body_bytes)
         ex = Exchange(self, parser.get_method(), self._url, info, http11)
         self._url = b""
         self._current = ex

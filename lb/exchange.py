@@ -15,7 +15,6 @@ from proxycore.flow import HalfClose, Reason
 from proxycore.servers import Server
 
 from .heads import (
-    Header,
     RequestInfo,
     ResponseInfo,
     client_response_head,
@@ -231,15 +230,13 @@ class Exchange:
             self._send_body(LAST_CHUNK)
 
     # -- the response ------------------------------------------------------------
-    def on_interim_response(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        # 100 is ours to send (see begin); other 1xx (103 Early Hints) go through as they are.
+    def on_interim_response(self, status: int, reason: bytes, info: ResponseInfo) -> None:
+        # 100 is ours to send (see begin); other 1xx (103 Early Hints) go through,
+        # less hop-by-hop headers.
         if status != 100 and self.http11:
-            self.client.write(
-                b"HTTP/1.1 %d %b\r\n%b\r\n"
-                % (status, reason, b"".join(n + b": " + v + b"\r\n" for n, v in headers))
-            )
+            self.client.write(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, info.lines))
 
-    def on_switching_protocols(self, reason: bytes, headers: list[Header]) -> bool:
+    def on_switching_protocols(self, reason: bytes, info: ResponseInfo) -> bool:
         if self.info.upgrade is None:
             self.upstream_failed("101 without an upgrade request", failure=True)
             return False
@@ -248,7 +245,7 @@ class Exchange:
         head = client_response_head(
             101,
             reason,
-            ResponseInfo(headers, upgrade=True),
+            info,
             content_length=None,
             chunked_to_client=False,
             keep_alive=True,
@@ -264,7 +261,7 @@ class Exchange:
         return True
 
     def on_response_head(
-        self, status: int, reason: bytes, headers: list[Header], upstream_keep_alive: bool
+        self, status: int, reason: bytes, info: ResponseInfo, upstream_keep_alive: bool
     ) -> bool:
         """Write the head to the client; True when the response has no body to wait for (HEAD)."""
         lb = self.lb
@@ -284,7 +281,6 @@ class Exchange:
                 self._retry(server, f"answered {status}")
                 return False
         self.status = status
-        info = ResponseInfo(headers)
         content_length = info.content_length
         upstream_chunked = info.chunked
         is_head = self.method == b"HEAD"

@@ -125,16 +125,6 @@ def rule_name(name: bytes) -> bytes:
     return _LOWER.get(name) or name.lower()
 
 
-def _lines_without(headers: list[Header], drop: frozenset[bytes] | set[bytes]) -> list[bytes]:
-    """The header lines, as parts of a later join, but those whose name is in ``drop``
-    (the rare second pass, when Connection names further hop-by-hop headers)."""
-    out: list[bytes] = []
-    for name, value in headers:
-        if name.lower() not in drop:
-            _add_line(out, name, value)
-    return out
-
-
 def _add_line(out: list[bytes], name: bytes, value: bytes) -> None:
     """A header line as four parts of a later join; appended one by one, as
     compiled that allocates nothing (a tuple to extend with would)."""
@@ -194,9 +184,16 @@ def _connection_tokens(values: Sequence[bytes]) -> set[bytes]:
 
 
 class RequestInfo:
-    """What the proxy needs to know of a request head, checked."""
+    """What the proxy needs to know of a request head, checked: gathered header by
+    header as the parser reads them (``add``), checked once the head is whole
+    (``finish``). ``RequestInfo(headers, http11, max_body)`` reads a whole list."""
 
     __slots__ = (
+        "_connection",
+        "_content_lengths",
+        "_forwarded",
+        "_hosts",
+        "_transfer_encodings",
         "chunked",
         "close",
         "connection_tokens",
@@ -209,60 +206,79 @@ class RequestInfo:
         "x_forwarded_for",
     )
 
-    def __init__(self, headers: list[Header], http11: bool, max_body: int) -> None:
-        # The lists of rare headers are made only when one is seen: a plain
-        # request allocates none of them.
-        content_lengths: list[bytes] | None = None
-        transfer_encodings: list[bytes] | None = None
-        connection: list[bytes] | None = None
-        host: bytes | None = None
-        hosts = 0
+    def __init__(
+        self, headers: list[Header] | None = None, http11: bool = True, max_body: int = 0
+    ) -> None:
         self.expect_continue = False
         self.upgrade: bytes | None = None
         self.request_id: bytes | None = None
         self.x_forwarded_for: bytes | None = None
-        # Lines that go upstream as they are, gathered in the same single pass,
-        # between the constants that come before and after them in the head
-        # (see upstream_request_head: a join of more than ten parts allocates).
-        forwarded: list[bytes] = [_REQUEST_LINE_END]
-        for name, value in headers:
-            lname = rule_name(name)
-            if not lname or lname not in _REBUILT_REQUEST:
-                _add_line(forwarded, name, value)
-                if lname == b"host":
-                    host = value
-                    hosts += 1
-            elif lname == b"content-length":
-                if content_lengths is None:
-                    content_lengths = []
-                content_lengths.append(value)
-            elif lname == b"transfer-encoding":
-                if transfer_encodings is None:
-                    transfer_encodings = []
-                transfer_encodings.append(value)
-            elif lname == b"connection":
-                if connection is None:
-                    connection = []
-                connection.append(value)
-            elif lname == b"expect":
-                if value.strip().lower() != b"100-continue":
-                    raise BadRequest(
-                        417, "expectation_failed", "only 'Expect: 100-continue' is supported"
-                    )
-                self.expect_continue = True
-            elif lname == b"upgrade":
-                self.upgrade = value
-            elif lname == b"x-request-id":
-                if _REQUEST_ID.fullmatch(value):
-                    self.request_id = value
-            elif lname == b"x-forwarded-for":
-                self.x_forwarded_for = (
-                    value if self.x_forwarded_for is None else self.x_forwarded_for + b", " + value
-                )
-        # The parser (llhttp, strict) already refuses most of these; the checks are
-        # repeated here so that the rules do not hang on a parser's build flags.
+        self.host = b""
+        self._hosts = 0
+        # The lists of rare headers are made only when one is seen: a plain
+        # request allocates none of them.
+        self._content_lengths: list[bytes] | None = None
+        self._transfer_encodings: list[bytes] | None = None
+        self._connection: list[bytes] | None = None
+        # Lines that go upstream as they are, between the constants that come
+        # before and after them in the head (see upstream_request_head: a join
+        # of more than ten parts allocates).
+        self._forwarded: list[bytes] = [_REQUEST_LINE_END]
         self.content_length: int | None = None
         self.chunked = False
+        self.connection_tokens: frozenset[bytes] | set[bytes] = _NO_TOKENS
+        self.forwarded = b""
+        self.close = False
+        if headers is not None:
+            for name, value in headers:
+                self.add(name, value)
+            self.finish(http11, max_body)
+
+    @property
+    def has_connection_header(self) -> bool:
+        return self._connection is not None
+
+    def add(self, name: bytes, value: bytes) -> None:
+        lname = rule_name(name)
+        if not lname or lname not in _REBUILT_REQUEST:
+            _add_line(self._forwarded, name, value)
+            if lname == b"host":
+                self.host = value
+                self._hosts += 1
+        elif lname == b"content-length":
+            if self._content_lengths is None:
+                self._content_lengths = []
+            self._content_lengths.append(value)
+        elif lname == b"transfer-encoding":
+            if self._transfer_encodings is None:
+                self._transfer_encodings = []
+            self._transfer_encodings.append(value)
+        elif lname == b"connection":
+            if self._connection is None:
+                self._connection = []
+            self._connection.append(value)
+        elif lname == b"expect":
+            if value.strip().lower() != b"100-continue":
+                raise BadRequest(
+                    417, "expectation_failed", "only 'Expect: 100-continue' is supported"
+                )
+            self.expect_continue = True
+        elif lname == b"upgrade":
+            self.upgrade = value
+        elif lname == b"x-request-id":
+            if _REQUEST_ID.fullmatch(value):
+                self.request_id = value
+        elif lname == b"x-forwarded-for":
+            self.x_forwarded_for = (
+                value if self.x_forwarded_for is None else self.x_forwarded_for + b", " + value
+            )
+
+    def finish(self, http11: bool, max_body: int) -> None:
+        """The head is whole: the checks that need all of it."""
+        # The parser (llhttp, strict) already refuses most of these; the checks are
+        # repeated here so that the rules do not hang on a parser's build flags.
+        content_lengths = self._content_lengths
+        transfer_encodings = self._transfer_encodings
         if content_lengths is not None:
             if transfer_encodings is not None:
                 raise BadRequest(400, "bad_request", "both Content-Length and Transfer-Encoding")
@@ -283,18 +299,17 @@ class RequestInfo:
             if not http11:
                 raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
             self.chunked = True
-        if http11 and hosts != 1:
+        if http11 and self._hosts != 1:
             raise BadRequest(
                 400, "bad_request", "an HTTP/1.1 request needs exactly one Host header"
             )
-        self.host = b"" if host is None else host
-        self.connection_tokens = (
-            _NO_TOKENS if connection is None else _connection_tokens(connection)
-        )
-        if connection is not None and self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
-            # Rare: headers named in Connection are hop-by-hop too; gather again without them.
-            forwarded = _lines_without(headers, _REBUILT_REQUEST | self.connection_tokens)
-            forwarded.insert(0, _REQUEST_LINE_END)
+        connection = self._connection
+        forwarded = self._forwarded
+        if connection is not None:
+            self.connection_tokens = _connection_tokens(connection)
+            if self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
+                # Rare: headers named in Connection are hop-by-hop too.
+                forwarded = _parts_without(forwarded, set(self.connection_tokens), start=1)
         forwarded.append(_XFF_NAME)
         self.forwarded = b"".join(forwarded)
         self.close = b"close" in self.connection_tokens or (
@@ -351,42 +366,101 @@ def upstream_request_head(
 
 
 class ResponseInfo:
-    """One pass over a response head: its framing, and the lines the client gets."""
+    """A response head's framing and the lines the client gets, gathered header by
+    header as the parser reads them (no list of pairs, no second pass over it),
+    then settled by ``finish`` once the head is whole. An upstream connection
+    keeps one and fills it again for each head; ``ResponseInfo(headers)`` reads a
+    whole list at once."""
 
-    __slots__ = ("chunked", "content_length", "lines", "request_id")
+    __slots__ = (
+        "_chunked",
+        "_content_length",
+        "_parts",
+        "_request_id",
+        "_tokens",
+        "_upgrade_seen",
+        "chunked",
+        "content_length",
+        "lines",
+        "request_id",
+    )
 
-    def __init__(self, headers: list[Header], upgrade: bool = False) -> None:
-        # The digits as the upstream sent them (llhttp has checked them): they go
-        # to the client as they are, never parsed into an int and formatted back.
+    def __init__(self, headers: list[Header] | None = None, upgrade: bool = False) -> None:
+        # What ``finish`` settles: the digits of Content-Length as the upstream
+        # sent them (llhttp has checked them) go to the client as they are,
+        # never parsed into an int and formatted back.
         self.content_length: bytes | None = None
         self.chunked = False
         self.request_id = False
-        lines: list[bytes] = []
-        tokens: set[bytes] | None = None
-        for name, value in headers:
-            lname = rule_name(name)
-            if not lname or lname not in _REBUILT_RESPONSE:
-                if lname == b"x-request-id":
-                    self.request_id = True
-                _add_line(lines, name, value)
-            elif lname == b"content-length":
-                digits = value
-                if not digits.isdigit():  # spares the strip() when there is nothing to strip
-                    digits = value.strip()
-                    if not digits.isdigit():
-                        raise ValueError(f"Content-Length {value!r} is not a number")
-                self.content_length = digits
-            elif lname == b"transfer-encoding":
-                self.chunked = True
-            elif lname == b"connection":
-                named = _connection_tokens([value])
-                tokens = named if tokens is None else tokens | named
-            elif upgrade and lname == b"upgrade":
-                _add_line(lines, name, value)
+        self.lines = b""
+        # What ``add`` gathers for the head being read.
+        self._parts: list[bytes] = []
+        self._content_length: bytes | None = None
+        self._chunked = False
+        self._request_id = False
+        self._tokens: set[bytes] | None = None
+        self._upgrade_seen = False
+        if headers is not None:
+            for name, value in headers:
+                self.add(name, value)
+            self.finish(upgrade)
+
+    def add(self, name: bytes, value: bytes) -> None:
+        lname = rule_name(name)
+        if not lname or lname not in _REBUILT_RESPONSE:
+            if lname == b"x-request-id":
+                self._request_id = True
+            _add_line(self._parts, name, value)
+        elif lname == b"content-length":
+            digits = value
+            if not digits.isdigit():  # spares the strip() when there is nothing to strip
+                digits = value.strip()
+                if not digits.isdigit():
+                    raise ValueError(f"Content-Length {value!r} is not a number")
+            self._content_length = digits
+        elif lname == b"transfer-encoding":
+            self._chunked = True
+        elif lname == b"connection":
+            named = _connection_tokens([value])
+            self._tokens = named if self._tokens is None else self._tokens | named
+        elif lname == b"upgrade":
+            # Kept in its place; only a 101 passes it on (see finish).
+            self._upgrade_seen = True
+            _add_line(self._parts, name, value)
+
+    def finish(self, upgrade: bool) -> None:
+        """The head is whole: settle what it says and start afresh for the next
+        (``upgrade``: a 101, whose Upgrade header goes to the client)."""
+        parts = self._parts
+        drop: set[bytes] | None = None
+        tokens = self._tokens
         if tokens is not None and tokens - _PLAIN_CONNECTION_TOKENS:
-            drop = (_REBUILT_RESPONSE | tokens) - ({b"upgrade"} if upgrade else set())
-            lines = _lines_without(headers, drop)
-        self.lines = b"".join(lines)
+            drop = tokens - {b"upgrade"} if upgrade else set(tokens)
+        if self._upgrade_seen and not upgrade:
+            drop = {b"upgrade"} if drop is None else drop | {b"upgrade"}
+        if drop:
+            # Rare: headers named in Connection are hop-by-hop too.
+            parts = _parts_without(parts, drop)
+        self.lines = b"".join(parts)
+        self.content_length = self._content_length
+        self.chunked = self._chunked
+        self.request_id = self._request_id
+        self._parts.clear()  # the list is kept for the next head
+        self._content_length = None
+        self._chunked = False
+        self._request_id = False
+        self._tokens = None
+        self._upgrade_seen = False
+
+
+def _parts_without(parts: list[bytes], drop: set[bytes], start: int = 0) -> list[bytes]:
+    """Header lines (four parts each, as _add_line puts them, from ``start`` on;
+    the parts before it are kept) but those named in ``drop``."""
+    out = parts[:start]
+    for i in range(start, len(parts), 4):
+        if parts[i].lower() not in drop:
+            out.extend(parts[i : i + 4])
+    return out
 
 
 def client_response_head(

@@ -14,6 +14,7 @@ from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 from proxycore.servers import Server
 
 from .config import LbConfig
+from .heads import ResponseInfo
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -37,7 +38,7 @@ class UpstreamConnection:
         self.idle_timer = Deadline(pool.loop, self._idle_timeout)
         self.pool_timer = Deadline(pool.loop, self._pool_timeout)
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._head = ResponseInfo()  # the response head being read
         self._done = False
         self._head_only = False
         self._first_byte = False
@@ -124,25 +125,27 @@ class UpstreamConnection:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._head.add(name, value)
 
     def on_headers_complete(self) -> None:
         ex = self.exchange
         status = self.parser.get_status_code()
         self._interim = status < 200  # 1xx and 101: the response proper is still to come
-        headers, reason = self._headers, self._reason
-        self._headers, self._reason = [], b""
+        reason = self._reason
+        self._reason = b""
+        head = self._head
+        head.finish(upgrade=status == 101)  # settled, and ready for the next head
         if ex is None:
             return
         if 100 <= status < 200 and status != 101:
-            ex.on_interim_response(status, reason, headers)
+            ex.on_interim_response(status, reason, head)
             return
         if status == 101:
-            self.tunnel = ex.on_switching_protocols(reason, headers)
+            self.tunnel = ex.on_switching_protocols(reason, head)
             return
         # Read now: llhttp forgets the message's flags once it is complete.
         self._keep_alive = keep_alive = self.parser.should_keep_alive()
-        if ex.on_response_head(status, reason, headers, keep_alive):
+        if ex.on_response_head(status, reason, head, keep_alive):
             # HEAD: the head is the whole response, whatever Content-Length says.
             self._done = True
             self._head_only = True

@@ -128,6 +128,25 @@ async def test_expect_100_continue(proxy: tuple[Lb, dict[str, Upstream]]) -> Non
         writer.close()
 
 
+async def test_early_hints_pass_without_hop_by_hop_headers(
+    proxy: tuple[Lb, dict[str, Upstream]],
+) -> None:
+    lb, _ = proxy
+    reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+    try:
+        for _ in range(2):  # the second response's head shares nothing with the first's
+            writer.write(get("/early-hints"))
+            hints = await read_response(reader)
+            assert hints.status == 103
+            assert hints.header("Link") == "</app.css>; rel=preload"
+            assert hints.header("X-Hop") is None and hints.header("Connection") is None
+            r = await read_response(reader)
+            assert r.status == 200 and r.body == b"hinted"
+            assert r.header("Link") is None and r.header("X-Request-ID")
+    finally:
+        writer.close()
+
+
 async def test_http10_client_gets_a_closed_body(proxy: tuple[Lb, dict[str, Upstream]]) -> None:
     lb, _ = proxy
     reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)

@@ -247,6 +247,49 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
     )
 
 
+def test_response_heads_read_on_one_connection_share_nothing() -> None:
+    head = ResponseInfo()  # as an upstream connection keeps one for all its heads
+    for name, value in [
+        (b"X-Request-ID", b"up"),
+        (b"Content-Length", b"5"),
+        (b"Connection", b"close, X-Gone"),
+        (b"X-Gone", b"1"),
+        (b"Upgrade", b"h2c"),
+        (b"Server", b"s"),
+    ]:
+        head.add(name, value)
+    head.finish(upgrade=False)
+    assert head.lines == b"X-Request-ID: up\r\nServer: s\r\n"
+    assert head.request_id and head.content_length == b"5" and not head.chunked
+    for name, value in [(b"Content-Type", b"t"), (b"Transfer-Encoding", b"chunked")]:
+        head.add(name, value)
+    head.finish(upgrade=False)
+    assert head.lines == b"Content-Type: t\r\n"
+    assert not head.request_id and head.content_length is None and head.chunked
+    # a 101 keeps its Upgrade header, where it was
+    for name, value in [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"X-A", b"1")]:
+        head.add(name, value)
+    head.finish(upgrade=True)
+    assert head.lines == b"Upgrade: websocket\r\nX-A: 1\r\n" and not head.chunked
+
+
+def test_request_head_gathered_header_by_header() -> None:
+    info = RequestInfo()
+    assert not info.has_connection_header
+    for name, value in [
+        (b"Host", b"h"),
+        (b"Connection", b"close, X-Gone"),
+        (b"X-Gone", b"1"),
+        (b"Close", b"x"),  # named in Connection too, once a second pass is due
+    ]:
+        info.add(name, value)
+    info.finish(http11=True, max_body=0)
+    assert info.has_connection_header and info.close
+    assert info.forwarded == b" HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: "
+    with pytest.raises(BadRequest):
+        RequestInfo().finish(http11=True, max_body=0)  # no Host
+
+
 def test_escape_request_line_only_touches_the_first_line() -> None:
     from lb.heads import escape_request_line
 

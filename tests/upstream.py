@@ -83,6 +83,15 @@ def make_app(name: str) -> web.Application:
     async def head_len(request: web.Request) -> web.Response:
         return web.Response(text="0123456789", headers={"X-Upstream": name})
 
+    async def early_hints(request: web.Request) -> web.Response:
+        # aiohttp has no API for a 1xx: written on the transport before the response
+        assert request.transport is not None
+        request.transport.write(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n"
+            b"Connection: X-Hop\r\nX-Hop: 1\r\n\r\n"
+        )
+        return web.Response(text="hinted", headers={"X-Upstream": name})
+
     app = web.Application(client_max_size=1024**3)
     app.router.add_get("/", hello)
     app.router.add_get("/health", health)
@@ -96,6 +105,7 @@ def make_app(name: str) -> web.Application:
     app.router.add_get("/ws", ws)
     app.router.add_get("/nocontent", no_content)
     app.router.add_get("/ten", head_len)
+    app.router.add_get("/early-hints", early_hints)
     return app
 
 
