@@ -187,7 +187,9 @@ class ClientConnection:
             self._at_start = False
             self._in_head = True
             self._head_size = 0
-        self._url += url
+        # a target split over reads comes in pieces; compiled, `+=` on bytes is a
+        # generic call where this is a direct one
+        self._url = url if not self._url else self._url + url
         self._head_size += len(url)
         if self._head_size > self.lb.config.limits.max_header_bytes:
             raise BadRequest(414, "uri_too_long", "the request target is too long")
@@ -205,11 +207,11 @@ class ClientConnection:
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self.parser
+        info = self._request
+        self._request = RequestInfo()  # for the next head, whatever becomes of this one
         # llhttp keeps an HTTP/1.0 connection alive only when a Connection header
         # asks: keep-alive without one means HTTP/1.1, and spares
         # get_http_version(), which formats a str (a tenth of a microsecond).
-        info = self._request
-        self._request = RequestInfo()  # for the next head, whatever becomes of this one
         if parser.should_keep_alive() and not info.has_connection_header:
             http11 = True
         else:

@@ -122,7 +122,8 @@ class UpstreamConnection:
 
     # -- httptools callbacks -------------------------------------------------
     def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+        # pieces joined as ClientConnection.on_url joins the target's
+        self._reason = reason if not self._reason else self._reason + reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head.add(name, value)
