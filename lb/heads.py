@@ -161,9 +161,6 @@ class _RequestIds:
         self._count = int.from_bytes(os.urandom(4), "big") << 8
         self._head = b""
 
-    def __call__(self) -> bytes:
-        return self.next()
-
     def next(self) -> bytes:
         count = self._count
         self._count = count + 1
@@ -177,7 +174,7 @@ _REQUEST_IDS: Final = _RequestIds()
 
 
 def new_request_id() -> bytes:
-    # a method of a Final instance: compiled, a direct call, where calling a
+    # a method of a Final instance: compiled, a direct call, where a callable
     # module-level instance was a globals lookup and a generic call
     return _REQUEST_IDS.next()
 
@@ -346,16 +343,15 @@ def upstream_request_head(
         host_name, host = _PROTO_AND_FORWARDED_HOST, info.host
     else:
         host_name, host = _PROTO_AND_HOST, default_host
-    end = _REQUEST_ID_END
-    if info.upgrade is not None or info.chunked or info.content_length is not None:
-        framing = b"\r\n"
-        if info.upgrade is not None:
-            framing += b"Connection: upgrade\r\nUpgrade: " + info.upgrade + b"\r\n"
-        if info.chunked:
-            framing += b"Transfer-Encoding: chunked\r\n"
-        elif info.content_length is not None:
-            framing += b"Content-Length: %d\r\n" % info.content_length
-        end = framing + b"\r\n"
+    framing = b""
+    if info.upgrade is not None:
+        framing = b"Connection: upgrade\r\nUpgrade: " + info.upgrade + b"\r\n"
+    if info.chunked:
+        framing += b"Transfer-Encoding: chunked\r\n"
+    elif info.content_length is not None:
+        framing += b"Content-Length: %d\r\n" % info.content_length
+    # the request id's line end and the blank line, with any framing between
+    end = b"\r\n" + framing + b"\r\n" if framing else _REQUEST_ID_END
     # One join of a fixed shape, of ten parts at most (CPython's join allocates
     # its bookkeeping for more): the cheapest way to build it (measured).
     return b"".join(

@@ -76,18 +76,10 @@ def pick(
     """The next server among those taking traffic, not in ``exclude`` and (when
     given) accepted by ``accept``; backups only when no primary takes traffic.
     None when nothing fits."""
-    if not exclude and accept is None:
-        # The usual case, every server a primary taking traffic: the policy
-        # chooses among them all, with no list of candidates built per request.
-        for server in servers:
-            if not server.open or server.spec.backup:
-                break
-        else:
-            if len(servers) == 1:
-                return servers[0]
-            if servers:
-                return policy.choose(servers)
-            return None
+    if not exclude and accept is None and _all_open_primaries(servers):
+        # The usual case: the policy chooses among them all, with no list of
+        # candidates built per request.
+        return _choose(servers, policy)
     candidates: list[Server] = []
     backups: list[Server] | None = None  # made only when a backup server is seen
     for server in servers:
@@ -105,10 +97,16 @@ def pick(
             backups.append(server)
         else:
             candidates.append(server)
+    return _choose(candidates if candidates or backups is None else backups, policy)
+
+
+def _choose(candidates: list[Server], policy: Policy) -> Server | None:
     if not candidates:
-        if backups is None:
-            return None
-        candidates = backups
+        return None
     if len(candidates) == 1:
         return candidates[0]
     return policy.choose(candidates)
+
+
+def _all_open_primaries(servers: list[Server]) -> bool:
+    return all(server.open and not server.spec.backup for server in servers)

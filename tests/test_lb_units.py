@@ -249,27 +249,29 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
 
 def test_response_heads_read_on_one_connection_share_nothing() -> None:
     head = ResponseInfo()  # as an upstream connection keeps one for all its heads
-    for name, value in [
-        (b"X-Request-ID", b"up"),
-        (b"Content-Length", b"5"),
-        (b"Connection", b"close, X-Gone"),
-        (b"X-Gone", b"1"),
-        (b"Upgrade", b"h2c"),
-        (b"Server", b"s"),
-    ]:
-        head.add(name, value)
-    head.finish(upgrade=False)
+
+    def read(pairs: list[tuple[bytes, bytes]], upgrade: bool = False) -> None:
+        for name, value in pairs:
+            head.add(name, value)
+        head.finish(upgrade)
+
+    read(
+        [
+            (b"X-Request-ID", b"up"),
+            (b"Content-Length", b"5"),
+            (b"Connection", b"close, X-Gone"),
+            (b"X-Gone", b"1"),
+            (b"Upgrade", b"h2c"),
+            (b"Server", b"s"),
+        ]
+    )
     assert head.lines == b"X-Request-ID: up\r\nServer: s\r\n"
     assert head.request_id and head.content_length == b"5" and not head.chunked
-    for name, value in [(b"Content-Type", b"t"), (b"Transfer-Encoding", b"chunked")]:
-        head.add(name, value)
-    head.finish(upgrade=False)
+    read([(b"Content-Type", b"t"), (b"Transfer-Encoding", b"chunked")])
     assert head.lines == b"Content-Type: t\r\n"
     assert not head.request_id and head.content_length is None and head.chunked
     # a 101 keeps its Upgrade header, where it was
-    for name, value in [(b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"X-A", b"1")]:
-        head.add(name, value)
-    head.finish(upgrade=True)
+    read([(b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"X-A", b"1")], upgrade=True)
     assert head.lines == b"Upgrade: websocket\r\nX-A: 1\r\n" and not head.chunked
 
 
@@ -305,7 +307,7 @@ def test_request_ids_are_32_hex_digits_and_unique_across_the_counters_carry() ->
     from lb.heads import _RequestIds
 
     ids = _RequestIds()
-    made = [ids() for _ in range(1000)]  # at least three carries into the formatted digits
+    made = [ids.next() for _ in range(1000)]  # at least three carries into the formatted digits
     assert all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in made)
     assert len(set(made)) == len(made)
     # consecutive, as a counter: the same process half, the counter half one apart
