@@ -12,7 +12,7 @@ status, retry_after, served_by; status 0: no answer, -1: not sent). results.json
 schema 1:
 
     schema            1
-    date, cores, mode ("quick" | "full"), settings {...}, command
+    date, cores, python, mode ("quick" | "full"), settings {...}, command
     profiles.<profile>:
       entry           {rps, p50_ms, p99_ms, errors, proxy_cpu_us_per_request}
       drill           {rate, step_seconds, latency_ms {p50, p99, p99.9} (all-up step),
@@ -35,7 +35,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -55,7 +54,7 @@ from .http import run_http
 from .http import table as http_table
 from .pg import run_pg
 from .pg import table as pg_table
-from .procs import require
+from .procs import machine, require
 from .stackrun import LocalStack, local_stack
 
 PROFILES = ("python", "classic")
@@ -191,7 +190,7 @@ def run_compare(
     result: dict[str, Any] = {
         "schema": 1,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cores": os.cpu_count() or 0,
+        **machine(),
         "mode": "quick" if plan.quick else "full",
         "command": command,
         "settings": {
@@ -317,7 +316,8 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"# balance: python and classic proxies side by side ({result['mode']} run)",
         "",
-        f"{result['date']}, {result['cores']} cores. Command: `{result['command']}`. "
+        f"{result['date']}, {result['cores']} cores, Python {result.get('python', '?')}. "
+        f"Command: `{result['command']}`. "
         "Definitions and the JSON schema: `bench/compare.py` and `bench/drillstats.py`.",
         "",
         "## The whole stack, per profile",

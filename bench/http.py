@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .procs import cpu_seconds, free_port, require, rotated, running
+from .procs import cpu_seconds, free_port, machine, require, rotated, running
 from .wrk import WrkResult, run
 
 PROXY_CORE, LOAD_CORE = 0, 1
@@ -183,7 +183,7 @@ def run_http(
     result: dict[str, Any] = {
         "benchmark": "http",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cores": _cores(),
+        **machine(),
         "settings": {
             "seconds": seconds,
             "connections": connections,
@@ -209,12 +209,6 @@ def run_http(
 def _median(ms: list[Measure]) -> Measure:
     by_rps = sorted(ms, key=lambda m: m.rps)
     return by_rps[len(by_rps) // 2]
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 def table(result: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import shutil
 import statistics
@@ -29,7 +28,7 @@ from typing import Any
 
 from stack.postgres import connect
 
-from .procs import BenchError, cpu_seconds, free_port, require, rotated, running
+from .procs import BenchError, cpu_seconds, free_port, machine, require, rotated, running
 from .stackrun import local_stack
 
 PATHS = ("direct", "haproxy", "dbproxy")
@@ -193,7 +192,7 @@ def run_pg(
     return {
         "benchmark": "pg",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cores": os.cpu_count() or 0,
+        **machine(),
         "settings": {
             "seconds": seconds,
             "clients": clients,

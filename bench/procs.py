@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +21,15 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 class BenchError(Exception):
     pass
+
+
+def machine() -> dict[str, object]:
+    """What every result records of where it ran: the cores, and the interpreter
+    the Python processes ran on (its build moves their CPU per request)."""
+    return {
+        "cores": os.cpu_count() or 0,
+        "python": f"{platform.python_version()} {os.path.realpath(sys.executable)}",
+    }
 
 
 def require(*programs: str) -> None:

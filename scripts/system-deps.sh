@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system packages the stack, the tests and the benchmarks run.
-# Each line below: a program that must be found, and the Debian package that has it.
+# Each line below: a program (or file) that must be found, and the Debian package that has it.
 # Missing programs are installed with apt-get when we are root; otherwise we say
 # exactly what to install and fail, so `make` never goes on half set up.
 set -euo pipefail
 
 PG_BIN=/usr/lib/postgresql/15/bin
 NEEDED=(
+  # The interpreter .venv is made from (Makefile, PYTHON): Debian's own build,
+  # with venv support and the headers the hot path is compiled against.
+  "/usr/bin/python3.11 python3.11"
+  "/usr/lib/python3.11/ensurepip/__init__.py python3.11-venv"
+  "/usr/include/python3.11/Python.h python3.11-dev"
   "$PG_BIN/initdb postgresql-15"
   "$PG_BIN/pg_ctl postgresql-15"
   "$PG_BIN/postgres postgresql-15"
@@ -22,7 +27,7 @@ NEEDED=(
 
 found() {
   case "$1" in
-    /*) [ -x "$1" ] ;;
+    /*) [ -e "$1" ] ;;
     # nginx and haproxy live in /usr/sbin, which a non-root PATH may lack
     *) command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] ;;
   esac

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,9 @@ def test_quick_run_of_one_profile_writes_json_report_and_charts(tmp_path: Path) 
 
     result = json.loads((out / "results.json").read_text())
     assert result["schema"] == 1 and result["mode"] == "quick" and result["cores"] >= 1
+    # which interpreter ran it: its build moves the Python processes' CPU per request
+    assert result["python"] == f"{platform.python_version()} {os.path.realpath(sys.executable)}"
+    assert result["http"]["python"] == result["pg"]["python"] == result["python"]
     assert list(result["profiles"]) == ["python"] and "ratios" not in result
     python = result["profiles"]["python"]
     assert python["entry"]["rps"] > 0 and python["entry"]["proxy_cpu_us_per_request"] > 0
