@@ -6,9 +6,10 @@ mode against each path: select-only (-S), the default tpcb-like mix, and -S -C
 (a new connection per transaction, where a proxy's connect path shows). The
 proxy is pinned to core 0 and pgbench to core 1; Postgres itself runs
 unpinned, the same for every path. Rounds interleave the paths, each round
-starting with another one. Before every run pgbench vacuums and a CHECKPOINT
-writes out what the run before dirtied, so no run pays for another's writes;
-the median counts.
+starting with another one. Before every run pgbench vacuums all four of its
+tables (autovacuum is off on them: see _NO_AUTOVACUUM) and a CHECKPOINT writes
+out what the run before dirtied, so no run pays for another's writes; the
+median counts.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from stack.postgres import connect
 
@@ -77,13 +78,15 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
             [*base, "-i", "-q", "-s", scale, "bench"], check=True, capture_output=True, timeout=300
         )
         return 0.0
-    # No -n: pgbench vacuums its tables before each run, so a tpcb-like run does
-    # not meet the bloat the runs before it left (which would favour the first path).
+    # -v: pgbench vacuums all four of its tables before each run, so a tpcb-like
+    # run meets none of the dead rows the runs before it left (without it,
+    # pgbench_accounts, the big one, is left out and grows from run to run).
     command = [
         "taskset",
         "-c",
         str(LOAD_CORE),
         *base,
+        "-v",
         "-c",
         str(clients),
         "-j",
@@ -102,17 +105,29 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
     return float(m.group(1))
 
 
-def _superuser(port: int, statement: str) -> None:
+def _superuser(port: int, statement: str, database: str = "postgres") -> None:
     """One statement as the superuser, over stack.postgres's own connection."""
 
     async def run() -> None:
-        conn = await connect(port)
+        conn = await connect(port, database)
         try:
             await conn.execute(statement)
         finally:
             await conn.close()
 
     asyncio.run(run())
+
+
+# No autovacuum on pgbench's tables: its worker comes every autovacuum_naptime
+# (60 s) to the tables tpcb-like dirties, and 60 s is two paths' turns of three
+# 10 s runs, so it met the same path's tpcb-like run round after round (seen
+# with pg_stat_user_tables after every run: dbproxy's in each of three rounds)
+# and slowed it. pgbench's own vacuum before each run (-v) does its work instead,
+# between runs, for every path alike.
+_NO_AUTOVACUUM: Final = "; ".join(
+    f"ALTER TABLE pgbench_{table} SET (autovacuum_enabled = off)"
+    for table in ("accounts", "branches", "tellers", "history")
+)
 
 
 @contextlib.contextmanager
@@ -170,6 +185,7 @@ def run_pg(
             _superuser(master, "CREATE DATABASE bench")
             say(f"pgbench -i -s {scale_for(clients)}")
             _pgbench(master, [], 0, clients, init=True)
+            _superuser(master, _NO_AUTOVACUUM, database="bench")
             for r in range(1, rounds + 1):
                 for path in rotated(paths, r):
                     with path_port(path, master, stack.check_password, work) as (port, pid):
