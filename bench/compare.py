@@ -313,6 +313,8 @@ def _fmt(value: Any, spec: str = ".2f", unit: str = "") -> str:
 
 def report(result: dict[str, Any]) -> str:
     profiles = list(result["profiles"])
+    # .get: results written before the interpreter was recorded have no "python"
+    # (tests/test_bench_units.py renders a committed one of 2026-11-25)
     lines = [
         f"# balance: python and classic proxies side by side ({result['mode']} run)",
         "",
