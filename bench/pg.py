@@ -5,9 +5,9 @@ pgbench's tables into a database of their own on the master, and runs each
 mode against each path: select-only (-S), the default tpcb-like mix, and -S -C
 (a new connection per transaction, where a proxy's connect path shows). The
 proxy is pinned to core 0 and pgbench to core 1; Postgres itself runs
-unpinned, the same for every path. In each round both proxies are up and the
-paths take turns mode by mode, each mode's turn starting with another path.
-Before every run pgbench vacuums all four of its
+unpinned, the same for every path. In each round the paths take turns mode by
+mode, each mode's turn starting with another path, and a proxy runs only for
+its own runs. Before every run pgbench vacuums all four of its
 tables (autovacuum is off on them: see _NO_AUTOVACUUM) and a CHECKPOINT writes
 out what the run before dirtied, so no run pays for another's writes; the
 median counts.
@@ -188,31 +188,27 @@ def run_pg(
             _pgbench(master, [], 0, clients, init=True)
             _superuser(master, _NO_AUTOVACUUM, database="bench")
             for r in range(1, rounds + 1):
-                # Both proxies run for the whole round (started afresh each
-                # round), so their health checks load every run alike, and the
-                # paths take turns mode by mode: the runs a ratio compares are
-                # 10-20 s apart, not 30-60 s as when each path ran all three
-                # modes in a row, so a slower spell of the machine's is less
-                # likely to fall on one path's runs alone.
-                with contextlib.ExitStack() as up:
-                    ends = {
-                        path: up.enter_context(path_port(path, master, stack.check_password, work))
-                        for path in paths
-                    }
-                    for i, (mode, flags) in enumerate(MODES.items()):
-                        for path in rotated(paths, r + i):
-                            port, pid = ends[path]
-                            say(f"round {r}/{rounds}: {path} {mode} ({seconds:g}s)")
+                # The paths take turns mode by mode, so the runs a ratio compares
+                # are 10-20 s apart, not 30-60 s as when each path ran all three
+                # modes in a row: a slower spell of the machine's is less likely
+                # to fall on one path's runs alone. The proxy is started for each
+                # run and is the only one up, so only its own health checks load
+                # Postgres meanwhile (dbproxy's log in and query; HAProxy's
+                # pgsql-check only opens a session).
+                for i, (mode, flags) in enumerate(MODES.items()):
+                    for path in rotated(paths, r + i):
+                        say(f"round {r}/{rounds}: {path} {mode} ({seconds:g}s)")
+                        with path_port(path, master, stack.check_password, work) as (port, pid):
                             # Each run starts with no dirty pages left by the one
                             # before (tpcb-like writes): else the checkpointer writes
                             # them out during the next run, on whichever path that is.
                             _superuser(master, "CHECKPOINT")
                             before = cpu_seconds(pid) if pid is not None else 0.0
                             rate = _pgbench(port, flags, seconds, clients)
-                            tps[mode][path].append(rate)
                             if pid is not None:
                                 used = cpu_seconds(pid) - before
                                 cpu[mode][path].append(used / (rate * seconds) * 1e6)
+                        tps[mode][path].append(rate)
     medians = {m: {p: statistics.median(v) for p, v in paths.items()} for m, paths in tps.items()}
     cpu_medians = {
         m: {p: round(statistics.median(v), 1) for p, v in paths.items()} for m, paths in cpu.items()
