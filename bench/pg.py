@@ -7,10 +7,10 @@ mode against each path: select-only (-S), the default tpcb-like mix, and -S -C
 proxy is pinned to core 0 and pgbench to core 1; Postgres itself runs
 unpinned, the same for every path. In each round the paths take turns mode by
 mode, each mode's turn starting with another path, and a proxy runs only for
-its own runs. Before every run pgbench vacuums all four of its
-tables (autovacuum is off on them: see _NO_AUTOVACUUM) and a CHECKPOINT writes
-out what the run before dirtied, so no run pays for another's writes; the
-median counts.
+its own runs. Before every run pgbench vacuums all four of its tables
+(autovacuum is off on them: see _NO_AUTOVACUUM) and a CHECKPOINT writes out
+what the run before dirtied, so no run pays for another's writes; the median
+counts.
 """
 
 from __future__ import annotations
@@ -120,11 +120,12 @@ def _superuser(port: int, statement: str, database: str = "postgres") -> None:
 
 
 # No autovacuum on pgbench's tables: its worker comes every autovacuum_naptime
-# (60 s) to the tables tpcb-like dirties, and 60 s is two paths' turns of three
-# 10 s runs, so it met the same path's tpcb-like run round after round (seen
-# with pg_stat_user_tables after every run: dbproxy's in each of three rounds)
-# and slowed it. pgbench's own vacuum before each run (-v) does its work instead,
-# between runs, for every path alike.
+# (60 s) to the tables tpcb-like dirties, a period that can lock onto the bench's
+# own (it did when each path ran its three modes in a row: the same path's
+# tpcb-like run, dbproxy's, in each of three rounds, seen with
+# pg_stat_user_tables after every run) and slow one path's runs. pgbench's own
+# vacuum before each run (-v) does that work instead, between runs, for every
+# path alike.
 _NO_AUTOVACUUM: Final = "; ".join(
     f"ALTER TABLE pgbench_{table} SET (autovacuum_enabled = off)"
     for table in ("accounts", "branches", "tellers", "history")
