@@ -31,7 +31,16 @@ from typing import Any, Final
 
 from stack.postgres import connect
 
-from .procs import BenchError, cpu_seconds, free_port, machine, require, rotated, running
+from .procs import (
+    BenchError,
+    cpu_seconds,
+    free_port,
+    machine,
+    require,
+    rotated,
+    running,
+    stolen_seconds,
+)
 from .stackrun import local_stack
 
 PATHS = ("direct", "haproxy", "dbproxy")
@@ -133,6 +142,22 @@ _NO_AUTOVACUUM: Final = "; ".join(
 )
 
 
+def _measured(
+    port: int, pid: int | None, flags: list[str], seconds: float, clients: int
+) -> tuple[float, float | None, dict[str, float]]:
+    """One pgbench run: its tps, the proxy's CPU per transaction in µs (None:
+    direct), and the share of each core, in percent, the hypervisor took meanwhile."""
+    cores = (PROXY_CORE, LOAD_CORE)
+    before = cpu_seconds(pid) if pid is not None else 0.0
+    stolen, started = stolen_seconds(cores), time.monotonic()
+    rate = _pgbench(port, flags, seconds, clients)
+    wall = time.monotonic() - started
+    proxy, load = (b - a for a, b in zip(stolen, stolen_seconds(cores), strict=True))
+    used = None if pid is None else (cpu_seconds(pid) - before) / (rate * seconds) * 1e6
+    shares = {"proxy_core": round(proxy / wall * 100, 1), "load_core": round(load / wall * 100, 1)}
+    return rate, used, shares
+
+
 @contextlib.contextmanager
 def path_port(
     path: str, master: int, check_password: str, work: Path
@@ -180,6 +205,9 @@ def run_pg(
     # the shared cores make swing from round to round.
     proxies = [p for p in paths if p != "direct"]
     cpu: dict[str, dict[str, list[float]]] = {m: {p: [] for p in proxies} for m in MODES}
+    # What the hypervisor took from each core during each run, in percent: the
+    # rounds that run slow for every path are the first thing to hold against it.
+    steal: dict[str, dict[str, list[dict[str, float]]]] = {m: {p: [] for p in paths} for m in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
         work = Path(tmp)
         say("starting a local stack for the benchmark")
@@ -214,12 +242,11 @@ def run_pg(
                             # before (tpcb-like writes): else the checkpointer writes
                             # them out during the next run, on whichever path that is.
                             _superuser(master, "CHECKPOINT")
-                            before = cpu_seconds(pid) if pid is not None else 0.0
-                            rate = _pgbench(port, flags, seconds, clients)
-                            if pid is not None:
-                                used = cpu_seconds(pid) - before
-                                cpu[mode][path].append(used / (rate * seconds) * 1e6)
+                            rate, used, stolen = _measured(port, pid, flags, seconds, clients)
+                        if used is not None:
+                            cpu[mode][path].append(used)
                         tps[mode][path].append(rate)
+                        steal[mode][path].append(stolen)
     medians = {m: {p: statistics.median(v) for p, v in paths.items()} for m, paths in tps.items()}
     cpu_medians = {
         m: {p: round(statistics.median(v), 1) for p, v in paths.items()} for m, paths in cpu.items()
@@ -245,6 +272,7 @@ def run_pg(
         "cpu_us_per_transaction": cpu_medians,
         "rounds": tps,
         "rounds_cpu_us_per_transaction": cpu,
+        "rounds_steal_percent": steal,
     }
 
 

@@ -65,6 +65,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     raise BenchError(f"nothing listens on port {port} after {timeout:.0f}s")
 
 
+def stolen_seconds(cores: Sequence[int], stat: str | None = None) -> list[float]:
+    """Time the hypervisor ran something else on each of these cores (/proc/stat's
+    steal column): a slower spell of a virtual machine that no process of ours shows."""
+    stolen = dict.fromkeys(cores, 0.0)
+    text = Path("/proc/stat").read_text() if stat is None else stat
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name[3:].isdigit() and name.startswith("cpu") and int(name[3:]) in stolen:
+            stolen[int(name[3:])] = int(rest.split()[7]) / CLOCK_TICKS
+    return [stolen[c] for c in cores]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of the process and all its descendants (nginx's workers)."""
     ref = processes.ref_of(pid)

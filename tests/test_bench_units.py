@@ -16,7 +16,7 @@ from bench.drillstats import (
     step_stats,
     timeline,
 )
-from bench.procs import rotated
+from bench.procs import CLOCK_TICKS, rotated, stolen_seconds
 from bench.wrk import parse
 
 WRK = """Running 10s test @ http://127.0.0.1:8080/
@@ -54,6 +54,20 @@ def test_rotation_gives_every_contender_every_place() -> None:
     order = [rotated(("a", "b", "c"), r) for r in range(1, 4)]
     assert order == [("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b")]
     assert {o[0] for o in order} == {"a", "b", "c"}
+
+
+PROC_STAT = """cpu  1301381 0 1522315 1935528 6187 0 521448 3379 0 0
+cpu0 639654 0 795333 897981 986 0 314961 1688 0 0
+cpu1 661727 0 726982 1037547 5201 0 206487 1691 0 0
+cpu10 1 0 1 1 0 0 0 500 0 0
+intr 1 2 3
+"""
+
+
+def test_steal_is_read_per_core_in_the_order_asked() -> None:
+    # cpu (all cores) and cpu10 must not be taken for cpu0 or cpu1.
+    assert stolen_seconds((1, 0), PROC_STAT) == [1691 / CLOCK_TICKS, 1688 / CLOCK_TICKS]
+    assert stolen_seconds((10,), PROC_STAT) == [500 / CLOCK_TICKS]
 
 
 # -- the drill's statistics, on recorded requests made up here ----------------------
