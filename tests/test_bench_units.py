@@ -16,6 +16,7 @@ from bench.drillstats import (
     step_stats,
     timeline,
 )
+from bench.pg import STEAL_LIMIT, stolen_from
 from bench.procs import CLOCK_TICKS, rotated, stolen_seconds
 from bench.wrk import parse
 
@@ -68,6 +69,22 @@ def test_steal_is_read_per_core_in_the_order_asked() -> None:
     # cpu (all cores) and cpu10 must not be taken for cpu0 or cpu1.
     assert stolen_seconds((1, 0), PROC_STAT) == [1691 / CLOCK_TICKS, 1688 / CLOCK_TICKS]
     assert stolen_seconds((10,), PROC_STAT) == [500 / CLOCK_TICKS]
+
+
+def test_a_turn_counts_unless_the_hypervisor_took_a_core_from_one_of_its_runs() -> None:
+    calm = {"proxy_core": 0.3, "load_core": STEAL_LIMIT}
+    assert stolen_from({"direct": calm, "haproxy": calm, "dbproxy": calm}) is None
+    why = stolen_from(
+        {
+            "haproxy": calm,
+            "dbproxy": {"proxy_core": 0.1, "load_core": 12.5},
+            "direct": {"proxy_core": 9.0, "load_core": 0.0},
+        }
+    )
+    assert why == "the hypervisor took 12.5% of the load core during dbproxy's run"
+    assert stolen_from({"direct": calm}, limit=0.2) == (
+        "the hypervisor took 0.3% of the proxy core during direct's run"
+    )
 
 
 # -- the drill's statistics, on recorded requests made up here ----------------------
