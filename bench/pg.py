@@ -1,10 +1,10 @@
 """`python -m bench pg`: pgbench direct, through HAProxy (tcp) and through dbproxy, in one run.
 
-The bench brings up its own local stack (no proxies, on free ports), drops
-its logical replication (see run_pg), loads pgbench's tables into a database
-of their own on the master, and runs each
-mode against each path: select-only (-S), the default tpcb-like mix, and -S -C
-(a new connection per transaction, where a proxy's connect path shows). The
+The bench brings up its own local stack (no proxies, on free ports), drops its
+logical replication (see run_pg), loads pgbench's tables into a database of
+their own on the master, and runs each mode against each path: select-only
+(-S), the default tpcb-like mix, and -S -C (a new connection per transaction,
+where a proxy's connect path shows). The
 proxy is pinned to core 0 and pgbench to core 1; Postgres itself runs
 unpinned, the same for every path. In each round the paths take turns mode by
 mode, each mode's turn starting with another path, and a proxy runs only for
@@ -272,9 +272,10 @@ def run_pg(
                 # run and is the only one up, so only its own health checks load
                 # Postgres meanwhile (dbproxy's log in and query; HAProxy's
                 # pgsql-check only opens a session).
+                label = f"round {r}/{rounds}"
                 for i, mode in enumerate(MODES):
-                    label = f"round {r}/{rounds}"
-                    runs = turn(rotated(paths, r + i), mode, label)
+                    order = rotated(paths, r + i)
+                    runs = turn(order, mode, label)
                     for _ in range(TURN_REDOS):
                         why = stolen_from({path: run.steal for path, run in runs.items()})
                         if why is None:
@@ -282,7 +283,7 @@ def run_pg(
                         say(f"{label}: {mode} again: {why}")
                         dropped = {path: run._asdict() for path, run in runs.items()}
                         redone.append({"round": r, "mode": mode, "why": why, "runs": dropped})
-                        runs = turn(rotated(paths, r + i), mode, label)
+                        runs = turn(order, mode, label)
                     for path, run in runs.items():
                         tps[mode][path].append(run.tps)
                         steal[mode][path].append(run.steal)
