@@ -16,7 +16,7 @@ from bench.drillstats import (
     step_stats,
     timeline,
 )
-from bench.pg import STEAL_LIMIT, stolen_from
+from bench.pg import STEAL_LIMIT, kept_turn, most_stolen, stolen_from
 from bench.procs import CLOCK_TICKS, rotated, stolen_seconds
 from bench.wrk import parse
 
@@ -85,6 +85,15 @@ def test_a_turn_counts_unless_the_hypervisor_took_a_core_from_one_of_its_runs() 
     assert stolen_from({"direct": calm}, limit=0.2) == (
         "the hypervisor took 0.3% of the proxy core during direct's run"
     )
+
+
+def test_the_first_calm_attempt_at_a_turn_counts_else_the_least_stolen() -> None:
+    calm = {"proxy_core": 0.1, "load_core": 0.0}
+    assert most_stolen({"haproxy": calm, "dbproxy": {"proxy_core": 0.2, "load_core": 7.3}}) == 7.3
+    assert kept_turn([{"direct": calm}]) == 0
+    stolen = [{"direct": {"proxy_core": 9.0, "load_core": 0.0}}, {"direct": {"proxy_core": 4.5}}]
+    assert kept_turn([*stolen, {"direct": calm}]) == 2
+    assert kept_turn([*stolen, {"direct": {"proxy_core": 6.0}}]) == 1
 
 
 # -- the drill's statistics, on recorded requests made up here ----------------------
