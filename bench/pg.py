@@ -4,15 +4,16 @@ The bench brings up its own local stack (no proxies, on free ports), drops its
 logical replication (see run_pg), loads pgbench's tables into a database of
 their own on the master, and runs each mode against each path: select-only
 (-S), the default tpcb-like mix, and -S -C (a new connection per transaction,
-where a proxy's connect path shows). The
-proxy is pinned to core 0 and pgbench to core 1; Postgres itself runs
-unpinned, the same for every path. In each round the paths take turns mode by
-mode, each mode's turn starting with another path, and a proxy runs only for
-its own runs. Before every run pgbench vacuums all four of its tables
-(autovacuum is off on them: see _NO_AUTOVACUUM) and a CHECKPOINT writes out
-what the run before dirtied, so no run pays for another's writes. A mode's turn
-during which the hypervisor took more than STEAL_LIMIT of a core (steal, read
-from /proc/stat) is run again for every path. The median counts.
+where a proxy's connect path shows). Both proxies run for the whole bench, each
+pinned to core 0, and pgbench to core 1; Postgres itself runs unpinned, the same
+for every path. In each round the paths take turns mode by mode: a mode's turn
+is cut into slices of SLICE_SECONDS, the paths in order, then backwards, and so
+on (see interleaved), each turn starting with another path. Before every turn
+the four pgbench tables are vacuumed as pgbench -v does (autovacuum is off on
+them: see _NO_AUTOVACUUM) and a CHECKPOINT writes out what the turn before
+dirtied, so no turn pays for another's writes. A turn during which the
+hypervisor took more than STEAL_LIMIT of a core (steal, read from /proc/stat)
+is run again. The median of the rounds counts.
 """
 
 from __future__ import annotations
@@ -66,13 +67,21 @@ backend master
 """
 
 
-# A mode's turn (every path's run of it, within one round) is run again when the
-# hypervisor took more than this share of either core, in percent, during any of
-# its runs: up to TURN_REDOS times, then the least stolen attempt is kept (see
-# kept_turn). Seen on 2026-12-01: runs
-# during which it took 5-44% of a core, their tps down by a quarter to a half for
-# whichever path ran then. Steal is no path's doing, and a turn is redone for
-# every path alike, so the paths are still compared 10-20 s apart.
+# The paths' runs of a mode within a round are cut into slices this long, taken
+# in turn: the machine's speed drifts within seconds (2 s runs of one path, back
+# to back, differ by 10%), so the shorter the stretch between the runs a ratio
+# compares, the less of that drift it carries. Measured on 2026-12-01 with both
+# proxies up: the round's dbproxy / HAProxy ratio from five 2 s slices each, in
+# turn, had a standard deviation of 0.042 (-S -C) and 0.048 (-S) over six
+# rounds, where one 10 s run each, 10-20 s apart, had 0.125 and 0.078 over 30.
+SLICE_SECONDS: Final = 2
+
+# A mode's turn (every path's slices of it, within one round) is run again when
+# the hypervisor took more than this share of either core, in percent, during
+# any path's slices: up to TURN_REDOS times, then the least stolen attempt is
+# kept (see kept_turn). Seen on 2026-12-01: runs during which it took 5-44% of a
+# core, their tps down by a quarter to a half for whichever path ran then. Steal
+# is no path's doing, and a turn is redone for every path alike.
 STEAL_LIMIT: Final = 2.0
 TURN_REDOS: Final = 2
 
@@ -86,6 +95,23 @@ def stolen_from(turn: dict[str, dict[str, float]], limit: float = STEAL_LIMIT) -
                 where = core.replace("_", " ")
                 return f"the hypervisor took {share:.1f}% of the {where} during {path}'s run"
     return None
+
+
+def slicing(seconds: float) -> tuple[int, int]:
+    """How many slices of how many whole seconds (pgbench's -T takes no fraction)
+    make about ``seconds`` of a path's run: (5, 2) for 10."""
+    count = max(1, int(seconds // SLICE_SECONDS))
+    return count, max(1, round(seconds / count))
+
+
+def interleaved(order: tuple[str, ...], slices: int) -> list[str]:
+    """The slices of a turn, ``slices`` per path: the paths in order, then backwards,
+    and so on, so a drift of the machine's during the turn falls on each path
+    nearly alike (a path running last in one pass runs first in the next)."""
+    sequence: list[str] = []
+    for n in range(slices):
+        sequence.extend(order if n % 2 == 0 else order[::-1])
+    return sequence
 
 
 def most_stolen(turn: dict[str, dict[str, float]]) -> float:
@@ -123,15 +149,13 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
             [*base, "-i", "-q", "-s", scale, "bench"], check=True, capture_output=True, timeout=300
         )
         return 0.0
-    # -v: pgbench vacuums all four of its tables before each run, so a tpcb-like
-    # run meets none of the dead rows the runs before it left (without it,
-    # pgbench_accounts, the big one, is left out and grows from run to run).
+    # -n: no vacuum here, one per turn instead (_VACUUM), not one per slice.
     command = [
         "taskset",
         "-c",
         str(LOAD_CORE),
         *base,
-        "-v",
+        "-n",
         "-c",
         str(clients),
         "-j",
@@ -150,13 +174,15 @@ def _pgbench(port: int, mode: list[str], seconds: float, clients: int, init: boo
     return float(m.group(1))
 
 
-def _superuser(port: int, statement: str, database: str = "postgres") -> None:
-    """One statement as the superuser, over stack.postgres's own connection."""
+def _superuser(port: int, *statements: str, database: str = "postgres") -> None:
+    """Statements as the superuser, one by one (VACUUM will not run in a block of
+    several), over stack.postgres's own connection."""
 
     async def run() -> None:
         conn = await connect(port, database)
         try:
-            await conn.execute(statement)
+            for statement in statements:
+                await conn.execute(statement)
         finally:
             await conn.close()
 
@@ -167,31 +193,64 @@ def _superuser(port: int, statement: str, database: str = "postgres") -> None:
 # (60 s) to the tables tpcb-like dirties, a period that can lock onto the bench's
 # own (it did when each path ran its three modes in a row: the same path's
 # tpcb-like run, dbproxy's, in each of three rounds, seen with
-# pg_stat_user_tables after every run) and slow one path's runs. pgbench's own
-# vacuum before each run (-v) does that work instead, between runs, for every
-# path alike.
+# pg_stat_user_tables after every run) and slow one path's runs. The vacuum
+# before each turn (_VACUUM) does that work instead, between turns, for every path
+# alike.
 _NO_AUTOVACUUM: Final = "; ".join(
     f"ALTER TABLE pgbench_{table} SET (autovacuum_enabled = off)"
     for table in ("accounts", "branches", "tellers", "history")
 )
+# What pgbench -v does before a run, then a CHECKPOINT: each turn starts with no
+# dead rows and no dirty pages left by the one before (tpcb-like writes; else the
+# checkpointer writes them out during the next turn).
+_VACUUM: Final = (
+    "VACUUM pgbench_branches",
+    "VACUUM pgbench_tellers",
+    "TRUNCATE pgbench_history",
+    "VACUUM ANALYZE pgbench_accounts",
+    "CHECKPOINT",
+)
+_CORES: Final = (PROXY_CORE, LOAD_CORE)
+
+
+class Slice(NamedTuple):
+    tps: float
+    seconds: int  # as asked of pgbench
+    cpu: float  # the proxy's CPU time during it, in seconds
+    wall: float  # how long it took, pgbench's start included
+    stolen: list[float]  # what the hypervisor took of each core (_CORES), in seconds
 
 
 class Run(NamedTuple):
+    """A path's slices of one turn, summed up."""
+
     tps: float
     cpu: float | None  # the proxy's, in µs per transaction (None: direct)
     steal: dict[str, float]  # the share of each core the hypervisor took, in percent
 
 
-def _measured(port: int, pid: int | None, flags: list[str], seconds: float, clients: int) -> Run:
-    cores = (PROXY_CORE, LOAD_CORE)
+def _slice(port: int, pid: int | None, flags: list[str], seconds: int, clients: int) -> Slice:
     before = cpu_seconds(pid) if pid is not None else 0.0
-    stolen, started = stolen_seconds(cores), time.monotonic()
+    stolen, started = stolen_seconds(_CORES), time.monotonic()
     rate = _pgbench(port, flags, seconds, clients)
     wall = time.monotonic() - started
-    proxy, load = (b - a for a, b in zip(stolen, stolen_seconds(cores), strict=True))
-    used = None if pid is None else (cpu_seconds(pid) - before) / (rate * seconds) * 1e6
-    shares = {"proxy_core": round(proxy / wall * 100, 1), "load_core": round(load / wall * 100, 1)}
-    return Run(rate, used, shares)
+    taken = [b - a for a, b in zip(stolen, stolen_seconds(_CORES), strict=True)]
+    used = cpu_seconds(pid) - before if pid is not None else 0.0
+    return Slice(rate, seconds, used, wall, taken)
+
+
+def summed(slices: list[Slice], proxy: bool) -> Run:
+    """A path's run of a turn from its slices: their tps weighted by length, the
+    proxy's CPU per transaction over all of them, the share of each core stolen."""
+    transactions = sum(s.tps * s.seconds for s in slices)
+    tps = transactions / sum(s.seconds for s in slices)
+    cpu = sum(s.cpu for s in slices) / transactions * 1e6 if proxy else None
+    wall = sum(s.wall for s in slices)
+    shares = {
+        name: round(sum(s.stolen[i] for s in slices) / wall * 100, 1)
+        for i, name in enumerate(("proxy_core", "load_core"))
+    }
+    return Run(tps, cpu, shares)
 
 
 @contextlib.contextmanager
@@ -245,67 +304,63 @@ def run_pg(
     # rounds that run slow for every path are the first thing to hold against it.
     steal: dict[str, dict[str, list[dict[str, float]]]] = {m: {p: [] for p in paths} for m in MODES}
     redone: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp:
+    slices, length = slicing(seconds)
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp, contextlib.ExitStack() as up:
         work = Path(tmp)
         say("starting a local stack for the benchmark")
-        with local_stack(work, profile="none", users=1000) as stack:
-            master = stack.ports.master
-            # The stack's logical replication plays no part here, yet it is busy:
-            # its walsender wakes at every commit and decodes the WAL, bench's
-            # too (though it sends none of it), and once caught up pings the apply
-            # worker, which answers. Measured: 1.6 s of their CPU in 8 s of
-            # tpcb-like (a fifth of a core, on the proxy's core or pgbench's as
-            # the scheduler has it) and 13% more direct tpcb-like tps without it.
-            # Dropping the subscription (infra/postgres/subscription.sql) stops
-            # both and its slot, so the master keeps no WAL for it either.
-            _superuser(stack.ports.replica, "DROP SUBSCRIPTION users_sub", database="users")
-            _superuser(master, "CREATE DATABASE bench")
-            say(f"pgbench -i -s {scale_for(clients)}")
-            _pgbench(master, [], 0, clients, init=True)
-            _superuser(master, _NO_AUTOVACUUM, database="bench")
+        stack = up.enter_context(local_stack(work, profile="none", users=1000))
+        master = stack.ports.master
+        # The stack's logical replication plays no part here, yet it is busy:
+        # its walsender wakes at every commit and decodes the WAL, bench's
+        # too (though it sends none of it), and once caught up pings the apply
+        # worker, which answers. Measured: 1.6 s of their CPU in 8 s of
+        # tpcb-like (a fifth of a core, on the proxy's core or pgbench's as
+        # the scheduler has it) and 13% more direct tpcb-like tps without it.
+        # Dropping the subscription (infra/postgres/subscription.sql) stops
+        # both and its slot, so the master keeps no WAL for it either.
+        _superuser(stack.ports.replica, "DROP SUBSCRIPTION users_sub", database="users")
+        _superuser(master, "CREATE DATABASE bench")
+        say(f"pgbench -i -s {scale_for(clients)}")
+        _pgbench(master, [], 0, clients, init=True)
+        _superuser(master, _NO_AUTOVACUUM, database="bench")
+        # Every proxy is up from here to the end, idle but for its health
+        # checks while another path runs: the slices of a turn follow each
+        # other within seconds, and every path's meet the same checks.
+        password = stack.check_password
+        ports = {p: up.enter_context(path_port(p, master, password, work)) for p in paths}
 
-            def turn(order: tuple[str, ...], mode: str, label: str) -> dict[str, Run]:
-                runs: dict[str, Run] = {}
-                for path in order:
-                    say(f"{label}: {path} {mode} ({seconds:g}s)")
-                    with path_port(path, master, stack.check_password, work) as (port, pid):
-                        # Each run starts with no dirty pages left by the one before
-                        # (tpcb-like writes): else the checkpointer writes them out
-                        # during the next run, on whichever path that is.
-                        _superuser(master, "CHECKPOINT")
-                        runs[path] = _measured(port, pid, MODES[mode], seconds, clients)
-                return runs
+        def turn(order: tuple[str, ...], mode: str, label: str) -> dict[str, Run]:
+            say(f"{label}: {mode}, {slices} slices of {length}s each: {', '.join(order)}")
+            _superuser(master, *_VACUUM, database="bench")
+            taken: dict[str, list[Slice]] = {path: [] for path in order}
+            for path in interleaved(order, slices):
+                port, pid = ports[path]
+                taken[path].append(_slice(port, pid, MODES[mode], length, clients))
+            return {path: summed(runs, path != "direct") for path, runs in taken.items()}
 
-            for r in range(1, rounds + 1):
-                # The paths take turns mode by mode, so the runs a ratio compares
-                # are 10-20 s apart, not 30-60 s as when each path ran all three
-                # modes in a row: a slower spell of the machine's is less likely
-                # to fall on one path's runs alone. The proxy is started for each
-                # run and is the only one up, so only its own health checks load
-                # Postgres meanwhile (dbproxy's log in and query; HAProxy's
-                # pgsql-check only opens a session).
-                label = f"round {r}/{rounds}"
-                for i, mode in enumerate(MODES):
-                    order = rotated(paths, r + i)
-                    attempts = [turn(order, mode, label)]
-                    shares = [{path: run.steal for path, run in attempts[0].items()}]
-                    while len(attempts) <= TURN_REDOS and (why := stolen_from(shares[-1])):
-                        say(f"{label}: {mode} again: {why}")
-                        attempts.append(turn(order, mode, label))
-                        shares.append({path: run.steal for path, run in attempts[-1].items()})
-                    kept = kept_turn(shares)
-                    for n, dropped in enumerate(attempts):
-                        if n != kept:
-                            runs = {path: run._asdict() for path, run in dropped.items()}
-                            why = stolen_from(shares[n])
-                            redone.append({"round": r, "mode": mode, "why": why, "runs": runs})
-                    if kept != len(attempts) - 1:
-                        say(f"{label}: {mode}: all over the limit, the least stolen kept")
-                    for path, run in attempts[kept].items():
-                        tps[mode][path].append(run.tps)
-                        steal[mode][path].append(run.steal)
-                        if run.cpu is not None:
-                            cpu[mode][path].append(run.cpu)
+        for r in range(1, rounds + 1):
+            label = f"round {r}/{rounds}"
+            for i, mode in enumerate(MODES):
+                order = rotated(paths, r + i)
+                attempts = [turn(order, mode, label)]
+                shares = [{path: run.steal for path, run in attempts[0].items()}]
+                while len(attempts) <= TURN_REDOS and (why := stolen_from(shares[-1])):
+                    say(f"{label}: {mode} again: {why}")
+                    attempts.append(turn(order, mode, label))
+                    shares.append({path: run.steal for path, run in attempts[-1].items()})
+                kept = kept_turn(shares)
+                for n, dropped in enumerate(attempts):
+                    if n != kept:
+                        runs = {path: run._asdict() for path, run in dropped.items()}
+                        why = stolen_from(shares[n])
+                        redone.append({"round": r, "mode": mode, "why": why, "runs": runs})
+                if kept != len(attempts) - 1:
+                    say(f"{label}: {mode}: all over the limit, the least stolen kept")
+                for path, run in attempts[kept].items():
+                    tps[mode][path].append(run.tps)
+                    steal[mode][path].append(run.steal)
+                    if run.cpu is not None:
+                        cpu[mode][path].append(run.cpu)
     medians = {m: {p: statistics.median(v) for p, v in paths.items()} for m, paths in tps.items()}
     cpu_medians = {
         m: {p: round(statistics.median(v), 1) for p, v in paths.items()} for m, paths in cpu.items()
@@ -318,6 +373,8 @@ def run_pg(
             "seconds": seconds,
             "clients": clients,
             "rounds": rounds,
+            "slices": slices,
+            "slice_seconds": length,
             "scale": scale_for(clients),
             "proxy_core": PROXY_CORE,
             "load_core": LOAD_CORE,

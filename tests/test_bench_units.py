@@ -16,7 +16,16 @@ from bench.drillstats import (
     step_stats,
     timeline,
 )
-from bench.pg import STEAL_LIMIT, kept_turn, most_stolen, stolen_from
+from bench.pg import (
+    STEAL_LIMIT,
+    Slice,
+    interleaved,
+    kept_turn,
+    most_stolen,
+    slicing,
+    stolen_from,
+    summed,
+)
 from bench.procs import CLOCK_TICKS, rotated, stolen_seconds
 from bench.wrk import parse
 
@@ -85,6 +94,32 @@ def test_a_turn_counts_unless_the_hypervisor_took_a_core_from_one_of_its_runs() 
     assert stolen_from({"direct": calm}, limit=0.2) == (
         "the hypervisor took 0.3% of the proxy core during direct's run"
     )
+
+
+def test_a_turn_is_cut_into_whole_second_slices_taken_in_order_then_backwards() -> None:
+    assert slicing(10) == (5, 2) and slicing(3) == (1, 3) and slicing(7) == (3, 2)
+    assert slicing(0.5) == (1, 1)
+    order = ("haproxy", "direct", "dbproxy")
+    assert interleaved(order, 1) == list(order)
+    assert interleaved(order, 3) == [*order, *reversed(order), *order]
+    sequence = interleaved(order, 4)
+    assert all(sequence.count(path) == 4 for path in order)
+    # in pairs of passes every path sits at the same mean position: a steady drift
+    # of the machine's falls on each alike
+    places = {path: [i for i, p in enumerate(sequence) if p == path] for path in order}
+    assert len({sum(v) for v in places.values()}) == 1
+
+
+def test_a_paths_slices_sum_up_to_its_run_of_the_turn() -> None:
+    slices = [
+        Slice(tps=100.0, seconds=2, cpu=0.01, wall=2.5, stolen=[0.0, 0.05]),
+        Slice(tps=300.0, seconds=2, cpu=0.03, wall=2.5, stolen=[0.1, 0.0]),
+    ]
+    run = summed(slices, proxy=True)
+    assert run.tps == 200.0
+    assert run.cpu == (0.04 / 800) * 1e6  # µs per transaction over both
+    assert run.steal == {"proxy_core": 2.0, "load_core": 1.0}
+    assert summed(slices, proxy=False).cpu is None
 
 
 def test_the_first_calm_attempt_at_a_turn_counts_else_the_least_stolen() -> None:
