@@ -54,7 +54,10 @@ def main() -> int:
         "pg", help="pgbench direct vs HAProxy vs dbproxy (needs haproxy, postgresql-15)"
     )
     pg.add_argument(
-        "--seconds", type=float, default=10.0, help="length of each pgbench run (default 10)"
+        "--seconds",
+        type=float,
+        default=10.0,
+        help="each path's time per mode and round, run in 2 s slices taken in turn (default 10)",
     )
     pg.add_argument("--clients", type=int, default=8, help="pgbench clients (default 8)")
     pg.add_argument(

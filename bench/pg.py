@@ -69,7 +69,7 @@ backend master
 
 # The paths' runs of a mode within a round are cut into slices this long, taken
 # in turn: the machine's speed drifts within seconds (2 s runs of one path, back
-# to back, differ by 10%), so the shorter the stretch between the runs a ratio
+# to back, differ by 10% and more), so the shorter the stretch between the runs a ratio
 # compares, the less of that drift it carries. Measured on 2026-12-01 with both
 # proxies up: the round's dbproxy / HAProxy ratio from five 2 s slices each, in
 # turn, had a standard deviation of 0.042 (-S -C) and 0.048 (-S) over six
@@ -87,13 +87,13 @@ TURN_REDOS: Final = 2
 
 
 def stolen_from(turn: dict[str, dict[str, float]], limit: float = STEAL_LIMIT) -> str | None:
-    """Why a turn does not count, if it does not: the first run, in the order run,
-    during which the hypervisor took more than ``limit`` percent of a core."""
+    """Why a turn does not count, if it does not: the first path, in the turn's order,
+    during whose slices the hypervisor took more than ``limit`` percent of a core."""
     for path, shares in turn.items():
         for core, share in shares.items():
             if share > limit:
                 where = core.replace("_", " ")
-                return f"the hypervisor took {share:.1f}% of the {where} during {path}'s run"
+                return f"the hypervisor took {share:.1f}% of the {where} during {path}'s slices"
     return None
 
 
@@ -227,6 +227,7 @@ class Run(NamedTuple):
     tps: float
     cpu: float | None  # the proxy's, in µs per transaction (None: direct)
     steal: dict[str, float]  # the share of each core the hypervisor took, in percent
+    slices: list[float]  # each slice's tps, in the order run
 
 
 def _slice(port: int, pid: int | None, flags: list[str], seconds: int, clients: int) -> Slice:
@@ -250,7 +251,7 @@ def summed(slices: list[Slice], proxy: bool) -> Run:
         name: round(sum(s.stolen[i] for s in slices) / wall * 100, 1)
         for i, name in enumerate(("proxy_core", "load_core"))
     }
-    return Run(tps, cpu, shares)
+    return Run(tps, cpu, shares, [round(s.tps, 1) for s in slices])
 
 
 @contextlib.contextmanager
@@ -303,6 +304,8 @@ def run_pg(
     # What the hypervisor took from each core during each run, in percent: the
     # rounds that run slow for every path are the first thing to hold against it.
     steal: dict[str, dict[str, list[dict[str, float]]]] = {m: {p: [] for p in paths} for m in MODES}
+    # Each slice's tps: whether a round's ratio comes from one slice or from all.
+    sliced: dict[str, dict[str, list[list[float]]]] = {m: {p: [] for p in paths} for m in MODES}
     redone: list[dict[str, Any]] = []
     slices, length = slicing(seconds)
     with tempfile.TemporaryDirectory(prefix="bench-pg-") as tmp, contextlib.ExitStack() as up:
@@ -323,19 +326,25 @@ def run_pg(
         say(f"pgbench -i -s {scale_for(clients)}")
         _pgbench(master, [], 0, clients, init=True)
         _superuser(master, _NO_AUTOVACUUM, database="bench")
-        # Every proxy is up from here to the end, idle but for its health
-        # checks while another path runs: the slices of a turn follow each
-        # other within seconds, and every path's meet the same checks.
         password = stack.check_password
-        ports = {p: up.enter_context(path_port(p, master, password, work)) for p in paths}
 
         def turn(order: tuple[str, ...], mode: str, label: str) -> dict[str, Run]:
             say(f"{label}: {mode}, {slices} slices of {length}s each: {', '.join(order)}")
-            _superuser(master, *_VACUUM, database="bench")
             taken: dict[str, list[Slice]] = {path: [] for path in order}
-            for path in interleaved(order, slices):
-                port, pid = ports[path]
-                taken[path].append(_slice(port, pid, MODES[mode], length, clients))
+            # Every proxy is up for the whole turn, idle but for its health
+            # checks while another path runs, so every path's slices meet the
+            # same checks; and started afresh for each turn, so whatever sets
+            # one process of a proxy apart from another holds for one turn, not
+            # a whole run (two dbproxy processes in the same slices, 2026-12-01
+            # 23:50, host stealing 8% of each core: 13% apart in select-only).
+            with contextlib.ExitStack() as proxies:
+                ports = {
+                    p: proxies.enter_context(path_port(p, master, password, work)) for p in order
+                }
+                _superuser(master, *_VACUUM, database="bench")
+                for path in interleaved(order, slices):
+                    port, pid = ports[path]
+                    taken[path].append(_slice(port, pid, MODES[mode], length, clients))
             return {path: summed(runs, path != "direct") for path, runs in taken.items()}
 
         for r in range(1, rounds + 1):
@@ -358,6 +367,7 @@ def run_pg(
                     say(f"{label}: {mode}: all over the limit, the least stolen kept")
                 for path, run in attempts[kept].items():
                     tps[mode][path].append(run.tps)
+                    sliced[mode][path].append(run.slices)
                     steal[mode][path].append(run.steal)
                     if run.cpu is not None:
                         cpu[mode][path].append(run.cpu)
@@ -389,6 +399,7 @@ def run_pg(
         "rounds": tps,
         "rounds_cpu_us_per_transaction": cpu,
         "rounds_steal_percent": steal,
+        "rounds_slices_tps": sliced,
         "redone_turns": redone,
     }
 

@@ -90,9 +90,9 @@ def test_a_turn_counts_unless_the_hypervisor_took_a_core_from_one_of_its_runs() 
             "direct": {"proxy_core": 9.0, "load_core": 0.0},
         }
     )
-    assert why == "the hypervisor took 12.5% of the load core during dbproxy's run"
+    assert why == "the hypervisor took 12.5% of the load core during dbproxy's slices"
     assert stolen_from({"direct": calm}, limit=0.2) == (
-        "the hypervisor took 0.3% of the proxy core during direct's run"
+        "the hypervisor took 0.3% of the proxy core during direct's slices"
     )
 
 
@@ -119,6 +119,7 @@ def test_a_paths_slices_sum_up_to_its_run_of_the_turn() -> None:
     assert run.tps == 200.0
     assert run.cpu == (0.04 / 800) * 1e6  # µs per transaction over both
     assert run.steal == {"proxy_core": 2.0, "load_core": 1.0}
+    assert run.slices == [100.0, 300.0]
     assert summed(slices, proxy=False).cpu is None
 
 
