@@ -4,11 +4,12 @@ The bench brings up its own local stack (no proxies, on free ports), drops its
 logical replication (see run_pg), loads pgbench's tables into a database of
 their own on the master, and runs each mode against each path: select-only
 (-S), the default tpcb-like mix, and -S -C (a new connection per transaction,
-where a proxy's connect path shows). Both proxies run for the whole bench, each
-pinned to core 0, and pgbench to core 1; Postgres itself runs unpinned, the same
-for every path. In each round the paths take turns mode by mode: a mode's turn
-is cut into slices of SLICE_SECONDS, the paths in order, then backwards, and so
-on (see interleaved), each turn starting with another path. Before every turn
+where a proxy's connect path shows). Both proxies are started afresh for each
+turn and run through it, pinned to core 0, and pgbench to core 1; Postgres
+itself runs unpinned, the same for every path. In each round the paths take
+turns mode by mode: a mode's turn is cut into slices of SLICE_SECONDS, the
+paths in order, then backwards, and so on (see interleaved), each turn
+starting with another path. Before every turn
 the four pgbench tables are vacuumed as pgbench -v does (autovacuum is off on
 them: see _NO_AUTOVACUUM) and a CHECKPOINT writes out what the turn before
 dirtied, so no turn pays for another's writes. A turn during which the
@@ -333,10 +334,9 @@ def run_pg(
             taken: dict[str, list[Slice]] = {path: [] for path in order}
             # Every proxy is up for the whole turn, idle but for its health
             # checks while another path runs, so every path's slices meet the
-            # same checks; and started afresh for each turn, so whatever sets
-            # one process of a proxy apart from another holds for one turn, not
-            # a whole run (two dbproxy processes in the same slices, 2026-12-01
-            # 23:50, host stealing 8% of each core: 13% apart in select-only).
+            # same checks; and started afresh for each turn, so that whatever a
+            # process carries (its heap after thousands of sessions, where its
+            # memory fell) holds for one turn of a run, not for all of them.
             with contextlib.ExitStack() as proxies:
                 ports = {
                     p: proxies.enter_context(path_port(p, master, password, work)) for p in order
