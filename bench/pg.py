@@ -9,12 +9,12 @@ turn and run through it, pinned to core 0, and pgbench to core 1; Postgres
 itself runs unpinned, the same for every path. In each round the paths take
 turns mode by mode: a mode's turn is cut into slices of SLICE_SECONDS, the
 paths in order, then backwards, and so on (see interleaved), each turn
-starting with another path. Before every turn
-the four pgbench tables are vacuumed as pgbench -v does (autovacuum is off on
-them: see _NO_AUTOVACUUM) and a CHECKPOINT writes out what the turn before
-dirtied, so no turn pays for another's writes. A turn during which the
-hypervisor took more than STEAL_LIMIT of a core (steal, read from /proc/stat)
-is run again. The median of the rounds counts.
+starting with another path. Before every turn the four pgbench tables are
+vacuumed as pgbench -v does (autovacuum is off on them: see _NO_AUTOVACUUM)
+and a CHECKPOINT writes out what the turn before dirtied, so no turn pays for
+another's writes. A turn during which the hypervisor took more than
+STEAL_LIMIT of a core (steal, read from /proc/stat) is run again. The median
+of the rounds counts.
 """
 
 from __future__ import annotations
