@@ -70,8 +70,8 @@ backend master
 
 # The paths' runs of a mode within a round are cut into slices this long, taken
 # in turn: the machine's speed drifts within seconds (2 s runs of one path, back
-# to back, differ by 10% and more), so the shorter the stretch between the runs a ratio
-# compares, the less of that drift it carries. Measured on 2026-12-01 with both
+# to back, differ by 10% and more), so the shorter the stretch between the runs
+# a ratio compares, the less of that drift it carries. Measured on 2026-12-01 with both
 # proxies up: the round's dbproxy / HAProxy ratio from five 2 s slices each, in
 # turn, had a standard deviation of 0.042 (-S -C) and 0.048 (-S) over six
 # rounds, where one 10 s run each, 10-20 s apart, had 0.125 and 0.078 over 30.
@@ -197,7 +197,7 @@ def _superuser(port: int, *statements: str, database: str = "postgres") -> None:
 # pg_stat_user_tables after every run) and slow one path's runs. The vacuum
 # before each turn (_VACUUM) does that work instead, between turns, for every path
 # alike.
-_NO_AUTOVACUUM: Final = "; ".join(
+_NO_AUTOVACUUM: Final = tuple(
     f"ALTER TABLE pgbench_{table} SET (autovacuum_enabled = off)"
     for table in ("accounts", "branches", "tellers", "history")
 )
@@ -253,6 +253,10 @@ def summed(slices: list[Slice], proxy: bool) -> Run:
         for i, name in enumerate(("proxy_core", "load_core"))
     }
     return Run(tps, cpu, shares, [round(s.tps, 1) for s in slices])
+
+
+def steal_of(runs: dict[str, Run]) -> dict[str, dict[str, float]]:
+    return {path: run.steal for path, run in runs.items()}
 
 
 @contextlib.contextmanager
@@ -326,7 +330,7 @@ def run_pg(
         _superuser(master, "CREATE DATABASE bench")
         say(f"pgbench -i -s {scale_for(clients)}")
         _pgbench(master, [], 0, clients, init=True)
-        _superuser(master, _NO_AUTOVACUUM, database="bench")
+        _superuser(master, *_NO_AUTOVACUUM, database="bench")
         password = stack.check_password
 
         def turn(order: tuple[str, ...], mode: str, label: str) -> dict[str, Run]:
@@ -352,17 +356,17 @@ def run_pg(
             for i, mode in enumerate(MODES):
                 order = rotated(paths, r + i)
                 attempts = [turn(order, mode, label)]
-                shares = [{path: run.steal for path, run in attempts[0].items()}]
+                shares = [steal_of(attempts[0])]
                 while len(attempts) <= TURN_REDOS and (why := stolen_from(shares[-1])):
                     say(f"{label}: {mode} again: {why}")
                     attempts.append(turn(order, mode, label))
-                    shares.append({path: run.steal for path, run in attempts[-1].items()})
+                    shares.append(steal_of(attempts[-1]))
                 kept = kept_turn(shares)
                 for n, dropped in enumerate(attempts):
                     if n != kept:
                         runs = {path: run._asdict() for path, run in dropped.items()}
-                        why = stolen_from(shares[n])
-                        redone.append({"round": r, "mode": mode, "why": why, "runs": runs})
+                        reason = stolen_from(shares[n])
+                        redone.append({"round": r, "mode": mode, "why": reason, "runs": runs})
                 if kept != len(attempts) - 1:
                     say(f"{label}: {mode}: all over the limit, the least stolen kept")
                 for path, run in attempts[kept].items():
