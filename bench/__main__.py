@@ -1,5 +1,6 @@
 """python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
-python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)"""
+python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
+python -m bench edge [--out FILE]   (hostile and odd HTTP inputs: lb, nginx, HAProxy)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 from .compare import PROFILES, Plan, run_compare
+from .edge import run_edge
+from .edge import table as edge_table
 from .http import PROXIES, run_http, table
 from .pg import run_pg
 from .pg import table as pg_table
@@ -64,6 +67,10 @@ def main() -> int:
         "--rounds", type=int, default=1, help="runs per path and mode, median kept (default 1)"
     )
     pg.add_argument("--out", type=Path, help="JSON file (default bench/results/pg-<time>.json)")
+    edge = sub.add_parser(
+        "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
+    )
+    edge.add_argument("--out", type=Path, help="JSON file (default bench/results/edge-<time>.json)")
     args = p.parse_args()
 
     def say(text: str) -> None:
@@ -89,6 +96,9 @@ def main() -> int:
                 say=say,
             )
             shown = table(result)
+        elif args.command == "edge":
+            result = run_edge(say=say)
+            shown = edge_table(result)
         else:
             result = run_pg(seconds=args.seconds, clients=args.clients, rounds=args.rounds, say=say)
             shown = pg_table(result)

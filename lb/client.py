@@ -23,9 +23,11 @@ from .exchange import Exchange
 from .heads import (
     BadRequest,
     RequestInfo,
+    as_http11,
     error_response,
     escape_request_line,
     new_request_id,
+    origin_form,
 )
 
 if TYPE_CHECKING:
@@ -39,9 +41,7 @@ class ClientConnection:
         self.lb = lb
         self.transport: asyncio.Transport | None = None
         self.valve: Valve = None  # type: ignore[assignment]  # set in connection_made
-        self.parser = httptools.HttpRequestParser(self)
-        # Bound once per connection, not looked up per call (compiled: a direct call).
-        self._feed = self.parser.feed_data
+        self._new_parser()
         self._send: Callable[[bytes], None] = unconnected_write
         # One timer per kind of wait: each only ever moves later, so re-arming it
         # costs a float store (see proxycore/deadline.py).
@@ -58,6 +58,8 @@ class ClientConnection:
         self._url = b""
         self._request = RequestInfo()  # the head being read, gathered header by header
         self._head_size = 0
+        self._headers = 0  # header lines of the head being read
+        self._client_done = False  # the client shut its side: close after the last response
         self._rejected: bytes | None = None  # an error answer waiting for the response before it
         self._corked = False
         self._out: list[bytes] = []
@@ -94,21 +96,28 @@ class ClientConnection:
             return
         if self._reading_body:
             self._body_timer.after(self.lb.config.timeouts.client_body)
-        if self._at_start:
+        at_start = self._at_start
+        if at_start:
             data = self._request_line(data)
             if not data:
                 return
         try:
             self._feed(data)
-            if self._in_head and not self.queue and not self._head_timer.armed:
-                # A head split over reads: from its first byte the whole head must
-                # come within client_header (a head read whole arms nothing).
-                self._head_timer.after(self.lb.config.timeouts.client_header)
+            if self._in_head:
+                # A head not whole at the end of a read (rare: most come whole).
+                if self._no_version(data):
+                    raise BadRequest(
+                        400, "bad_request", "HTTP/0.9 (a request line without a version)"
+                    )
+                if not self.queue and not self._head_timer.armed:
+                    # From its first byte the whole head must come within client_header.
+                    self._head_timer.after(self.lb.config.timeouts.client_header)
         except httptools.HttpParserUpgrade as upgrade:
             ex = self.queue[-1] if self.queue else None
             if ex is not None and ex.info.upgrade is not None:
                 # From here on the client's bytes belong to the tunnel; they wait in
-                # the exchange until the upstream agrees to switch (101).
+                # the exchange until the upstream agrees to switch (101), or are read
+                # as the next requests if it refuses.
                 self.tunnel = ex
                 self._stop_timers(for_good=False)
                 tail = data[upgrade.args[0] :]
@@ -121,8 +130,45 @@ class ClientConnection:
             cause = malformed.__cause__ or malformed.__context__
             if isinstance(cause, BadRequest):
                 self._reject(cause)
-            else:
-                self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
+                return
+            if at_start and "HTTP version" in str(malformed):
+                # llhttp knows 1.0 and 1.1 only; RFC 9112 2.3: a higher 1.x is 1.1.
+                try:
+                    again = as_http11(data)
+                except BadRequest as refused:
+                    self._reject(refused)
+                    return
+                if again is not None:
+                    self._restart_head()
+                    self.data_received(again)
+                    return
+            self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
+
+    def _no_version(self, data: bytes) -> bool:
+        """Whether the head being read is an HTTP/0.9 request line (no version):
+        llhttp takes one and waits for headers that never come. Only its request
+        line has been read (no header yet) and the read ends with that line, which
+        ends with the target where a version should be."""
+        url = self._url
+        return (
+            bool(url)
+            and self._head_size == len(url)
+            and data.endswith(b"\n")
+            and data.rstrip(b"\r\n").endswith(b" " + url)
+        )
+
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        # Bound once per parser, not looked up per call (compiled: a direct call).
+        self._feed = self.parser.feed_data
+
+    def _restart_head(self) -> None:
+        """Read the next bytes as the start of a request, with a fresh parser."""
+        self._new_parser()
+        self._at_start = True
+        self._in_head = False
+        self._url = b""
+        self._request = RequestInfo()
 
     def _request_line(self, data: bytes) -> bytes:
         """At the start of a request: hold bytes until its first line is whole, then
@@ -148,9 +194,16 @@ class ClientConnection:
         return data if data.isascii() else escape_request_line(data)
 
     def eof_received(self) -> bool | None:
-        if self.tunnel is not None:
-            return self.tunnel.tunnel_eof_from_client()
-        return None
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.tunnel_open:
+            return tunnel.tunnel_eof_from_client()
+        # The client sends nothing more, but what it sent whole is still answered
+        # (as HAProxy does; nginx drops it): the connection closes after the
+        # last response. A body cut short can never be whole: refused.
+        self._client_done = True
+        if self._reading_body:
+            self._reject(BadRequest(400, "bad_request", "the client ended before the request body"))
+        return True if self.queue and not self.closed else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -187,6 +240,7 @@ class ClientConnection:
             self._at_start = False
             self._in_head = True
             self._head_size = 0
+            self._headers = 0
         # a target split over reads comes in pieces; compiled, `+=` on bytes is a
         # generic call where this is a direct one
         self._url = url if not self._url else self._url + url
@@ -195,12 +249,16 @@ class ClientConnection:
             raise BadRequest(414, "uri_too_long", "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        limits = self.lb.config.limits
         self._head_size += len(name) + len(value) + 4
-        if self._head_size > self.lb.config.limits.max_header_bytes:
+        self._headers += 1
+        if self._head_size > limits.max_header_bytes:
             raise BadRequest(
-                431,
-                "header_too_large",
-                f"request head over {self.lb.config.limits.max_header_bytes} bytes",
+                431, "header_too_large", f"request head over {limits.max_header_bytes} bytes"
+            )
+        if self._headers > limits.max_headers:
+            raise BadRequest(
+                431, "header_too_large", f"more than {limits.max_headers} header lines"
             )
         self._request.add(name, value)
 
@@ -215,9 +273,20 @@ class ClientConnection:
         if parser.should_keep_alive() and not info.has_connection_header:
             http11 = True
         else:
-            http11 = parser.get_http_version() == "1.1"
+            version = parser.get_http_version()
+            if version != "1.1" and version != "1.0":
+                if version.startswith("0."):
+                    raise BadRequest(400, "bad_request", f"HTTP/{version}: lb speaks HTTP/1.x")
+                raise BadRequest(
+                    505, "http_version_not_supported", f"HTTP/{version}: lb speaks HTTP/1.x"
+                )
+            http11 = version == "1.1"
+        method = parser.get_method()
+        target = self._url
+        if not target.startswith(b"/") or method == b"CONNECT":
+            target = origin_form(method, target, info)
         info.finish(http11, self.lb.config.limits.max_body_bytes)
-        ex = Exchange(self, parser.get_method(), self._url, info, http11)
+        ex = Exchange(self, method, target, info, http11)
         self._url = b""
         self._current = ex
         self.queue.append(ex)
@@ -276,9 +345,20 @@ class ClientConnection:
             self.closed = True
             self.transport.close()
 
+    def last_answer(self, ex: Exchange) -> bool:
+        """Whether the connection closes after ``ex``'s response, so its head says
+        so: lb is stopping or the client has ended its side, and nothing is
+        queued behind it. (Requests queued behind are answered first.)"""
+        return (
+            (self.lb.draining or self._client_done) and self.queue[-1] is ex and not self._in_head
+        )
+
     def start_tunnel(self, ex: Exchange) -> None:
         self.tunnel = ex
         self._stop_timers(for_good=False)
+        self.valve.resume(Reason.WAITING_TURN)  # what was held went through
+        if self._client_done:
+            ex.tunnel_eof_from_client()  # the client had ended its side already
 
     def _stop_timers(self, for_good: bool) -> None:
         for timer in (self._head_timer, self._body_timer, self._idle_timer):
@@ -293,6 +373,7 @@ class ClientConnection:
             self.lb.metrics.in_flight -= 1
         if ex.tunnel_open:
             return
+        held = self._upgrade_refused(ex) if self.tunnel is ex else None
         if abort:
             if self.transport is not None and not self.closed:
                 self.closed = True
@@ -302,7 +383,7 @@ class ClientConnection:
             self.write(self._rejected)
             self.close()
             return
-        if not keep_alive or (self.lb.draining and not self.queue):
+        if not keep_alive or (not self.queue and (self.lb.draining or self._client_done)):
             self.close()
             return
         if self.queue:
@@ -317,21 +398,28 @@ class ClientConnection:
             self._head_timer.after(timeouts.client_header)
         else:
             self._idle_timer.at(now + timeouts.client_keepalive)
+        if held:
+            self.data_received(held)
+
+    def _upgrade_refused(self, ex: Exchange) -> bytes:
+        """The upstream answered an upgrade request without switching: the
+        connection is HTTP again. llhttp stays in its upgrade state, so a fresh
+        parser reads what the client sent meanwhile (returned) as the next requests."""
+        self.tunnel = None
+        held = b"".join(ex.tunnel_buffer) if ex.tunnel_buffer else b""
+        ex.tunnel_buffer = None
+        self._restart_head()
+        return held
 
     # -- refusals ------------------------------------------------------------------------
     def _reject(self, exc: BadRequest) -> None:
-        self.lb.metrics.bad_requests += 1
-        request_id = new_request_id()
-        log.info(
-            "refused a request from %s: %d %s (request id %s)",
-            self.client_ip.decode(),
-            exc.status,
-            exc.message,
-            request_id.decode(),
-        )
+        current = self._current
+        # The refused request's own id when it has one (its head was read), so the
+        # log line and the client's answer name the same request.
+        request_id = current.request_id if current is not None else new_request_id()
+        self._log_refusal(exc, request_id)
         answer = error_response(exc.status, exc.code, exc.message, request_id, close=True)
         self.valve.pause(Reason.WAITING_TURN)
-        current = self._current
         if current is not None and self.queue and current is self.queue[0]:
             # The bad bytes are in the body of the request being served: its
             # upstream connection is cut mid-body, so the upstream never sees a
@@ -351,14 +439,24 @@ class ClientConnection:
         self.write(answer)
         self.close()
 
+    def _log_refusal(self, exc: BadRequest, request_id: bytes) -> None:
+        """The one line every refused request leaves, whenever it was refused."""
+        self.lb.metrics.bad_requests += 1
+        log.info(
+            "refused a request from %s: %d %s (request id %s)",
+            self.client_ip.decode(),
+            exc.status,
+            exc.message,
+            request_id.decode(),
+        )
+
     def refuse_body(self, ex: Exchange) -> None:
         """A chunked body grew past max_body_bytes."""
+        limit = self.lb.config.limits.max_body_bytes
+        exc = BadRequest(413, "payload_too_large", f"request body over {limit} bytes")
+        self._log_refusal(exc, ex.request_id)
         self._reading_body = False
-        ex.fail(
-            413,
-            "payload_too_large",
-            f"request body over {self.lb.config.limits.max_body_bytes} bytes",
-        )
+        ex.fail(exc.status, exc.code, exc.message)
         self.close()
 
     def _head_timeout(self) -> None:

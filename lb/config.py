@@ -32,6 +32,7 @@ class Timeouts:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_header_bytes: int = 16 * 1024  # large_client_header_buffers: past it, 431
+    max_headers: int = 100  # HAProxy: tune.http.maxhdr (101); past it, 431
     max_body_bytes: int = 100 * 1024 * 1024  # client_max_body_size: past it, 413
     max_client_connections: int = 10_000  # worker_connections
     retry_body_buffer: int = 64 * 1024  # a request body up to this size is kept to replay on retry
@@ -67,6 +68,10 @@ class LbConfig:
     limits: Limits = Limits()
     keepalive: UpstreamKeepalive = UpstreamKeepalive()
     access_log: bool = False
+    # A client's X-Request-ID (visible ASCII, at most 200 bytes) is kept and sent
+    # on, so one id follows a request through every tier; off at an edge whose
+    # clients must not choose the ids in the logs (Envoy: preserve_external_request_id).
+    trust_request_id: bool = True
     source: Path | None = field(default=None, compare=False)
 
 
@@ -94,6 +99,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     method = root.string("method", d.method, POLICIES)
     tries = root.integer("tries", d.tries, minimum=1, maximum=100)
     access_log = root.boolean("access_log", d.access_log)
+    trust_request_id = root.boolean("trust_request_id", d.trust_request_id)
 
     h = root.section("health")
     lo, hi = _status_range(h.string("expect_status", "200-399"), h.where("expect_status"))
@@ -140,6 +146,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     lim = root.section("limits")
     limits = Limits(
         max_header_bytes=lim.size("max_header_bytes", d.limits.max_header_bytes),
+        max_headers=lim.integer("max_headers", d.limits.max_headers, minimum=1),
         max_body_bytes=lim.size("max_body_bytes", d.limits.max_body_bytes),
         max_client_connections=lim.integer(
             "max_client_connections", d.limits.max_client_connections, minimum=1
@@ -183,6 +190,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         limits=limits,
         keepalive=keepalive,
         access_log=access_log,
+        trust_request_id=trust_request_id,
         source=source,
     )
 

@@ -11,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from proxycore.balancing import any_available, pick
-from proxycore.flow import HalfClose, Reason
+from proxycore.flow import HIGH_WATER, HalfClose, Reason
 from proxycore.servers import Server
 
 from .heads import (
@@ -64,6 +64,7 @@ class Exchange:
     response_until_close = False
     tunnel_open = False
     tunnel_buffer: list[bytes] | None = None
+    tunnel_held = 0
     tunnel_ends: HalfClose | None = None
 
     def __init__(
@@ -80,8 +81,13 @@ class Exchange:
         self.target = target
         self.info = info
         self.http11 = http11
-        self.request_id = info.request_id or new_request_id()
-        self.client_keep_alive = not info.close and info.upgrade is None
+        self.request_id = (
+            info.request_id
+            if info.request_id is not None and self.lb.config.trust_request_id
+            else new_request_id()
+        )
+        # An upgrade the upstream refuses leaves an HTTP connection like any other.
+        self.client_keep_alive = not info.close
         self.started = self.lb.clock()
         self.tried: tuple[Server, ...] = ()  # a tuple: a request usually tries one
         self.body_done = not info.chunked and not info.content_length and info.upgrade is None
@@ -256,7 +262,7 @@ class Exchange:
         self.tunnel_open = True
         if self.tunnel_buffer and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.writelines(self.tunnel_buffer)
-            self.tunnel_buffer = None
+        self.tunnel_buffer = None
         self.client.start_tunnel(self)
         return True
 
@@ -294,7 +300,7 @@ class Exchange:
                 self.chunked_to_client = True
             else:
                 self.client_keep_alive = False  # an HTTP/1.0 client reads to the close
-        if lb.draining or (self.info.upgrade is not None):
+        if self.client_keep_alive and self.client.last_answer(self):
             self.client_keep_alive = False
         head = client_response_head(
             status,
@@ -453,10 +459,16 @@ class Exchange:
         conn = self.upstream
         if self.tunnel_open and conn is not None and conn.transport is not None:
             conn.send(data)
-        elif self.tunnel_buffer is None:
+            return
+        # Before the upstream's answer: held, to go through the tunnel after a
+        # 101 or to be read as the next requests after a refusal; bounded.
+        if self.tunnel_buffer is None:
             self.tunnel_buffer = [data]
         else:
             self.tunnel_buffer.append(data)
+        self.tunnel_held += len(data)
+        if self.tunnel_held > HIGH_WATER:
+            self.client.valve.pause(Reason.WAITING_TURN)
 
     def tunnel_to_client(self, data: bytes) -> None:
         if data:

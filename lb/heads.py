@@ -96,6 +96,26 @@ _WATCHED_SIZES: Final = bytes(
     for size in range(32)
 )
 _PLAIN_CONNECTION_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+# Headers a client cannot make hop-by-hop by naming them in Connection: what lb
+# frames and routes by (Host, Content-Length, Transfer-Encoding) and what it sets
+# itself. `Connection: keep-alive, Host` would otherwise reach the backend with
+# no Host at all (nginx ignores the list; HAProxy keeps Host).
+_NOT_HOP_BY_HOP: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+# What a Host value may hold (RFC 9110 7.2: uri-host [":" port]; reg-name,
+# IPv4 or an IP-literal): deleted from a value, a valid one leaves nothing.
+_HOST_CHARS: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
+)
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
 _REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
@@ -114,6 +134,28 @@ def escape_request_line(data: bytes) -> bytes:
     end = data.find(b"\n")
     line, rest = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
     return _HIGH_BYTE.sub(lambda m: b"%%%02X" % m.group()[0], line) + rest
+
+
+def as_http11(data: bytes) -> bytes | None:
+    """``data`` with its first line's version made HTTP/1.1 when it is a higher
+    HTTP/1.x (RFC 9112 2.3: a recipient treats it as the highest 1.x it knows);
+    None when the line is not of that shape. Another major version is refused
+    with 505, as nginx does (HTTP/2 and 3 do not travel in an HTTP/1 request line)."""
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    line_end = end - 1 if end and data[end - 1] == 13 else end
+    start, sep, version = data[:line_end].rpartition(b" HTTP/")
+    major, dot, minor = version.partition(b".")
+    if not sep or not dot or len(major) != 1 or len(minor) != 1:
+        return None
+    if not (major.isdigit() and minor.isdigit()):
+        return None
+    if major != b"1":
+        raise BadRequest(
+            505, "http_version_not_supported", f"HTTP/{version.decode()}: lb speaks HTTP/1.x"
+        )
+    return start + b" HTTP/1.1" + data[line_end:]
 
 
 def rule_name(name: bytes) -> bytes:
@@ -195,6 +237,7 @@ class RequestInfo:
     (``finish``). ``RequestInfo(headers, http11, max_body)`` reads a whole list."""
 
     __slots__ = (
+        "_authority",
         "_connection",
         "_content_lengths",
         "_forwarded",
@@ -221,6 +264,7 @@ class RequestInfo:
         self.x_forwarded_for: bytes | None = None
         self.host = b""
         self._hosts = 0
+        self._authority: bytes | None = None  # an absolute-form target's, which wins over Host
         # The lists of rare headers are made only when one is seen: a plain
         # request allocates none of them.
         self._content_lengths: list[bytes] | None = None
@@ -249,6 +293,8 @@ class RequestInfo:
         if not lname or lname not in _REBUILT_REQUEST:
             _add_line(self._forwarded, name, value)
             if lname == b"host":
+                if value.translate(None, _HOST_CHARS):
+                    raise BadRequest(400, "bad_request", "the Host header is not a valid host")
                 self.host = value
                 self._hosts += 1
         elif lname == b"content-length":
@@ -278,6 +324,10 @@ class RequestInfo:
             self.x_forwarded_for = (
                 value if self.x_forwarded_for is None else self.x_forwarded_for + b", " + value
             )
+
+    def use_authority(self, authority: bytes) -> None:
+        """The target was absolute-form: its authority goes upstream as Host."""
+        self._authority = authority
 
     def finish(self, http11: bool, max_body: int) -> None:
         """The head is whole: the checks that need all of it."""
@@ -315,7 +365,13 @@ class RequestInfo:
             self.connection_tokens = _connection_tokens(connection)
             if self.connection_tokens - _PLAIN_CONNECTION_TOKENS:
                 # Rare: headers named in Connection are hop-by-hop too.
-                forwarded = _parts_without(forwarded, set(self.connection_tokens), start=1)
+                named = self.connection_tokens - _NOT_HOP_BY_HOP
+                forwarded = _parts_without(forwarded, named, start=1)
+        if self._authority is not None:
+            # RFC 9112 3.2.2: with an absolute-form target, Host is the URI's authority.
+            forwarded = _parts_without(forwarded, {b"host"}, start=1)
+            self.host = self._authority
+            _add_line(forwarded, b"Host", self._authority)
         forwarded.append(_XFF_NAME)
         self.forwarded = b"".join(forwarded)
         self.close = b"close" in self.connection_tokens or (
@@ -323,6 +379,40 @@ class RequestInfo:
         )
         if self.upgrade is not None and b"upgrade" not in self.connection_tokens:
             self.upgrade = None  # an Upgrade header without Connection: upgrade means nothing
+
+
+def origin_form(method: bytes, target: bytes, info: RequestInfo) -> bytes:
+    """The target to send upstream for one that is not a plain path (the caller
+    checks that first: a path is the usual case and costs nothing here).
+
+    Absolute-form (`GET http://a.example/p`) goes on as its path with Host made
+    from its authority, as nginx does (RFC 9112 3.2.2: the authority wins over
+    Host); `OPTIONS *` goes on as it is; anything else is refused: CONNECT (lb is
+    no forward proxy) with 405, other targets with 400.
+    """
+    if method == b"CONNECT":
+        raise BadRequest(
+            405, "method_not_allowed", "CONNECT is not supported: lb is no forward proxy"
+        )
+    if target == b"*" and method == b"OPTIONS":
+        return target
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest(
+            400, "bad_request", "the request target must be a path, an http(s) URI or '*'"
+        )
+    end = len(rest)
+    for mark in (b"/", b"?", b"#"):
+        at = rest.find(mark)
+        if 0 <= at < end:
+            end = at
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority or authority.translate(None, _HOST_CHARS):
+        raise BadRequest(400, "bad_request", "the request target's authority is not a valid host")
+    info.use_authority(authority)
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return path
 
 
 def upstream_request_head(
@@ -556,12 +646,15 @@ def error_response(
 
 REASONS: Final = {
     400: b"Bad Request",
+    405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Payload Too Large",
+    414: b"URI Too Long",
     417: b"Expectation Failed",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }

@@ -13,7 +13,9 @@ from lb.heads import (
     BadRequest,
     RequestInfo,
     ResponseInfo,
+    as_http11,
     client_response_head,
+    origin_form,
     upstream_request_head,
 )
 from lb.retry import may_retry
@@ -314,3 +316,70 @@ def test_request_ids_are_32_hex_digits_and_unique_across_the_counters_carry() ->
     counters = [int(i[16:], 16) for i in made]
     assert counters == list(range(counters[0], counters[0] + len(made)))
     assert len({i[:16] for i in made}) == 1
+
+
+def test_connection_cannot_name_what_lb_frames_routes_or_sets() -> None:
+    info = RequestInfo(
+        [
+            (b"Host", b"a.example"),
+            (b"X-Custom", b"1"),
+            (b"Connection", b"keep-alive, Host, X-Forwarded-For, Content-Length, X-Custom"),
+        ]
+    )
+    assert info.forwarded == b" HTTP/1.1\r\nHost: a.example\r\nX-Forwarded-For: "
+    assert info.host == b"a.example"
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "host"),
+    [
+        (b"http://b.example/p?q=1", b"/p?q=1", b"b.example"),
+        (b"HTTPS://b.example:8443", b"/", b"b.example:8443"),
+        (b"http://b.example?x", b"/?x", b"b.example"),
+        (b"http://[::1]:80/x", b"/x", b"[::1]:80"),
+    ],
+)
+def test_absolute_form_becomes_a_path_and_the_uris_host(
+    target: bytes, path: bytes, host: bytes
+) -> None:
+    info = RequestInfo()
+    info.add(b"Host", b"a.example")
+    assert origin_form(b"GET", target, info) == path
+    info.finish(http11=True, max_body=0)
+    assert info.host == host
+    assert info.forwarded == b" HTTP/1.1\r\nHost: " + host + b"\r\nX-Forwarded-For: "
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "status"),
+    [
+        (b"GET", b"http://u@b.example/", 400),
+        (b"GET", b"http:///p", 400),
+        (b"GET", b"gopher://b.example/", 400),
+        (b"GET", b"p", 400),
+        (b"GET", b"*", 400),
+        (b"CONNECT", b"b.example:443", 405),
+        (b"CONNECT", b"/p", 405),
+    ],
+)
+def test_targets_refused(method: bytes, target: bytes, status: int) -> None:
+    with pytest.raises(BadRequest) as refused:
+        origin_form(method, target, RequestInfo())
+    assert refused.value.status == status
+    assert origin_form(b"OPTIONS", b"*", RequestInfo()) == b"*"
+
+
+@pytest.mark.parametrize("host", [b"a b", b"u@a.example", b"a/b", b"a\x00"])
+def test_invalid_hosts_refused(host: bytes) -> None:
+    with pytest.raises(BadRequest):
+        RequestInfo([(b"Host", host)])
+
+
+def test_higher_minor_versions_read_as_http11() -> None:
+    assert as_http11(b"GET / HTTP/1.2\r\nHost: a\r\n\r\n") == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert as_http11(b"GET / HTTP/1.9\n\n") == b"GET / HTTP/1.1\n\n"
+    assert as_http11(b"GET / HTTP/1.10\r\n") is None
+    assert as_http11(b"GET / FTP/1.2\r\n") is None
+    with pytest.raises(BadRequest) as refused:
+        as_http11(b"GET / HTTP/3.1\r\n")
+    assert refused.value.status == 505
