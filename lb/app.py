@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -17,12 +17,13 @@ from proxycore.balancing import Policy, make_policy
 from proxycore.compiled import hot_path, protocol_factory
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import log_reloaded
-from proxycore.servers import ServerSet
+from proxycore.servers import Server, ServerSet
 
 from .checks import http_probe
 from .client import ClientConnection
 from .config import LbConfig
 from .metrics import LbCollector, LbMetrics
+from .retry import RetryBudget
 from .upstream import UpstreamPool
 
 log = logging.getLogger("lb")
@@ -36,6 +37,7 @@ class Balancer:
         self.config = config
         self.metrics = LbMetrics()
         self.servers = ServerSet.of(config.servers, config.health)
+        self.budget = RetryBudget(config.retry_budget.percent, config.retry_budget.min_concurrency)
         self.policy: Policy = make_policy(config.method)
         self.pool = UpstreamPool(loop, config)
         self.default_host = str(config.listen).encode()
@@ -43,9 +45,11 @@ class Balancer:
         self.draining = False
         self.started = time.time()
         self._server: asyncio.Server | None = None
+        self._sock: socket.socket | None = None
         self._admin: web.AppRunner | None = None
         self._checker: HealthChecker | None = None
         self._idle = asyncio.Event()
+        self._watch(self.servers)
 
     async def start(self) -> None:
         listen = self.config.listen
@@ -54,16 +58,15 @@ class Balancer:
         )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listen.host, listen.port))
-        self._server = await self.loop.create_server(
-            protocol_factory(lambda: ClientConnection(self)), sock=sock, backlog=4096
-        )
+        self._sock = sock
+        self._server = await self.loop.create_server(self._client_factory, sock=sock, backlog=4096)
         self._start_checks()
         if self.config.admin is not None:
             app = make_admin_app(
                 "lb",
                 self.status,
                 self.servers.get,
-                [LbCollector(self.metrics, lambda: self.servers)],
+                [LbCollector(self.metrics, lambda: self.servers, lambda: self.budget)],
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
@@ -74,6 +77,24 @@ class Balancer:
             self.config.admin or "off",
             hot_path(),
         )
+
+    @property
+    def _client_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        return protocol_factory(lambda: ClientConnection(self))
+
+    def _watch(self, servers: Iterable[Server]) -> None:
+        for server in servers:
+            server.on_change = self._server_changed
+
+    def _server_changed(self, server: Server) -> None:
+        """Marked down by the checks, or disabled: requests still waiting there for
+        a first byte move on now (Exchange.server_down), idle connections go."""
+        if server.healthy and server.admin != "disabled":
+            return
+        self.pool.drop(server)
+        for client in list(self.clients):
+            for ex in list(client.queue):
+                ex.server_down(server)
 
     def _start_checks(self) -> None:
         if not self.config.check.enabled:
@@ -93,8 +114,11 @@ class Balancer:
             )
             new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
         added, removed = self.servers.update(new.servers, new.health)
+        self._watch(added)
         for server in removed:
             self.pool.drop(server)
+        self.budget.percent = new.retry_budget.percent
+        self.budget.min_concurrency = new.retry_budget.min_concurrency
         if new.method != old.method:
             self.policy = make_policy(new.method)
         self.config = new
@@ -116,20 +140,46 @@ class Balancer:
             "client_connections": m.client_active,
             "in_flight": m.in_flight,
             "retries": m.retries,
+            "hedges": m.hedges,
+            "hedge_wins": m.hedge_wins,
+            "retry_budget": {"active": self.budget.active, "exhausted": self.budget.exhausted},
             "no_server": m.no_server,
             "draining": self.draining,
             "pools": {"http": [s.status() for s in self.servers]},
         }
+
+    def _stop_listening(self) -> None:
+        """Close the listener without resetting the connections the kernel has
+        queued on it (closing a listening socket resets them): a duplicate keeps
+        the socket open while the server closes, what is queued is accepted and
+        served, then the duplicate closes."""
+        server, sock = self._server, self._sock
+        self._server = self._sock = None
+        if server is None or sock is None:
+            return
+        spare = sock.dup()
+        server.close()
+        spare.setblocking(False)
+        try:
+            while True:
+                try:
+                    conn, _ = spare.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                self.loop.create_task(self.loop.connect_accepted_socket(self._client_factory, conn))
+        finally:
+            spare.close()
 
     def client_closed(self) -> None:
         if self.draining and not self.clients:
             self._idle.set()
 
     async def shutdown(self) -> None:
-        """SIGTERM: stop accepting, finish in-flight requests (up to timeouts.shutdown)."""
+        """SIGTERM: stop accepting, finish in-flight requests (up to timeouts.shutdown);
+        every response from now on says Connection: close, and idle connections
+        close after timeouts.shutdown_idle (see ClientConnection.drain)."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        self._stop_listening()
         for client in list(self.clients):
             client.drain()
         if self.clients:

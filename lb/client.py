@@ -74,7 +74,7 @@ class ClientConnection:
         self.valve = Valve(transport)
         lb = self.lb
         lb.metrics.client_total += 1
-        if lb.metrics.client_active >= lb.config.limits.max_client_connections or lb.draining:
+        if lb.metrics.client_active >= lb.config.limits.max_client_connections:
             lb.metrics.client_refused += 1
             self.closed = True
             transport.abort()
@@ -491,6 +491,11 @@ class ClientConnection:
         self.close()
 
     def drain(self) -> None:
-        """Shutdown: idle connections close now; busy ones after their response."""
+        """SIGTERM: a busy connection closes after its last response (which says
+        Connection: close); an idle one after timeouts.shutdown_idle more of
+        idleness, a request meanwhile answered with Connection: close. Closed at
+        once, an idle connection would race the request its client may be
+        sending on it: that request would get no answer at all."""
         if not self.queue and not self._in_head and self.tunnel is None:
-            self.close()
+            timeouts = self.lb.config.timeouts
+            self._idle_timer.after(min(timeouts.shutdown_idle, timeouts.client_keepalive))

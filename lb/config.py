@@ -27,6 +27,10 @@ class Timeouts:
     client_body: float = 60.0  # client_body_timeout: between two reads of a request body
     client_keepalive: float = 75.0  # keepalive_timeout
     shutdown: float = 10.0  # how long SIGTERM waits for in-flight requests
+    # SIGTERM: a keep-alive connection idle this long is closed; a request on it
+    # meanwhile is answered, with Connection: close (closing an idle connection
+    # at once races the request its client may be sending on it)
+    shutdown_idle: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +59,27 @@ class ActiveCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudgetSettings:
+    """Envoy's retry_budget: the extra attempts that may add load to a live
+    server (hedges, retries after a timeout or a configured status) in flight
+    at once are at most ``percent`` of the requests in flight, or
+    ``min_concurrency``, whichever is more."""
+
+    percent: int = 20  # budget_percent
+    min_concurrency: int = 3  # min_retry_concurrency
+
+
+@dataclass(frozen=True, slots=True)
 class LbConfig:
     listen: Address = Address("127.0.0.1", 8080)
     admin: Address | None = Address("127.0.0.1", 9101)
     method: str = "round_robin"
     tries: int = 3  # proxy_next_upstream_tries / HAProxy retries + 1
+    # No response byte within this: an idempotent request goes to another server
+    # too, the first answer wins (Envoy: per_try_timeout with hedge_on_per_try_timeout);
+    # 0: never
+    hedge_after: float = 0.3
+    retry_budget: RetryBudgetSettings = RetryBudgetSettings()
     servers: tuple[ServerSpec, ...] = ()
     check: ActiveCheck = ActiveCheck()
     health: HealthParams = HealthParams()
@@ -98,6 +118,8 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
     method = root.string("method", d.method, POLICIES)
     tries = root.integer("tries", d.tries, minimum=1, maximum=100)
+    hedge_raw = root.raw("hedge_after")
+    hedge_after = 0.0 if hedge_raw == "off" else root.duration("hedge_after", d.hedge_after)
     access_log = root.boolean("access_log", d.access_log)
     trust_request_id = root.boolean("trust_request_id", d.trust_request_id)
 
@@ -156,6 +178,12 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     if limits.max_header_bytes < 1024:
         raise ConfigError(f"{lim.where('max_header_bytes')}: must be at least 1k")
     lim.done()
+    b = root.section("retry_budget")
+    budget = RetryBudgetSettings(
+        percent=b.integer("percent", d.retry_budget.percent, maximum=100),
+        min_concurrency=b.integer("min_concurrency", d.retry_budget.min_concurrency, minimum=0),
+    )
+    b.done()
     k = root.section("upstream_keepalive")
     keepalive = UpstreamKeepalive(
         max_idle=k.integer("max_idle", d.keepalive.max_idle),
@@ -182,6 +210,8 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         admin=admin,
         method=method,
         tries=tries,
+        hedge_after=hedge_after,
+        retry_budget=budget,
         servers=tuple(servers),
         check=check,
         health=health,

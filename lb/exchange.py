@@ -22,7 +22,7 @@ from .heads import (
     new_request_id,
     upstream_request_head,
 )
-from .retry import may_retry
+from .retry import IDEMPOTENT, may_retry
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -65,6 +65,11 @@ class Exchange:
     tunnel_open = False
     tunnel_buffer: list[bytes] | None = None
     tunnel_held = 0
+    # A second attempt racing the first (a hedge), or being connected; and
+    # whether this exchange holds a token of the retry budget.
+    hedge_conn: UpstreamConnection | None = None
+    hedging = False
+    budgeted = False
     tunnel_ends: HalfClose | None = None
 
     def __init__(
@@ -157,10 +162,22 @@ class Exchange:
         self.client.valve.resume(Reason.NO_PEER_YET)
 
     def _attach(self, conn: UpstreamConnection, now: float) -> None:
-        """Send the request on ``conn``; ``now`` is the loop time, read once by the caller."""
-        assert conn.transport is not None
+        """Send the request on ``conn``, the attempt whose answer the client gets
+        (unless a hedge answers first); ``now``: the loop time, read by the caller."""
         self.upstream = conn
-        server = self.server = conn.server
+        self.server = conn.server
+        self._send_request(conn, now)
+        if self.pending:
+            pending, self.pending = self.pending, None
+            for chunk in pending:
+                self._send_body(chunk)
+        if self.body_done:
+            self._arm_hedge(conn, now)
+
+    def _send_request(self, conn: UpstreamConnection, now: float) -> None:
+        """The head and what there is of the body so far, on ``conn``."""
+        assert conn.transport is not None
+        server = conn.server
         server.active += 1
         server.total += 1
         conn.start_exchange(self, now)
@@ -179,24 +196,165 @@ class Exchange:
         server.bytes_out += len(head)
         if self.sent_body:
             conn.transport.writelines(self.sent_body)
-        if self.pending:
-            pending, self.pending = self.pending, None
-            for chunk in pending:
-                self._send_body(chunk)
 
-    def _detach(self, reusable: bool, now: float | None = None) -> None:
-        """Let go of the upstream; a reusable one goes back to the pool (``now``:
-        the loop time when the caller has read it)."""
-        conn = self.upstream
-        if conn is None:
-            return
-        self.upstream = None
-        if self.server is not None:
-            self.server.active -= 1
+    def _let_go(self, conn: UpstreamConnection, reusable: bool, now: float | None = None) -> None:
+        conn.server.active -= 1
         if reusable:
             conn.release(self.lb.clock() if now is None else now)
         else:
             conn.abort()
+
+    def _detach(self, reusable: bool, now: float | None = None) -> None:
+        """Let go of the upstream (and of a hedge racing it); a reusable one goes
+        back to the pool (``now``: the loop time when the caller has read it)."""
+        if self.hedge_conn is not None:
+            self._drop_hedge()
+        conn = self.upstream
+        if conn is None:
+            return
+        self.upstream = None
+        self._let_go(conn, reusable, now)
+
+    # -- hedging: a second attempt when the first is slow to answer -------------
+    def _arm_hedge(self, conn: UpstreamConnection, now: float) -> None:
+        after = self.lb.config.hedge_after
+        if (
+            after > 0
+            and self.replayable
+            and self.method in IDEMPOTENT
+            and self.info.upgrade is None
+            and not self.answered_client
+        ):
+            conn.hedge_timer.at(now + after)
+
+    def hedge_due(self, conn: UpstreamConnection) -> None:
+        """No response byte from ``conn`` within hedge_after: the request goes to
+        another server too, and the first to answer wins (``first_byte_from``).
+        Never a request that may not be sent twice (_arm_hedge), never past the
+        retry budget or the tries."""
+        lb = self.lb
+        if (
+            conn is not self.upstream
+            or self.finished
+            or self.answered_client
+            or self.hedge_conn is not None
+            or self.hedging
+            or len(self.tried) >= lb.config.tries
+        ):
+            return
+        server = pick(lb.servers.order, lb.policy, self.tried)
+        if server is None or not self._budget():
+            return
+        self.tried = (*self.tried, server)
+        lb.metrics.hedges += 1
+        pooled = lb.pool.take(server)
+        if pooled is not None:
+            self.hedge_conn = pooled
+            self._send_request(pooled, lb.clock())
+            return
+        self.hedging = True
+        lb.loop.create_task(self._connect_hedge(server))
+
+    async def _connect_hedge(self, server: Server) -> None:
+        lb = self.lb
+        try:
+            conn = await lb.pool.connect(server)
+        except (OSError, TimeoutError) as exc:
+            self.hedging = False
+            server.connect_errors += 1
+            why = "connect timed out" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
+            server.record_failure(why)
+            if self.upstream is None and not self.finished:
+                # the first attempt failed meanwhile and was waiting for this one
+                self._after_failure(server, why, timeout=False)
+            return
+        self.hedging = False
+        first = self.upstream
+        if self.finished or self.answered_client or (first is not None and first.answering):
+            lb.pool.give(conn, lb.clock())  # too late: the first attempt is answering
+        elif first is None:
+            self._attach(conn, lb.clock())  # the first attempt failed meanwhile
+        else:
+            self.hedge_conn = conn
+            self._send_request(conn, lb.clock())
+
+    def first_byte_from(self, conn: UpstreamConnection) -> bool:
+        """The first response byte of ``conn`` while a hedge races (the caller
+        checked): the first to answer wins, the other attempt is abandoned and its
+        connection closed (its response is not wanted). False when ``conn`` lost."""
+        hedge = self.hedge_conn
+        self.hedge_conn = None
+        if conn is hedge:
+            loser = self.upstream
+            self.upstream = conn
+            self.server = conn.server
+            self.lb.metrics.hedge_wins += 1
+        elif conn is self.upstream:
+            loser = hedge
+        else:
+            return False
+        if loser is not None:
+            self._let_go(loser, reusable=False)
+        return True
+
+    def _drop_hedge(self) -> None:
+        hedge = self.hedge_conn
+        if hedge is not None:
+            self.hedge_conn = None
+            self._let_go(hedge, reusable=False)
+
+    def _hedge_carries_on(self, failed: UpstreamConnection) -> bool:
+        """The first attempt ``failed`` before answering: a hedge racing it, or
+        being connected, carries the request on alone. False when there is none."""
+        if self.answered_client:
+            return False
+        hedge = self.hedge_conn
+        if hedge is None and not self.hedging:
+            return False
+        self.upstream = None
+        self._let_go(failed, reusable=False)
+        if hedge is not None:
+            self.hedge_conn = None
+            self.upstream = hedge
+            self.server = hedge.server
+        # else: _connect_hedge attaches what it connects, or fails the request
+        return True
+
+    def _budget(self) -> bool:
+        """A token of the retry budget for an extra attempt that may add load to a
+        live server; one per exchange, given back when it ends."""
+        if self.budgeted:
+            return True
+        lb = self.lb
+        if lb.budget.take(lb.metrics.in_flight):
+            self.budgeted = True
+            return True
+        return False
+
+    def server_down(self, server: Server) -> None:
+        """The checks marked ``server`` down: an attempt still waiting there for
+        its first byte moves on now, instead of waiting for its timeout."""
+        if self.finished or self.answered_client or self.tunnel_open:
+            return
+        hedge = self.hedge_conn
+        if hedge is not None and hedge.server is server and not hedge.answering:
+            self._drop_hedge()
+        conn = self.upstream
+        if conn is None or conn.server is not server or conn.answering:
+            return
+        if self._hedge_carries_on(conn):
+            return
+        lb = self.lb
+        if may_retry(
+            method=self.method,
+            reached_upstream=True,
+            answered_client=False,
+            body_replayable=self.body_done and self.replayable,
+            tries_done=len(self.tried),
+            max_tries=lb.config.tries,
+        ):
+            lb.metrics.moved += 1
+            self._retry(server, "marked down by the checks")
 
     # -- the request body ------------------------------------------------------
     def _send_body(self, chunk: bytes) -> None:
@@ -234,6 +392,9 @@ class Exchange:
         self.body_done = True
         if self.info.chunked and not self.finished:
             self._send_body(LAST_CHUNK)
+        conn = self.upstream
+        if conn is not None and not conn.answering and not self.finished:
+            self._arm_hedge(conn, self.lb.clock())
 
     # -- the response ------------------------------------------------------------
     def on_interim_response(self, status: int, reason: bytes, info: ResponseInfo) -> None:
@@ -242,9 +403,11 @@ class Exchange:
         if status != 100 and self.http11:
             self.client.write(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, info.lines))
 
-    def on_switching_protocols(self, reason: bytes, info: ResponseInfo) -> bool:
+    def on_switching_protocols(
+        self, conn: UpstreamConnection, reason: bytes, info: ResponseInfo
+    ) -> bool:
         if self.info.upgrade is None:
-            self.upstream_failed("101 without an upgrade request", failure=True)
+            self.upstream_failed(conn, "101 without an upgrade request", failure=True)
             return False
         self.status = 101
         self.answered_client = True
@@ -276,14 +439,18 @@ class Exchange:
             server.record_failure(f"answered {status}")
             # Retried only when another server can answer; else this answer is
             # the best there is and goes through (as nginx's proxy_next_upstream).
-            if may_retry(
-                method=self.method,
-                reached_upstream=True,
-                answered_client=False,
-                body_replayable=self.body_done and self.replayable,
-                tries_done=len(self.tried),
-                max_tries=lb.config.tries,
-            ) and any_available(lb.servers, self.tried):
+            if (
+                may_retry(
+                    method=self.method,
+                    reached_upstream=True,
+                    answered_client=False,
+                    body_replayable=self.body_done and self.replayable,
+                    tries_done=len(self.tried),
+                    max_tries=lb.config.tries,
+                )
+                and any_available(lb.servers, self.tried)
+                and self._budget()
+            ):
                 self._retry(server, f"answered {status}")
                 return False
         self.status = status
@@ -331,10 +498,17 @@ class Exchange:
         self._finish(self.status, now=now)
 
     # -- failures --------------------------------------------------------------
-    def upstream_failed(self, why: str, *, failure: bool, timeout: bool = False) -> None:
-        server = self.server
-        if failure and server is not None:
+    def upstream_failed(
+        self, conn: UpstreamConnection, why: str, *, failure: bool, timeout: bool = False
+    ) -> None:
+        server = conn.server
+        if failure:
             server.record_failure(why)
+        if conn is self.hedge_conn:
+            self._drop_hedge()  # the first attempt carries on
+            return
+        if conn is not self.upstream or self._hedge_carries_on(conn):
+            return
         self._detach(reusable=False)
         if self.finished:
             return
@@ -344,23 +518,25 @@ class Exchange:
                 "%s %s: upstream %s failed mid-response: %s",
                 self.method.decode(),
                 self.target[:200].decode("latin-1"),
-                server.name if server else "?",
+                server.name,
                 why,
             )
             self._finish(self.status, abort=True)
             return
         self._after_failure(server, why, timeout=timeout)
 
-    def upstream_timed_out(self, got_first_byte: bool) -> None:
+    def upstream_timed_out(self, conn: UpstreamConnection, got_first_byte: bool) -> None:
         self.lb.metrics.timeouts += 1
         timeouts = self.lb.config.timeouts
         if got_first_byte:
             why = f"no data for {timeouts.upstream_idle:g}s"
         else:
             why = f"no response within {timeouts.first_byte:g}s"
-        self.upstream_failed(why, failure=True, timeout=True)
+        self.upstream_failed(conn, why, failure=True, timeout=True)
 
     def _after_failure(self, server: Server | None, why: str, *, timeout: bool) -> None:
+        # After a timeout the server may still be doing the work: a retry then
+        # takes a token of the budget; after a refused or reset connection it is not.
         if may_retry(
             method=self.method,
             reached_upstream=self.reached_upstream,
@@ -368,7 +544,7 @@ class Exchange:
             body_replayable=self.replayable,
             tries_done=len(self.tried),
             max_tries=self.lb.config.tries,
-        ):
+        ) and (not timeout or self._budget()):
             self._retry(server, why)
             return
         name = server.name if server is not None else "upstream"
@@ -424,6 +600,9 @@ class Exchange:
     def _finish(self, status: int, abort: bool = False, now: float | None = None) -> None:
         self.finished = True
         lb = self.lb
+        if self.budgeted:
+            self.budgeted = False
+            lb.budget.give()
         server = self.server
         if server is not None:
             server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
@@ -452,6 +631,9 @@ class Exchange:
                 self._detach(reusable=False)
             return
         self.finished = True
+        if self.budgeted:
+            self.budgeted = False
+            self.lb.budget.give()
         self._detach(reusable=False)
 
     # -- the tunnel after 101 ------------------------------------------------------
@@ -496,8 +678,8 @@ class Exchange:
         self._detach(reusable=False)
 
     def tunnel_closed_by_upstream(self) -> None:
+        conn = self.upstream
         self.upstream = None
-        if self.server is not None:
-            self.server.active -= 1
-            self.server = None
+        if conn is not None:
+            conn.server.active -= 1
         self.client.close()

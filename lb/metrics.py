@@ -16,6 +16,8 @@ from prometheus_client.registry import Collector
 
 from proxycore.servers import Server
 
+from .retry import RetryBudget
+
 LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
@@ -41,10 +43,13 @@ class LbMetrics:
         "client_active",
         "client_refused",
         "client_total",
+        "hedge_wins",
+        "hedges",
         "in_flight",
         "latency_buckets",
         "latency_count",
         "latency_sum",
+        "moved",
         "no_server",
         "retries",
         "timeouts",
@@ -52,6 +57,9 @@ class LbMetrics:
 
     def __init__(self) -> None:
         self.retries = 0
+        self.hedges = 0
+        self.hedge_wins = 0
+        self.moved = 0
         self.no_server = 0
         self.bad_requests = 0
         self.timeouts = 0
@@ -77,9 +85,15 @@ class LbMetrics:
 
 
 class LbCollector(Collector):
-    def __init__(self, metrics: LbMetrics, servers: Callable[[], Iterable[Server]]) -> None:
+    def __init__(
+        self,
+        metrics: LbMetrics,
+        servers: Callable[[], Iterable[Server]],
+        budget: Callable[[], RetryBudget],
+    ) -> None:
         self._m = metrics
         self._servers = servers
+        self._budget = budget
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
@@ -150,6 +164,30 @@ class LbCollector(Collector):
         )
         yield CounterMetricFamily(
             "lb_retries", "Requests sent again to another server", value=m.retries
+        )
+        yield CounterMetricFamily(
+            "lb_hedges",
+            "Requests sent to a second server after hedge_after without an answer",
+            value=m.hedges,
+        )
+        yield CounterMetricFamily(
+            "lb_hedge_wins", "Hedges whose server answered first", value=m.hedge_wins
+        )
+        budget = self._budget()
+        yield CounterMetricFamily(
+            "lb_retry_budget_exhausted",
+            "Hedges and retries not made: the retry budget was spent",
+            value=budget.exhausted,
+        )
+        yield GaugeMetricFamily(
+            "lb_retry_budget_active",
+            "Budget tokens held by requests in flight",
+            value=budget.active,
+        )
+        yield CounterMetricFamily(
+            "lb_requests_moved",
+            "Requests sent again at once because the checks marked their server down",
+            value=m.moved,
         )
         yield CounterMetricFamily(
             "lb_no_server", "Requests answered 503: no server up", value=m.no_server

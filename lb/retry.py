@@ -27,3 +27,33 @@ def may_retry(
     if not reached_upstream:
         return True
     return method in IDEMPOTENT and body_replayable
+
+
+class RetryBudget:
+    """Envoy's retry budget, so that hedges and retries cannot multiply the load
+    of a brownout: the extra attempts in flight at once are at most ``percent``
+    of the requests in flight, or ``min_concurrency``, whichever is more.
+
+    An exchange takes one token for its first extra attempt that may add load to
+    a live server (a hedge, a retry after a timeout or a configured status) and
+    gives it back when it ends. A retry after a refused or reset connection
+    takes none: the server it failed on is not doing the work twice.
+    """
+
+    __slots__ = ("active", "exhausted", "min_concurrency", "percent")
+
+    def __init__(self, percent: int, min_concurrency: int) -> None:
+        self.percent = percent
+        self.min_concurrency = min_concurrency
+        self.active = 0
+        self.exhausted = 0
+
+    def take(self, in_flight: int) -> bool:
+        if self.active >= max(self.min_concurrency, in_flight * self.percent // 100):
+            self.exhausted += 1
+            return False
+        self.active += 1
+        return True
+
+    def give(self) -> None:
+        self.active -= 1

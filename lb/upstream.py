@@ -37,6 +37,7 @@ class UpstreamConnection:
         self.first_byte_timer = Deadline(pool.loop, self._first_byte_timeout)
         self.idle_timer = Deadline(pool.loop, self._idle_timeout)
         self.pool_timer = Deadline(pool.loop, self._pool_timeout)
+        self.hedge_timer = Deadline(pool.loop, self._hedge_timeout)
         self._reason = b""
         self._head = ResponseInfo()  # the response head being read
         self._done = False
@@ -67,6 +68,9 @@ class UpstreamConnection:
         if not self._first_byte:
             self._first_byte = True
             self.first_byte_timer.cancel()
+            self.hedge_timer.cancel()
+            if ex.hedge_conn is not None and not ex.first_byte_from(self):
+                return  # a hedge racing this one answered first: this one was closed
         client = ex.client
         client.cork()
         try:
@@ -77,7 +81,7 @@ class UpstreamConnection:
                 ex.tunnel_to_client(data[offset:])
         except httptools.HttpParserError as exc:
             if self.exchange is ex:
-                ex.upstream_failed(f"invalid response: {exc}", failure=True)
+                ex.upstream_failed(self, f"invalid response: {exc}", failure=True)
         else:
             if self.exchange is ex:
                 if self._done:
@@ -104,12 +108,12 @@ class UpstreamConnection:
         if self.tunnel:
             ex.tunnel_closed_by_upstream()
             return
-        if ex.response_until_close:
+        if ex.response_until_close and ex.upstream is self:
             # A body delimited by the close of the connection ends here, whole.
             self._response_done(ex)
             return
         ex.upstream_failed(
-            "connection closed" if exc is None else f"connection lost: {exc}", failure=True
+            self, "connection closed" if exc is None else f"connection lost: {exc}", failure=True
         )
 
     def pause_writing(self) -> None:
@@ -142,7 +146,7 @@ class UpstreamConnection:
             ex.on_interim_response(status, reason, head)
             return
         if status == 101:
-            self.tunnel = ex.on_switching_protocols(reason, head)
+            self.tunnel = ex.on_switching_protocols(self, reason, head)
             return
         # Read now: llhttp forgets the message's flags once it is complete.
         self._keep_alive = keep_alive = self.parser.should_keep_alive()
@@ -174,6 +178,11 @@ class UpstreamConnection:
         self.parser = httptools.HttpResponseParser(self)
         # Bound once, not looked up per call (compiled: a direct call).
         self._feed = self.parser.feed_data
+
+    @property
+    def answering(self) -> bool:
+        """A byte of the response to the exchange it carries has come."""
+        return self._first_byte
 
     def start_exchange(self, ex: Exchange, now: float) -> None:
         self.exchange = ex
@@ -208,16 +217,21 @@ class UpstreamConnection:
 
     def _stop_timers(self) -> None:
         self.first_byte_timer.stop()
+        self.hedge_timer.stop()
         self.idle_timer.stop()
         self.pool_timer.stop()
 
     def _first_byte_timeout(self) -> None:
         if self.exchange is not None and not self.tunnel and not self._first_byte:
-            self.exchange.upstream_timed_out(False)
+            self.exchange.upstream_timed_out(self, False)
 
     def _idle_timeout(self) -> None:
         if self.exchange is not None and not self.tunnel:
-            self.exchange.upstream_timed_out(True)
+            self.exchange.upstream_timed_out(self, True)
+
+    def _hedge_timeout(self) -> None:
+        if self.exchange is not None and not self.tunnel and not self._first_byte:
+            self.exchange.hedge_due(self)
 
     def _pool_timeout(self) -> None:
         if self.exchange is None:
