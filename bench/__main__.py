@@ -1,6 +1,7 @@
 """python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
 python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
-python -m bench edge [--out FILE]   (hostile and odd HTTP inputs: lb, nginx, HAProxy)"""
+python -m bench edge [--out FILE]   (hostile and odd HTTP inputs: lb, nginx, HAProxy)
+python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)"""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from .compare import PROFILES, Plan, run_compare
 from .edge import run_edge
 from .edge import table as edge_table
+from .gray import run_gray
+from .gray import table as gray_table
 from .http import PROXIES, run_http, table
 from .pg import run_pg
 from .pg import table as pg_table
@@ -71,6 +74,10 @@ def main() -> int:
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
     )
     edge.add_argument("--out", type=Path, help="JSON file (default bench/results/edge-<time>.json)")
+    gray = sub.add_parser(
+        "gray", help="one of two upstreams frozen (SIGSTOP) for 6 s under keep-alive load"
+    )
+    gray.add_argument("--out", type=Path, help="JSON file (default bench/results/gray-<time>.json)")
     args = p.parse_args()
 
     def say(text: str) -> None:
@@ -96,6 +103,9 @@ def main() -> int:
                 say=say,
             )
             shown = table(result)
+        elif args.command == "gray":
+            result = run_gray(say=say)
+            shown = gray_table(result)
         elif args.command == "edge":
             result = run_edge(say=say)
             shown = edge_table(result)

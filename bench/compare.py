@@ -18,7 +18,8 @@ schema 1:
       drill           {rate, step_seconds, latency_ms {p50, p99, p99.9} (all-up step),
                        steps: [{name, action, started_s, action_done_s, ended_s, reads,
                                 read_errors, writes, write_errors, writes_refused,
-                                kill_to_clean_s, restart_to_traffic_s, p99_ms}],
+                                kill_to_clean_s, restart_to_traffic_s, p99_ms,
+                                slowest_read_ms}],
                        timeline: [{t, ok, errors, p99_ms}]}
     http              the result of `bench http` for the profiles' HTTP proxies
     pg                the result of `bench pg` for direct and the profiles' DB proxies
@@ -47,7 +48,7 @@ import asyncpg
 from stack.topology import MASTER, PROXIES, REPLICA
 
 from . import charts
-from .drill import DrillResult, StackControl, run_drill, seeded_user_ids
+from .drill import FREEZE_SECONDS, STEPS, DrillResult, StackControl, run_drill, seeded_user_ids
 from .drillstats import latency_ms, step_stats, timeline
 from .entry import EntryMeasure, measure_entry, proxy_pids
 from .http import run_http
@@ -99,7 +100,7 @@ class Plan:
         per_profile = [
             (
                 f"{p}: stack up, entry and drill",
-                8 + 1 + self.seconds + 7 * (self.step_seconds + 1.5),
+                8 + 1 + self.seconds + len(STEPS) * (self.step_seconds + 1.5) + 2 * FREEZE_SECONDS,
             )
             for p in self.profiles
         ]
@@ -364,7 +365,8 @@ def report(result: dict[str, Any]) -> str:
         "## The failure drill, step by step",
         "",
         "Reads and writes that failed in each step (writes refused with 503 + Retry-After "
-        "in brackets); p99: of every answered request sent in the step; kill → clean: "
+        "in brackets); p99: of every answered request sent in the step; slowest read: "
+        "the longest an answered read took; kill → clean: "
         "seconds from the kill to the first whole second, after the step's last failed "
         "read, in which every read answered 200 (0: no read failed); "
         "restart → traffic: seconds from the start command to the first request the "
@@ -372,12 +374,12 @@ def report(result: dict[str, Any]) -> str:
         "",
         "| step | "
         + " | ".join(
-            f"{p} failed reads | {p} failed writes | {p} p99 ms | "
+            f"{p} failed reads | {p} failed writes | {p} p99 ms | {p} slowest read ms | "
             f"{p} kill → clean / restart → traffic"
             for p in profiles
         )
         + " |",
-        "|---|" + "---:|---:|---:|---:|" * len(profiles),
+        "|---|" + "---:|---:|---:|---:|---:|" * len(profiles),
     ]
     steps = result["profiles"][profiles[0]]["drill"]["steps"]
     for i, step in enumerate(steps):
@@ -393,7 +395,8 @@ def report(result: dict[str, Any]) -> str:
                 f"{s['read_errors']}/{s['reads']}",
                 f"{s['write_errors']}/{s['writes']} ({s['writes_refused']})",
                 _fmt(s["p99_ms"], ".1f"),
-                _fmt(recovery, ".2f", " s") if step["action"] else "",
+                _fmt(s.get("slowest_read_ms"), ".0f"),
+                _fmt(recovery, ".2f", " s") if recovery is not None else "",
             ]
         lines.append(f"| {step['name']} | " + " | ".join(cells) + " |")
     lines += ["", *(f"![drill timeline, {p}](drill-{p}.png)" for p in profiles), ""]

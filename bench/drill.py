@@ -1,11 +1,13 @@
-"""The seed's failure drill (../shared/design.md): kill -9 and restart each part under load.
+"""The seed's failure drill (../shared/design.md): kill -9 and restart each part
+under load, then the gray steps: freeze a backend and the replica (SIGSTOP of
+every process, as `docker pause`) for FREEZE_SECONDS and thaw them.
 
 A constant-rate (open-loop) load of reads with some writes goes to the entry
 port; one request leaves every 1/rate seconds whether or not earlier ones have
 answered, so a stall shows as errors and latency instead of silently slowing
 the load down. Every request is recorded: when it was sent, how long it took,
 its status, and the step of the drill it was sent in. The stack is driven
-through its CLI, as a person would (`python -m stack kill|start NAME`).
+through its CLI, as a person would (`python -m stack kill|start|freeze|thaw NAME`).
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ SEARCH_PREFIXES = (("А", "К"), ("Е", "С"), ("М", "П"), ("О", "В"))
 @dataclass(frozen=True, slots=True)
 class Step:
     name: str
-    command: str | None = None  # "kill" | "start"
+    command: str | None = None  # "kill" | "start" | "freeze" | "thaw"
     service: str | None = None
+    seconds: float | None = None  # how long the step holds; None: the drill's step_seconds
 
 
 DATABASES = (MASTER, REPLICA)
 BACKEND = BACKENDS[0]
+# How long a frozen service stays frozen: as long as a stop-the-world pause that
+# hurts, and longer than any check's fall time.
+FREEZE_SECONDS = 6.0
 STEPS: tuple[Step, ...] = (
     Step("all up"),
     Step("replica killed", "kill", REPLICA),
@@ -65,7 +71,12 @@ STEPS: tuple[Step, ...] = (
     Step("backend restarted", "start", BACKEND),
     Step("master killed", "kill", MASTER),
     Step("master restarted", "start", MASTER),
+    Step("backend frozen", "freeze", BACKEND, FREEZE_SECONDS),
+    Step("backend thawed", "thaw", BACKEND),
+    Step("replica frozen", "freeze", REPLICA, FREEZE_SECONDS),
+    Step("replica thawed", "thaw", REPLICA),
 )
+GRAY_STEPS = frozenset(i for i, s in enumerate(STEPS) if s.command in ("freeze", "thaw"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +146,7 @@ def _status_keys(counter: Counter[int]) -> dict[str, int]:
 
 
 class StackControl:
-    """`python -m stack kill|start NAME` on one stack, without blocking the loop."""
+    """`python -m stack kill|start|freeze|thaw NAME` on one stack, without blocking the loop."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -300,7 +311,7 @@ async def run_drill(
                 if step.command == "start" and step.service in DATABASES and db_sessions:
                     watchers.append(asyncio.create_task(watch(index, step.service)))
             done = load.now()
-            await asyncio.sleep(step_seconds)
+            await asyncio.sleep(step_seconds if step.seconds is None else step.seconds)
             result.timings.append(StepTiming(started, done, load.now()))
     finally:
         for task in watchers:

@@ -51,6 +51,7 @@ class StepStats:
     kill_to_clean_s: float | None  # kill steps only
     restart_to_traffic_s: float | None  # start steps only
     p99_ms: float
+    slowest_read_ms: float  # the longest a read that was answered took
 
 
 def step_stats(result: DrillResult) -> list[StepStats]:
@@ -81,6 +82,7 @@ def step_stats(result: DrillResult) -> list[StepStats]:
                     restart_to_traffic(result, i) if step.command == "start" else None
                 ),
                 p99_ms=percentile([o.latency for o in everything if o.status > 0], 99) * 1000,
+                slowest_read_ms=max((o.latency for o in reads if o.status > 0), default=0.0) * 1000,
             )
         )
     return stats

@@ -17,6 +17,7 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    max_ms: float = 0.0  # the slowest request
 
 
 def _duration(text: str) -> float:
@@ -31,6 +32,7 @@ def parse(output: str) -> WrkResult:
     rps = re.search(r"Requests/sec:\s+([0-9.]+)", output)
     p50 = re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE)
     p99 = re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE)
+    slowest = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", output, re.MULTILINE)
     if not (requests and rps and p50 and p99):
         raise ValueError(f"unexpected wrk output:\n{output}")
     errors = 0
@@ -47,11 +49,16 @@ def parse(output: str) -> WrkResult:
         p50_ms=_duration(p50.group(1)) * 1000,
         p99_ms=_duration(p99.group(1)) * 1000,
         errors=errors,
+        max_ms=_duration(slowest.group(1)) * 1000 if slowest else 0.0,
     )
 
 
-def run(url: str, *, seconds: float, connections: int, core: int | None) -> WrkResult:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url]
+def run(
+    url: str, *, seconds: float, connections: int, core: int | None, timeout: float = 2.0
+) -> WrkResult:
+    """``timeout``: wrk's per-request limit; a request over it counts as an error."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout:g}s"]
+    command += ["--latency", url]
     if core is not None:
         command = ["taskset", "-c", str(core), *command]
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True)

@@ -23,6 +23,7 @@ from proxycore.servers import CheckRecord, Server, ServerSet
 from . import routing
 from .checks import pg_probe
 from .config import LISTENERS, DbProxyConfig
+from .liveness import Silence, postmaster_answers
 from .metrics import DbProxyCollector
 from .pgwire import CancelRequest, cancel_request
 from .session import ClientSession
@@ -60,6 +61,7 @@ class DbProxy:
         self.keys: dict[tuple[int, int], Server] = {}
         self.cancels_routed = 0
         self.cancels_broadcast = 0
+        self.redials = 0  # sessions sent on to another server: the first never answered
         # When each server last answered a forwarded SSLRequest 'N' (loop time).
         self._ssl_refused_at: dict[Server, float] = {}
         self.ssl_forwarded = 0
@@ -74,6 +76,10 @@ class DbProxy:
         # Sessions waiting for their first packet, or for a server's connect.
         self.first_packet_limits = Expiries(loop, ClientSession.first_packet_late)
         self.connect_limits = Expiries(loop, ClientSession.connect_late)
+        self.startup_limits = Expiries(loop, ClientSession.startup_late)
+        self._silence = Silence(config.timeouts.stall)
+        self._asking: set[Server] = set()  # servers being asked whether they live
+        self._sweeper: asyncio.TimerHandle | None = None
         self._watch(self.servers)
 
     @property
@@ -94,6 +100,7 @@ class DbProxy:
                 backlog=1024,
             )
         self._checker.sync()
+        self._sweep()
         if self.config.admin is not None:
             app = make_admin_app(
                 "dbproxy",
@@ -105,6 +112,7 @@ class DbProxy:
                         lambda: self.servers,
                         lambda: (self.cancels_routed, self.cancels_broadcast),
                         lambda: (self.ssl_forwarded, self.ssl_answered_for_server),
+                        lambda: self.redials,
                     )
                 ],
             )
@@ -131,6 +139,7 @@ class DbProxy:
                 session.abort()
         if new.method != old.method:
             self.policy = make_policy(new.method)
+        self._silence.after = new.timeouts.stall
         self.config = new
         if new.check != old.check:
             self.loop.create_task(self._checker.stop())
@@ -153,8 +162,11 @@ class DbProxy:
         for session in list(self.sessions):
             session.close()
         await self._checker.stop()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.first_packet_limits.close()
         self.connect_limits.close()
+        self.startup_limits.close()
         if self._admin is not None:
             await self._admin.cleanup()
         log.warning("dbproxy stopped")
@@ -265,12 +277,39 @@ class DbProxy:
                     "closing %d session(s) of %s, now %s", len(sessions), server.name, server.state
                 )
             for session in sessions:
-                session.abort()
+                session.server_down()
         self._return_to_replica()
 
     def _after_check(self, server: Server, record: CheckRecord) -> None:
         routing.update_lags(self.servers, self.config.slots)
         self._return_to_replica()
+        if record.timed_out and server.healthy:
+            self._ask(server, f"a check got no answer ({record.detail})")
+
+    # -- gray failures (dbproxy/liveness.py) -------------------------------------------
+    def _sweep(self) -> None:
+        stall = self.config.timeouts.stall
+        if stall > 0:
+            for server in self._silence.suspects(self.servers, self.loop.time()):
+                self._ask(server, f"sessions waited {stall:g}s with no byte from it")
+        self._sweeper = self.loop.call_later(0.1, self._sweep)
+
+    def _ask(self, server: Server, why: str) -> None:
+        if server not in self._asking:
+            self._asking.add(server)
+            self.loop.create_task(self._confirm(server, why))
+
+    async def _confirm(self, server: Server, why: str) -> None:
+        """A suspicion of a frozen server, settled by an SSLRequest it must answer."""
+        wait = self.config.timeouts.stall or self.config.check.timing.timeout
+        try:
+            alive = await postmaster_answers(server.spec.address, wait)
+        finally:
+            self._asking.discard(server)
+        if alive:
+            self._silence.cleared(server, self.loop.time())
+        else:
+            server.mark_down(f"{why}, and no answer to an SSLRequest within {wait:g}s")
 
     def _return_to_replica(self) -> None:
         """Close the ro sessions parked on the primary once a replica fits ro again."""
@@ -308,6 +347,7 @@ class DbProxy:
             "sessions": {n: listener.active for n, listener in self.listeners.items()},
             "cancels_to_session_server": self.cancels_routed,
             "cancels_to_every_server": self.cancels_broadcast,
+            "sessions_redialed": self.redials,
             "ssl_requests_forwarded": self.ssl_forwarded,
             "ssl_requests_answered_for_server": self.ssl_answered_for_server,
             "draining": self.draining,

@@ -48,6 +48,13 @@ class ReadOnlyRouting:
 class Timeouts:
     connect: float = 1.0  # HAProxy: timeout connect
     first_packet: float = 10.0  # how long a client may take to send its first packet
+    # a connected server must answer a session's first packet within this, else
+    # the next fitting server is dialled (a frozen server's kernel still accepts)
+    startup: float = 1.0
+    # sessions owed an answer, and not a byte from the server for this long: it
+    # is asked an SSLRequest, and marked down if that goes unanswered as long
+    # (dbproxy/liveness.py); 0 turns it off
+    stall: float = 0.5
     shutdown: float = 10.0  # SIGTERM: how long sessions may go on before they are closed
 
 

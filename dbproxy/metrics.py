@@ -19,11 +19,13 @@ class DbProxyCollector(Collector):
         servers: Callable[[], Iterable[Server]],
         cancels: Callable[[], tuple[int, int]],
         ssl_requests: Callable[[], tuple[int, int]],
+        redials: Callable[[], int],
     ) -> None:
         self._listeners = listeners
         self._servers = servers
         self._cancels = cancels
         self._ssl_requests = ssl_requests
+        self._redials = redials
 
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily(
@@ -114,3 +116,8 @@ class DbProxyCollector(Collector):
         ssl.add_metric(["forwarded"], forwarded)
         ssl.add_metric(["answered_for_server"], answered)
         yield ssl
+        yield CounterMetricFamily(
+            "dbproxy_sessions_redialed",
+            "Sessions sent on to another server: the first said nothing to the first packet",
+            value=self._redials(),
+        )

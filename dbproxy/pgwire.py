@@ -130,6 +130,10 @@ def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
     return b"E" + _INT32.pack(len(fields) + 4) + fields
 
 
+def ssl_request() -> bytes:
+    return _TWO_INT32.pack(8, SSL_REQUEST)
+
+
 def cancel_request(pid: int, key: int) -> bytes:
     return _INT32.pack(16) + _TWO_INT32.pack(CANCEL_REQUEST, pid) + _INT32.pack(key)
 

@@ -68,6 +68,9 @@ class ClientSession:
         self._want_probe = False  # ... and it is an SSLRequest, whose answer comes back here
         self._ssl_asked = False
         self._probing: ServerSide | None = None  # waiting for the answer to an SSLRequest
+        # What the server was sent and has not answered yet (the first packet):
+        # sent again to the next server if this one never answers (startup_late).
+        self._unanswered: bytes | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,6 +99,8 @@ class ClientSession:
             return
         if self._connecting:
             self._pending.append(data)
+            if len(self._pending) > 1:  # a client that does not wait: held to one read
+                self.valve.pause(Reason.NO_PEER_YET)  # type: ignore[union-attr]
             return
         self._buffer += data
         self._first_packet()
@@ -112,6 +117,9 @@ class ClientSession:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy.first_packet_limits.clear(self)
+        if self._unanswered is not None:
+            self._unanswered = None
+            self.proxy.startup_limits.clear(self)
         if self._dial is not None:
             self._dial.cancel()
             self._dial_done()
@@ -196,13 +204,19 @@ class ClientSession:
             self._no_server()
 
     def _to_server(self, side: ServerSide, data: bytes, probe: bool) -> None:
+        # The server must answer within timeouts.startup (see startup_late).
+        self._unanswered = data
+        proxy = self.proxy
+        proxy.startup_limits.set(self, proxy.loop.time() + proxy.config.timeouts.startup)
+        side.expect_answer()
         if probe:
             self._probing = side
             side.expect_ssl_answer()
             assert side.transport is not None
             side.transport.write(data)  # the SSLRequest; its answer comes to ssl_answer()
         else:
-            self._relay(side, data)
+            self._connecting = True  # what the client sends waits for the answer
+            self._relay(side, data, answered=False)
 
     # -- the server connection ------------------------------------------------------
     def _dial_next(self) -> bool:
@@ -280,7 +294,7 @@ class ClientSession:
         if answer == b"S":
             # TLS end to end from here on: relay; the session's key stays unseen.
             side.watcher = None
-            self._relay(side, b"")
+            self._relay(side, b"", answered=True)
             self.write(b"S")
             return
         # In clear: the client's next packet is read here, like a first packet.
@@ -294,23 +308,82 @@ class ClientSession:
         self.valve.resume(Reason.NO_PEER_YET)
         self._first_packet()
 
-    def _relay(self, side: ServerSide, initial: bytes) -> None:
+    def _relay(self, side: ServerSide, initial: bytes, answered: bool) -> None:
+        """The session is ``side``'s from here; the relay opens both ways once the
+        server has answered (``answered``, or its first byte: server_answered)."""
         server = side.server
         self.server = server
         self.server_side = side
-        self._out = side.transport
         side.relaying(self.transport)
         self.proxy.attach(self, server)
         assert side.transport is not None
         if initial:
             side.transport.write(initial)
             server.bytes_out += len(initial)
+        if answered:
+            self._open_relay(side)
+
+    def server_answered(self, side: ServerSide) -> None:
+        """The first byte from ``side`` since it was sent the first packet: it lives."""
+        if self._unanswered is None:
+            return
+        self._unanswered = None
+        self.proxy.startup_limits.clear(self)
+        if side is self.server_side:
+            self._open_relay(side)
+
+    def _open_relay(self, side: ServerSide) -> None:
+        """What the client sent meanwhile goes on, and the relay runs as it comes."""
+        self._out = side.transport
         if self._pending:
+            assert side.transport is not None
             side.transport.writelines(self._pending)
             self._pending.clear()
         self._connecting = False
         assert self.valve is not None
         self.valve.resume(Reason.NO_PEER_YET)
+
+    def startup_late(self) -> None:
+        """A server that connected said nothing to the first packet within
+        timeouts.startup: frozen (a stopped process's kernel still accepts), or
+        swamped. Nothing has gone to the client yet, so, as for a refused connect,
+        the next fitting server is dialled with the same packet."""
+        side = self._probing or self.server_side
+        if side is not None and self._unanswered is not None and not self.closed:
+            why = f"no answer to a first packet within {self.proxy.config.timeouts.startup:g}s"
+            side.server.record_failure(why)
+            self._redial(side, why)
+
+    def server_down(self) -> None:
+        """The server of this session was marked down: a session it has not answered
+        yet goes on to the next fitting server; one under way is closed at once,
+        so that its client reconnects now."""
+        side = self._probing or self.server_side
+        if side is not None and self._unanswered is not None and not self.closed:
+            self._redial(side, f"{side.server.name} is {side.server.state}")
+        else:
+            self.abort()
+
+    def _redial(self, side: ServerSide, why: str) -> None:
+        server = side.server
+        data, probe = self._unanswered, side is self._probing
+        assert data is not None
+        self._unanswered = None
+        self.proxy.startup_limits.clear(self)
+        if self.server is not None:
+            self.proxy.detach(self, self.server, None)
+            self.server = None
+        self.server_side = self._probing = None
+        side.abort()
+        self._failed.append(server)
+        self.proxy.redials += 1
+        log.warning(
+            "session from %s on %s: %s; trying the next server",
+            self.peer(),
+            self.listener.name,
+            why,
+        )
+        self._send(data, probe)
 
     def first_packet_late(self) -> None:
         """No whole first packet (or no answer to its SSLRequest) within timeouts.first_packet."""
@@ -361,6 +434,7 @@ class ServerSide:
         self._out: asyncio.Transport | None = None  # the client's transport, once only relaying
         self._client_transport: asyncio.Transport | None = None
         self._ssl_probe = False  # the first byte answers an SSLRequest: 'S' or 'N'
+        self._owes_answer = False  # sent a first packet, no byte back yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -373,6 +447,9 @@ class ServerSide:
         if out is not None:  # relaying and done watching: straight through
             out.write(data)
             return
+        if self._owes_answer:
+            self._owes_answer = False
+            self.client.server_answered(self)
         if self._ssl_probe:
             self._ssl_probe = False
             self.client.ssl_answer(self, data[:1])
@@ -394,6 +471,9 @@ class ServerSide:
 
     def expect_ssl_answer(self) -> None:
         self._ssl_probe = True
+
+    def expect_answer(self) -> None:
+        self._owes_answer = True
 
     def relaying(self, client_transport: asyncio.Transport | None) -> None:
         self._client_transport = client_transport
@@ -422,3 +502,7 @@ class ServerSide:
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()

@@ -243,7 +243,12 @@ class Exchange:
         ):
             return
         server = pick(lb.servers.order, lb.policy, self.tried)
-        if server is None or not self._budget():
+        if server is None:
+            # asked again a hedge_after later: a server may be back up by then
+            conn.hedge_timer.at(lb.clock() + lb.config.hedge_after)
+            return
+        if not self._budget():
+            lb.budget.waiting.append(self._hedge_when_budget)  # as soon as a token is back
             return
         self.tried = (*self.tried, server)
         lb.metrics.hedges += 1
@@ -277,6 +282,14 @@ class Exchange:
         else:
             self.hedge_conn = conn
             self._send_request(conn, lb.clock())
+
+    def _hedge_when_budget(self) -> bool:
+        """A budget token came back (RetryBudget.wake): hedge now if still due."""
+        conn = self.upstream
+        if conn is None or conn.answering or self.finished or self.hedge_conn is not None:
+            return False
+        self.hedge_due(conn)
+        return self.budgeted
 
     def first_byte_from(self, conn: UpstreamConnection) -> bool:
         """The first response byte of ``conn`` while a hedge races (the caller
@@ -330,6 +343,14 @@ class Exchange:
             self.budgeted = True
             return True
         return False
+
+    def _give_budget(self) -> None:
+        self.budgeted = False
+        budget = self.lb.budget
+        budget.give()
+        if budget.waiting:
+            # not from inside this exchange's own ending: on the loop's next turn
+            self.lb.loop.call_soon(budget.wake)
 
     def server_down(self, server: Server) -> None:
         """The checks marked ``server`` down: an attempt still waiting there for
@@ -601,8 +622,7 @@ class Exchange:
         self.finished = True
         lb = self.lb
         if self.budgeted:
-            self.budgeted = False
-            lb.budget.give()
+            self._give_budget()
         server = self.server
         if server is not None:
             server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
@@ -632,8 +652,7 @@ class Exchange:
             return
         self.finished = True
         if self.budgeted:
-            self.budgeted = False
-            self.lb.budget.give()
+            self._give_budget()
         self._detach(reusable=False)
 
     # -- the tunnel after 101 ------------------------------------------------------

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from typing import Final
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -40,13 +42,16 @@ class RetryBudget:
     takes none: the server it failed on is not doing the work twice.
     """
 
-    __slots__ = ("active", "exhausted", "min_concurrency", "percent")
+    __slots__ = ("active", "exhausted", "min_concurrency", "percent", "waiting")
 
     def __init__(self, percent: int, min_concurrency: int) -> None:
         self.percent = percent
         self.min_concurrency = min_concurrency
         self.active = 0
         self.exhausted = 0
+        # Hedges refused for want of a token, first come first served when one
+        # is given back; each says whether it still wanted one (and took it).
+        self.waiting: deque[Callable[[], bool]] = deque()
 
     def take(self, in_flight: int) -> bool:
         if self.active >= max(self.min_concurrency, in_flight * self.percent // 100):
@@ -57,3 +62,12 @@ class RetryBudget:
 
     def give(self) -> None:
         self.active -= 1
+
+    def wake(self) -> None:
+        """A token came back: the first waiter that still wants one takes it. Each
+        waiter is asked once (one that finds no token after all waits again, at
+        the back)."""
+        waiting = self.waiting
+        for _ in range(len(waiting)):
+            if waiting.popleft()():
+                return

@@ -68,19 +68,20 @@ class HealthChecker:
     async def check_once(self, server: Server) -> CheckRecord:
         started = time.monotonic()
         timeout = self.timing.timeout
+        timed_out = False
         try:
             async with asyncio.timeout(timeout):
                 detail = await self._probe(server, timeout)
             ok = True
         except TimeoutError:
-            ok, detail = False, f"no answer within {timeout * 1000:.0f}ms"
+            ok, detail, timed_out = False, f"no answer within {timeout * 1000:.0f}ms", True
         except asyncio.CancelledError:
             raise
         except CheckFailed as exc:
             ok, detail = False, str(exc)
         except Exception as exc:  # a probe that breaks is a failed check, not a dead loop
             ok, detail = False, f"{type(exc).__name__}: {exc}"
-        record = CheckRecord(ok, detail, time.monotonic() - started, time.time())
+        record = CheckRecord(ok, detail, time.monotonic() - started, time.time(), timed_out)
         server.record_check(record)
         if self._after_check is not None:
             self._after_check(server, record)

@@ -48,6 +48,7 @@ class CheckRecord:
     detail: str
     duration: float
     at: float  # time.time()
+    timed_out: bool = False  # no answer at all within the timeout (a frozen server's sign)
 
 
 class Server:
@@ -153,6 +154,16 @@ class Server:
                 self._fall_count = 0
                 self.healthy = False
                 self._changed(f"{self.params.fall} check(s) failed: {record.detail}")
+
+    def mark_down(self, why: str) -> None:
+        """Down now, on evidence stronger than one failed check (a gray failure
+        confirmed outside the checks' schedule); the checks bring it back (rise)."""
+        if not self.healthy:
+            return
+        self.healthy = False
+        self._fall_count = 0
+        self._rise_count = 0
+        self._changed(why)
 
     def record_failure(self, why: str, now: float | None = None) -> None:
         """A passive failure: a connect refused, reset or timed out, or a configured status."""

@@ -1,4 +1,4 @@
-"""python -m stack up|down|status|kill|start|demo"""
+"""python -m stack up|down|status|kill|start|freeze|thaw|demo"""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("kill", "SIGKILL a service and all its processes, as `docker kill`"),
         ("start", "start a stopped or killed service again"),
+        ("freeze", "SIGSTOP a service and all its processes, as `docker pause`"),
+        ("thaw", "SIGCONT a frozen service, as `docker unpause`"),
     ):
         cmd = sub.add_parser(name, parents=[common], help=text)
         cmd.add_argument("name")
@@ -117,6 +119,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     elif args.command == "start":
         pid = asyncio.run(control.start(state_dir, args.name))
         print(f"started {args.name} (pid {pid})")
+    elif args.command == "freeze":
+        pid = control.freeze(state_dir, args.name)
+        print(f"froze {args.name} (pid {pid}) and all its processes; `stack thaw {args.name}`")
+    elif args.command == "thaw":
+        pid = control.thaw(state_dir, args.name)
+        print(f"thawed {args.name} (pid {pid})")
     elif args.command == "demo":
         asyncio.run(demo.run(state_dir, _say))
     return 0

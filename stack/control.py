@@ -1,4 +1,4 @@
-"""The stack's operations: up, down, status, kill, start."""
+"""The stack's operations: up, down, status, kill, start, freeze, thaw."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class ServiceStatus:
     name: str
     address: str
     pid: int | None
-    state: str  # running | dead | not started
+    state: str  # running | frozen | dead | not started
 
 
 def _live(state: StackState) -> list[str]:
@@ -148,6 +148,8 @@ def status(state_dir: Path) -> list[ServiceStatus]:
         ref = state.processes.get(name)
         if ref is None:
             condition = "not started"
+        elif processes.is_frozen(ref):
+            condition = "frozen"
         else:
             condition = "running" if processes.is_alive(ref) else "dead"
         result.append(
@@ -167,13 +169,32 @@ def _require(state_dir: Path) -> StackState:
 
 def kill(state_dir: Path, name: str) -> int:
     """SIGKILL the service and every process it started; its PID."""
+    ref = _running(state_dir, name)
+    processes.kill_tree(ref)
+    return ref.pid
+
+
+def freeze(state_dir: Path, name: str) -> int:
+    """SIGSTOP the service and every process it started (`docker pause`); its PID."""
+    ref = _running(state_dir, name)
+    processes.freeze_tree(ref)
+    return ref.pid
+
+
+def thaw(state_dir: Path, name: str) -> int:
+    """SIGCONT a frozen service (`docker unpause`); its PID."""
+    ref = _running(state_dir, name)
+    processes.thaw_tree(ref)
+    return ref.pid
+
+
+def _running(state_dir: Path, name: str) -> processes.ProcessRef:
     state = _require(state_dir)
     state.topology.spec(name)  # an unknown name fails here with the list of names
     ref = state.processes.get(name)
     if ref is None or not processes.is_alive(ref):
         raise StackError(f"{name} is not running")
-    processes.kill_tree(ref)
-    return ref.pid
+    return ref
 
 
 async def start(state_dir: Path, name: str) -> int:

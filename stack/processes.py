@@ -104,6 +104,27 @@ def kill_tree(ref: ProcessRef) -> None:
     _wait_gone(pids, timeout=5.0)
 
 
+def freeze_tree(ref: ProcessRef) -> list[int]:
+    """SIGSTOP the process and every descendant, as `docker pause` freezes a
+    container: alive and holding its sockets (the kernel still accepts
+    connections for it), answering nothing. The PIDs stopped."""
+    pids = tree(ref)
+    _signal_all(pids, signal.SIGSTOP)
+    return pids
+
+
+def thaw_tree(ref: ProcessRef) -> list[int]:
+    """SIGCONT what freeze_tree stopped (`docker unpause`)."""
+    pids = tree(ref)
+    _signal_all(pids, signal.SIGCONT)
+    return pids
+
+
+def is_frozen(ref: ProcessRef) -> bool:
+    fields = _stat(ref.pid)
+    return fields is not None and _state(fields) == "T" and _start_ticks(fields) == ref.start_ticks
+
+
 def _wait_gone(pids: Sequence[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -123,6 +144,7 @@ def stop(ref: ProcessRef, sig: int, timeout: float) -> bool:
     pids = tree(ref)
     if not pids:
         return True
+    _signal_all(pids, signal.SIGCONT)  # a frozen process would not act on ``sig``
     _signal_all(pids[:1], sig)
     if _wait_gone(pids, timeout):
         return True

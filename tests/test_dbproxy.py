@@ -242,6 +242,62 @@ async def test_a_connect_that_hangs_times_out_and_the_next_server_serves(
         hole.close()
 
 
+async def test_a_server_that_accepts_but_never_answers_holds_no_session(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    # A listener that never accepts: the kernel completes the handshake and queues
+    # what is sent, as for a frozen (SIGSTOPped) server, and nothing ever answers.
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)
+    settings = (
+        QUIET_CHECKS
+        + '\n[timeouts]\nstartup = "300ms"\n'
+        + f'\n[[server]]\nname = "frozen"\naddress = "127.0.0.1:{frozen.getsockname()[1]}"\n'
+    )
+    try:
+        with dbproxy_for(pystack, tmp_path, settings, top='method = "round_robin"\n') as proxy:
+            for ssl in (False, True):  # the startup packet, and an SSLRequest before it
+                for _ in range(3):  # round robin over three: the frozen one comes once
+                    conn = await connect(
+                        pystack, proxy.ports["any"], ssl="prefer" if ssl else False
+                    )
+                    assert await conn.fetchval("SELECT 1") == 1
+                    await conn.close()
+            assert proxy.status()["sessions_redialed"] >= 1
+            assert "no answer to a first packet within 0.3s" in proxy.log_text()
+    finally:
+        frozen.close()
+
+
+async def test_a_frozen_replica_is_marked_down_and_ro_moves_on(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    """SIGSTOP of the replica's every process (`stack freeze`, as `docker pause`):
+    a session waiting on it is closed once dbproxy sees no byte from it for
+    timeouts.stall and an SSLRequest confirms it, not when it thaws; new ro
+    sessions go to the primary; after the thaw the replica comes back."""
+    with dbproxy_for(pystack, tmp_path) as proxy:
+        waiting = await connect(pystack, proxy.ports["ro"])
+        assert await waiting.fetchval("SELECT inet_server_port()") == pystack.ports.replica
+        await asyncio.to_thread(pystack.cli, "freeze", REPLICA)
+        try:
+            started = time.monotonic()
+            with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+                await waiting.fetchval("SELECT 1", timeout=5)
+            closed_after = time.monotonic() - started
+            assert closed_after < 3  # well before the thaw, nowhere near the 5 s timeout
+            assert proxy.server(REPLICA)["state"] == "DOWN"
+            assert "no answer to an SSLRequest" in proxy.log_text()
+            fresh = await connect(pystack, proxy.ports["ro"], timeout=5)
+            assert await fresh.fetchval("SELECT inet_server_port()") == pystack.ports.master
+            await fresh.close()
+        finally:
+            await asyncio.to_thread(pystack.cli, "thaw", REPLICA)
+        waiting.terminate()
+        await wait_until(lambda: proxy.server(REPLICA)["state"] == "UP", 10)
+
+
 def self_signed_certificate(datadir: Path) -> tuple[Path, Path]:
     """A throwaway certificate and key in ``datadir``, readable by the cluster's user only."""
     crt, key = datadir / "balance-test.crt", datadir / "balance-test.key"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from lb.heads import (
     origin_form,
     upstream_request_head,
 )
-from lb.retry import may_retry
+from lb.retry import RetryBudget, may_retry
 from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
 from proxycore.config import Address, ConfigError, Section, parse_duration, parse_size
 from proxycore.servers import CheckRecord, HealthParams, Server, ServerSet, ServerSpec
@@ -383,3 +384,37 @@ def test_higher_minor_versions_read_as_http11() -> None:
     with pytest.raises(BadRequest) as refused:
         as_http11(b"GET / HTTP/3.1\r\n")
     assert refused.value.status == 505
+
+
+def test_retry_budget_is_a_share_of_the_requests_in_flight_with_a_floor() -> None:
+    budget = RetryBudget(percent=20, min_concurrency=2)
+    assert budget.take(in_flight=5) and budget.take(in_flight=5)
+    assert not budget.take(in_flight=5)  # 20% of 5 is 1: the floor of 2 holds
+    assert budget.take(in_flight=20) and budget.take(in_flight=20)  # 20% of 20 is 4
+    assert not budget.take(in_flight=20)
+    assert budget.active == 4 and budget.exhausted == 2
+
+
+def test_a_token_given_back_wakes_the_first_waiter_that_still_wants_one() -> None:
+    budget = RetryBudget(percent=0, min_concurrency=1)
+    assert budget.take(in_flight=1)
+    asked: list[str] = []
+
+    def waiter(name: str, wants: bool) -> Callable[[], bool]:
+        def wake() -> bool:
+            asked.append(name)
+            if not wants:
+                return False  # its request ended meanwhile
+            if budget.take(in_flight=1):
+                return True
+            budget.waiting.append(wake)  # no token after all: waits again
+            return False
+
+        return wake
+
+    budget.waiting.extend([waiter("gone", False), waiter("a", True), waiter("b", True)])
+    budget.give()
+    budget.wake()
+    assert asked == ["gone", "a"] and budget.active == 1 and len(budget.waiting) == 1
+    budget.wake()  # no token: b is asked once, and waits again
+    assert asked == ["gone", "a", "b"] and len(budget.waiting) == 1
