@@ -1,7 +1,8 @@
 """python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
 python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
 python -m bench edge [--out FILE]   (hostile and odd HTTP inputs: lb, nginx, HAProxy)
-python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)"""
+python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)
+python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)"""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .http import PROXIES, run_http, table
 from .pg import run_pg
 from .pg import table as pg_table
 from .procs import BenchError
+from .surge import run_surge
+from .surge import table as surge_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,6 +81,12 @@ def main() -> int:
         "gray", help="one of two upstreams frozen (SIGSTOP) for 6 s under keep-alive load"
     )
     gray.add_argument("--out", type=Path, help="JSON file (default bench/results/gray-<time>.json)")
+    surge = sub.add_parser(
+        "surge", help="4,096 keep-alive connections at once to two nginx upstreams, 5 runs"
+    )
+    surge.add_argument(
+        "--out", type=Path, help="JSON file (default bench/results/surge-<time>.json)"
+    )
     args = p.parse_args()
 
     def say(text: str) -> None:
@@ -103,6 +112,9 @@ def main() -> int:
                 say=say,
             )
             shown = table(result)
+        elif args.command == "surge":
+            result = run_surge(say=say)
+            shown = surge_table(result)
         elif args.command == "gray":
             result = run_gray(say=say)
             shown = gray_table(result)

@@ -32,7 +32,7 @@ worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections 8192; }}
 http {{
   access_log off;
   client_body_temp_path {dir}/body;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import functools
 import logging
@@ -24,11 +25,15 @@ from . import routing
 from .checks import pg_probe
 from .config import LISTENERS, DbProxyConfig
 from .liveness import Silence, postmaster_answers
-from .metrics import DbProxyCollector
+from .metrics import DbProxyCollector, WaitHistogram
 from .pgwire import CancelRequest, cancel_request
 from .session import ClientSession
 
 log = logging.getLogger("dbproxy")
+
+# max_sessions "auto" leaves this many of a server's slots to its checks, a psql
+# of a person's and other clients that do not go through dbproxy.
+AUTO_SESSION_MARGIN = 5
 
 
 class _First(Policy):
@@ -41,12 +46,26 @@ class _First(Policy):
 _FIRST = _First()
 
 
+def _has_room(server: Server) -> bool:
+    return server.active < server.limit
+
+
+def _with_room(accept: routing.Accept | None, room: bool) -> routing.Accept | None:
+    if not room:
+        return accept
+    if accept is None:
+        return _has_room
+    return lambda s: accept(s) and s.active < s.limit
+
+
 @dataclasses.dataclass(eq=False)
 class Listener:
     name: str
     server: asyncio.Server | None = None
     active: int = 0
     total: int = 0
+    # sessions waiting for a slot (every fitting server at max_sessions), in order
+    queue: collections.deque[ClientSession] = dataclasses.field(default_factory=collections.deque)
 
 
 class DbProxy:
@@ -77,6 +96,12 @@ class DbProxy:
         self.first_packet_limits = Expiries(loop, ClientSession.first_packet_late)
         self.connect_limits = Expiries(loop, ClientSession.connect_late)
         self.startup_limits = Expiries(loop, ClientSession.startup_late)
+        self.queue_limits = Expiries(loop, ClientSession.queue_late)
+        self.queued = 0  # sessions waiting in the listeners' queues
+        self.queue_timeouts = 0
+        self.queue_refused = 0
+        self.queue_wait = WaitHistogram()
+        self._wake_due = False
         self._silence = Silence(config.timeouts.stall)
         self._asking: set[Server] = set()  # servers being asked whether they live
         self._sweeper: asyncio.TimerHandle | None = None
@@ -113,6 +138,12 @@ class DbProxy:
                         lambda: (self.cancels_routed, self.cancels_broadcast),
                         lambda: (self.ssl_forwarded, self.ssl_answered_for_server),
                         lambda: self.redials,
+                        lambda: (
+                            self.queue_lengths(),
+                            self.queue_timeouts,
+                            self.queue_refused,
+                            self.queue_wait,
+                        ),
                     )
                 ],
             )
@@ -167,24 +198,81 @@ class DbProxy:
         self.first_packet_limits.close()
         self.connect_limits.close()
         self.startup_limits.close()
+        self.queue_limits.close()
         if self._admin is not None:
             await self._admin.cleanup()
         log.warning("dbproxy stopped")
 
     # -- routing --------------------------------------------------------------------
-    def choose(self, listener: Listener, tried: Collection[Server]) -> Server | None:
-        """The server for a new session of ``listener``, not one of ``tried``."""
+    def choose(
+        self, listener: Listener, tried: Collection[Server], room: bool = False
+    ) -> Server | None:
+        """The server for a new session of ``listener``, not one of ``tried``;
+        ``room``: only among those below their max_sessions. Busy replicas are
+        waited for, not spilled onto the primary: ro falls back only when no
+        replica fits at all (as HAProxy uses a backup only when the others are down)."""
         limits = self.config.ro
-        policy = self.policy
         accept = routing.accept_for(listener.name, limits, fallback=False)
-        server = pick(self.servers.order, policy, tried, accept)
+        server = pick(self.servers.order, self.policy, tried, _with_room(accept, room))
         if server is None and listener.name == "ro" and limits.primary_fallback:
+            if room and pick(self.servers.order, _FIRST, tried, accept) is not None:
+                return None
             fallback = routing.accept_for("ro", limits, fallback=True)
-            server = pick(self.servers.order, policy, tried, fallback)
+            server = pick(self.servers.order, self.policy, tried, _with_room(fallback, room))
         return server
 
+    # -- the queue: a burst waits for a session slot, it does not fail -----------------
+    def enqueue(self, session: ClientSession) -> None:
+        settings = self.config.queue
+        if self.queued >= settings.max_queue:
+            self.queue_refused += 1
+            session.refuse_as_server(
+                "53300",
+                f"dbproxy: every server for listener '{session.listener.name}' is at its "
+                f"max_sessions and {settings.max_queue} sessions wait already",
+            )
+            return
+        now = self.loop.time()
+        session.queued = True
+        session.queued_at = now
+        self.queued += 1
+        session.listener.queue.append(session)
+        self.queue_limits.set(session, now + settings.timeout)
+
+    def left_queue(self, session: ClientSession) -> None:
+        """``session`` stops waiting: served, timed out or gone (dropped lazily)."""
+        if session.queued:
+            session.queued = False
+            self.queued -= 1
+            self.queue_limits.clear(session)
+            self.queue_wait.observe(self.loop.time() - session.queued_at)
+
+    def queue_lengths(self) -> dict[str, int]:
+        return {n: sum(1 for s in lst.queue if s.queued) for n, lst in self.listeners.items()}
+
+    def slot_freed(self) -> None:
+        """A session or a dial ended: the queues' heads may go, on the loop's next turn."""
+        if self.queued and not self._wake_due:
+            self._wake_due = True
+            self.loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        for listener in self.listeners.values():
+            queue = listener.queue
+            while queue:
+                session = queue[0]
+                if not session.queued or session.closed:
+                    queue.popleft()
+                    continue
+                server = self.choose(listener, session._failed, room=True)
+                if server is None:
+                    break  # first come, first served: the head waits on
+                queue.popleft()
+                session.dequeued(server)
+
     def attach(self, session: ClientSession, server: Server) -> None:
-        server.active += 1
+        """``session`` relays to ``server`` (its slot was taken when it was dialled)."""
         server.total += 1
         self.by_server.setdefault(server, set()).add(session)
 
@@ -194,9 +282,8 @@ class DbProxy:
 
     def detach(self, session: ClientSession, server: Server, key: tuple[int, int] | None) -> None:
         sessions = self.by_server.get(server)
-        if sessions is not None and session in sessions:
+        if sessions is not None:
             sessions.discard(session)
-            server.active -= 1
         if key is not None and self.keys.get(key) is server:
             del self.keys[key]
 
@@ -282,6 +369,12 @@ class DbProxy:
 
     def _after_check(self, server: Server, record: CheckRecord) -> None:
         routing.update_lags(self.servers, self.config.slots)
+        if server.spec.max_conns == 0 and self.config.queue.max_sessions_auto:
+            # max_sessions "auto": the server's own limit less its reserved slots
+            # and a few for checks and people (read by the check).
+            room = server.info.get("session_slots")
+            if isinstance(room, int):
+                server.limit = max(1, room - AUTO_SESSION_MARGIN)
         self._return_to_replica()
         if record.timed_out and server.healthy:
             self._ask(server, f"a check got no answer ({record.detail})")
@@ -348,6 +441,11 @@ class DbProxy:
             "cancels_to_session_server": self.cancels_routed,
             "cancels_to_every_server": self.cancels_broadcast,
             "sessions_redialed": self.redials,
+            "queue": {
+                "waiting": self.queue_lengths(),
+                "timeouts": self.queue_timeouts,
+                "refused": self.queue_refused,
+            },
             "ssl_requests_forwarded": self.ssl_forwarded,
             "ssl_requests_answered_for_server": self.ssl_answered_for_server,
             "draining": self.draining,

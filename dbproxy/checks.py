@@ -17,7 +17,9 @@ from .config import CheckSettings
 
 ROLE_SQL = """
 SELECT pg_is_in_recovery() AS recovery,
-       current_setting('default_transaction_read_only') = 'on' AS read_only
+       current_setting('default_transaction_read_only') = 'on' AS read_only,
+       current_setting('max_connections')::int
+         - current_setting('superuser_reserved_connections')::int AS session_slots
 """
 SLOTS_SQL = """
 SELECT s.slot_name,
@@ -47,6 +49,7 @@ def pg_probe(settings: CheckSettings):  # type: ignore[no-untyped-def]
             row = await conn.fetchrow(ROLE_SQL)
             writable = not row["recovery"] and not row["read_only"]
             server.info["role"] = "primary" if writable else "replica"
+            server.info["session_slots"] = row["session_slots"]
             if writable:
                 slots = await conn.fetch(SLOTS_SQL)
                 server.info["slots"] = {

@@ -59,6 +59,19 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A burst of sessions waits for a slot instead of failing (HAProxy: server
+    maxconn + timeout queue). max_sessions: per server unless its [[server]]
+    says; "auto" (max_sessions_auto): the server's max_connections less its
+    superuser_reserved_connections less a few, read by the checks; 0: no limit."""
+
+    max_sessions_auto: bool = True
+    max_sessions: int = 0
+    max_queue: int = 10_000
+    timeout: float = 10.0  # HAProxy: timeout queue
+
+
+@dataclass(frozen=True, slots=True)
 class DbProxyConfig:
     listen: Mapping[str, Address] = field(
         default_factory=lambda: {k: Address("127.0.0.1", p) for k, p in DEFAULT_PORTS.items()}
@@ -71,6 +84,7 @@ class DbProxyConfig:
     health: HealthParams = HealthParams()
     ro: ReadOnlyRouting = ReadOnlyRouting()
     timeouts: Timeouts = Timeouts()
+    queue: QueueSettings = QueueSettings()
     max_client_connections: int = 10_000
     close_sessions_on_down: bool = True
     ssl: str = "passthrough"  # or "refuse": answer SSLRequest with 'N' ourselves
@@ -121,6 +135,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         fall=fall,
         max_fails=p.integer("max_fails", d.health.max_fails),
         fail_timeout=p.duration("fail_timeout", d.health.fail_timeout),
+        panic_threshold=p.integer("panic_threshold", d.health.panic_threshold, maximum=100),
     )
     p.done()
     r = root.section("ro")
@@ -134,13 +149,33 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
     t = root.section("timeouts")
     timeouts = t.durations(d.timeouts)
     t.done()
+    q = root.section("queue")
+    raw_max = q.raw("max_sessions", "auto")
+    if raw_max != "auto" and (
+        not isinstance(raw_max, int) or isinstance(raw_max, bool) or raw_max < 0
+    ):
+        raise ConfigError(
+            f'{q.where("max_sessions")}: expected "auto" or a whole number, got {raw_max!r}'
+        )
+    queue = QueueSettings(
+        max_sessions_auto=raw_max == "auto",
+        max_sessions=0 if raw_max == "auto" else raw_max,
+        max_queue=q.integer("max_queue", d.queue.max_queue),
+        timeout=q.duration("timeout", d.queue.timeout),
+    )
+    q.done()
 
     servers, slots = [], {}
     for s in root.sections("server"):
         address = s.server_address()
         name = s.string("name", str(address))
         servers.append(
-            ServerSpec(name=name, address=address, weight=s.integer("weight", 1, minimum=1))
+            ServerSpec(
+                name=name,
+                address=address,
+                weight=s.integer("weight", 1, minimum=1),
+                max_conns=s.integer("max_sessions", queue.max_sessions),
+            )
         )
         if s.has("slot"):
             slots[name] = s.string("slot", "")
@@ -157,6 +192,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         health=health,
         ro=ro,
         timeouts=timeouts,
+        queue=queue,
         max_client_connections=max_clients,
         close_sessions_on_down=close_sessions,
         ssl=ssl,

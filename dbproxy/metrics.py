@@ -7,9 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxycore.histogram import Histogram
 from proxycore.servers import Server
 
 ROLES = ("primary", "replica")
+
+# How long sessions waited for a slot (proxycore's histogram, named for here).
+WaitHistogram = Histogram
 
 
 class DbProxyCollector(Collector):
@@ -20,12 +24,14 @@ class DbProxyCollector(Collector):
         cancels: Callable[[], tuple[int, int]],
         ssl_requests: Callable[[], tuple[int, int]],
         redials: Callable[[], int],
+        queue: Callable[[], tuple[dict[str, int], int, int, Histogram]],
     ) -> None:
         self._listeners = listeners
         self._servers = servers
         self._cancels = cancels
         self._ssl_requests = ssl_requests
         self._redials = redials
+        self._queue = queue
 
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily(
@@ -54,6 +60,14 @@ class DbProxyCollector(Collector):
         connect = CounterMetricFamily(
             "dbproxy_server_connect_failures", "Failed connects", labels=["server"]
         )
+        connecting = GaugeMetricFamily(
+            "dbproxy_server_connecting", "Connects in progress per server", labels=["server"]
+        )
+        limit = GaugeMetricFamily(
+            "dbproxy_server_max_sessions",
+            "Sessions allowed at once (0: no limit)",
+            labels=["server"],
+        )
         up = GaugeMetricFamily(
             "dbproxy_server_up", "1 when the server takes new sessions", labels=["server", "state"]
         )
@@ -78,6 +92,8 @@ class DbProxyCollector(Collector):
             b_in.add_metric([s.name], s.bytes_in)
             b_out.add_metric([s.name], s.bytes_out)
             connect.add_metric([s.name], s.connect_errors)
+            connecting.add_metric([s.name], s.connecting)
+            limit.add_metric([s.name], s.limit if s.limit < 1 << 40 else 0)
             up.add_metric([s.name, s.state], 1 if s.open else 0)
             for r in ROLES:
                 role.add_metric([s.name, r], 1 if s.info.get("role") == r else 0)
@@ -90,6 +106,8 @@ class DbProxyCollector(Collector):
         yield from (
             s_active,
             s_total,
+            connecting,
+            limit,
             b_in,
             b_out,
             connect,
@@ -120,4 +138,24 @@ class DbProxyCollector(Collector):
             "dbproxy_sessions_redialed",
             "Sessions sent on to another server: the first said nothing to the first packet",
             value=self._redials(),
+        )
+        waiting, timeouts, refused, wait = self._queue()
+        length = GaugeMetricFamily(
+            "dbproxy_queue_length",
+            "Sessions waiting for a slot (every fitting server at max_sessions)",
+            labels=["listener"],
+        )
+        for name, count in waiting.items():
+            length.add_metric([name], count)
+        yield length
+        yield wait.family("dbproxy_queue_wait_seconds", "How long sessions waited for a slot")
+        yield CounterMetricFamily(
+            "dbproxy_queue_timeouts",
+            "Sessions refused with 53300: no slot within queue.timeout",
+            value=timeouts,
+        )
+        yield CounterMetricFamily(
+            "dbproxy_queue_refused",
+            "Sessions refused with 53300: the queue was full",
+            value=refused,
         )

@@ -71,6 +71,13 @@ class ClientSession:
         # What the server was sent and has not answered yet (the first packet):
         # sent again to the next server if this one never answers (startup_late).
         self._unanswered: bytes | None = None
+        # The server whose session slot this one holds (counted in its active
+        # sessions) from the dial on; and whether it waits in the queue for one.
+        self._slot: Server | None = None
+        self.queued = False
+        self.queued_at = 0.0
+        # (SQLSTATE, message) the startup packet gets, once 'N' answered its SSLRequest
+        self._refusal: tuple[str, str] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -117,6 +124,8 @@ class ClientSession:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy.first_packet_limits.clear(self)
+        if self.queued:
+            self.proxy.left_queue(self)
         if self._unanswered is not None:
             self._unanswered = None
             self.proxy.startup_limits.clear(self)
@@ -128,6 +137,7 @@ class ClientSession:
             self.listener.active -= 1
         if self.server is not None:
             self.proxy.detach(self, self.server, self._key)
+        self._free_slot()
         for side in (self.server_side, self._probing, self._ready):
             if side is not None:
                 side.close()
@@ -182,6 +192,9 @@ class ClientSession:
                 return
             # StartupMessage
             self.proxy.first_packet_limits.clear(self)
+            if self._refusal is not None:
+                self.refuse(*self._refusal)
+                return
             initial = packet + self._buffer
             self._buffer = b""
             self._send(initial, probe=False)
@@ -195,6 +208,7 @@ class ClientSession:
                 self._to_server(ready, data, probe)
                 return
             ready.close()  # the server hung up meanwhile: dial again
+            self._free_slot()
         self._want = data
         self._want_probe = probe
         self._connecting = True
@@ -220,18 +234,58 @@ class ClientSession:
 
     # -- the server connection ------------------------------------------------------
     def _dial_next(self) -> bool:
-        """Start connecting to the next fitting server; False when none is left."""
-        server = self.proxy.choose(self.listener, self._failed)
+        """Start connecting to the next fitting server, or wait in the queue for a
+        slot when every fitting one is at its max_sessions; False when none fits."""
+        if self.queued:
+            return True
+        proxy = self.proxy
+        server = proxy.choose(self.listener, self._failed)
         if server is None:
             return False
+        if server.active >= server.limit:
+            server = proxy.choose(self.listener, self._failed, room=True)
+            if server is None:
+                proxy.enqueue(self)
+                return True
+        self._dial_to(server)
+        return True
+
+    def dequeued(self, server: Server) -> None:
+        """A slot came free on ``server`` while this waited at the queue's head."""
+        self.proxy.left_queue(self)
+        self._dial_to(server)
+
+    def queue_late(self) -> None:
+        """No slot on any fitting server within queue.timeout."""
+        proxy = self.proxy
+        if not self.queued or self.closed:
+            return
+        proxy.left_queue(self)
+        proxy.queue_timeouts += 1
+        self.refuse_as_server(
+            "53300",
+            f"dbproxy: every server for listener '{self.listener.name}' stayed at its "
+            f"max_sessions for {proxy.config.queue.timeout:g}s; try again later",
+        )
+
+    def _free_slot(self) -> None:
+        server = self._slot
+        if server is not None:
+            self._slot = None
+            server.active -= 1
+            self.proxy.slot_freed()
+
+    def _dial_to(self, server: Server) -> None:
+        self._slot = server
+        server.active += 1
         self._target = server
         proxy = self.proxy
         self._dial_timed_out = False
+        server.connecting += 1
         # A limit that cancels the connect, not asyncio.timeout: no Timeout
         # object, context manager and loop timer per session on this path.
         proxy.connect_limits.set(self, proxy.loop.time() + proxy.config.timeouts.connect)
         self._dial = proxy.loop.create_task(self._connect(server))
-        return True
 
     def connect_late(self) -> None:
         """The connect in flight took longer than timeouts.connect."""
@@ -248,12 +302,13 @@ class ClientSession:
                 address.port,
             )
         except OSError as exc:
-            self._dial_failed(server, f"connect failed: {exc}")
+            refused = isinstance(exc, ConnectionRefusedError)
+            self._dial_failed(server, f"connect failed: {exc}", at_once=refused)
             return
         except asyncio.CancelledError:
             if not self._dial_timed_out:
                 raise  # the session ended first
-            self._dial_failed(server, "connect timed out")
+            self._dial_failed(server, "connect timed out", timed_out=True)
             return
         self._dial_done()
         side = cast(ServerSide, protocol)
@@ -268,12 +323,23 @@ class ClientSession:
     def _dial_done(self) -> None:
         self._dial = None
         self.proxy.connect_limits.clear(self)
+        if self._target is not None:
+            self._target.connecting -= 1
 
-    def _dial_failed(self, server: Server, why: str) -> None:
+    def _dial_failed(
+        self, server: Server, why: str, *, at_once: bool = False, timed_out: bool = False
+    ) -> None:
         self._dial_done()
+        self._free_slot()
         server.connect_errors += 1
-        server.record_failure(why)
+        # A timed-out connect counts only when it was the server's only one in
+        # flight: with others it may be our own burst, not a dead server.
+        if not timed_out or server.connecting == 0:
+            server.record_failure(why, at_once=at_once)
         self._failed.append(server)
+        log.info(
+            "session on %s: %s to %s; trying the next server", self.listener.name, why, server.name
+        )
         if self.closed or self._dial_next():
             return
         if self._want is not None:
@@ -285,7 +351,25 @@ class ClientSession:
             what = f"no server answered ({len(self._failed)} tried)"
         else:
             what = "no server is available"
-        self.refuse("57P03", f"dbproxy: {what} for listener '{self.listener.name}'")
+        self.refuse_as_server("57P03", f"dbproxy: {what} for listener '{self.listener.name}'")
+
+    def refuse_as_server(self, code: str, message: str) -> None:
+        """Refuse in the order a server would: a client waiting for the answer to
+        its SSLRequest hears 'N' first, and the ErrorResponse answers its startup
+        packet (an ErrorResponse to an SSLRequest is one psql and asyncpg do not print)."""
+        if self._want is None or not self._want_probe:
+            self.refuse(code, message)
+            return
+        self._want = None
+        self._refusal = (code, message)
+        self._connecting = False
+        self.write(b"N")
+        if self._pending:
+            self._buffer += b"".join(self._pending)
+            self._pending.clear()
+        assert self.valve is not None
+        self.valve.resume(Reason.NO_PEER_YET)
+        self._first_packet()
 
     def ssl_answer(self, side: ServerSide, answer: bytes) -> None:
         """The server answered the forwarded SSLRequest."""
@@ -373,6 +457,7 @@ class ClientSession:
         if self.server is not None:
             self.proxy.detach(self, self.server, None)
             self.server = None
+        self._free_slot()
         self.server_side = self._probing = None
         side.abort()
         self._failed.append(server)

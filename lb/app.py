@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import socket
@@ -15,6 +16,7 @@ from aiohttp import web
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy
 from proxycore.compiled import hot_path, protocol_factory
+from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import log_reloaded
 from proxycore.servers import Server, ServerSet
@@ -22,6 +24,7 @@ from proxycore.servers import Server, ServerSet
 from .checks import http_probe
 from .client import ClientConnection
 from .config import LbConfig
+from .exchange import Exchange
 from .metrics import LbCollector, LbMetrics
 from .retry import RetryBudget
 from .upstream import UpstreamPool
@@ -49,6 +52,11 @@ class Balancer:
         self._admin: web.AppRunner | None = None
         self._checker: HealthChecker | None = None
         self._idle = asyncio.Event()
+        # Requests waiting for a slot on a server (every fitting one at max_conns),
+        # first come first served; each with its queue.timeout.
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.queue_limits = Expiries(loop, Exchange.queue_expired)
+        self._wake_due = False
         self._watch(self.servers)
 
     async def start(self) -> None:
@@ -66,7 +74,14 @@ class Balancer:
                 "lb",
                 self.status,
                 self.servers.get,
-                [LbCollector(self.metrics, lambda: self.servers, lambda: self.budget)],
+                [
+                    LbCollector(
+                        self.metrics,
+                        lambda: self.servers,
+                        lambda: self.budget,
+                        lambda: sum(1 for ex in self.queue if ex.queued),
+                    )
+                ],
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
@@ -95,6 +110,52 @@ class Balancer:
         for client in list(self.clients):
             for ex in list(client.queue):
                 ex.server_down(server)
+
+    # -- the queue: overload waits, it does not fail ---------------------------------
+    def has_room(self, server: Server) -> bool:
+        """Below its max_conns, and a new connection to it may start now (fewer
+        than max_connecting in progress) or an idle one waits in the pool."""
+        busy = server.active + server.connecting
+        if busy >= server.limit:
+            return False
+        return server.connecting < self.config.queue.max_connecting or self.pool.has_idle(server)
+
+    def enqueue(self, ex: Exchange) -> None:
+        settings = self.config.queue
+        if len(self.queue) >= settings.max_queue:
+            self.metrics.queue_refused += 1
+            ex.fail(503, "queue_full", f"{settings.max_queue} requests wait already", retry_after=1)
+            return
+        ex.queued = True
+        now = self.clock()
+        ex.queued_at = now
+        self.queue.append(ex)
+        self.queue_limits.set(ex, now + settings.timeout)
+        self.slot_freed()  # a slot may be free already (the queue's head just went)
+
+    def left_queue(self, ex: Exchange) -> None:
+        """``ex`` stops waiting: served, timed out or gone (the deque drops it lazily)."""
+        if ex.queued:
+            ex.queued = False
+            self.queue_limits.clear(ex)
+            self.metrics.queue_wait.observe(self.clock() - ex.queued_at)
+
+    def slot_freed(self) -> None:
+        """A server's request or connect ended: the queue's head may go. On the
+        loop's next turn, not inside the exchange whose end freed the slot."""
+        if self.queue and not self._wake_due:
+            self._wake_due = True
+            self.loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_due = False
+        queue = self.queue
+        while queue:
+            ex = queue[0]
+            if not ex.queued or ex.finished or ex.dequeue():
+                queue.popleft()
+            else:
+                return  # no room yet: first come, first served
 
     def _start_checks(self) -> None:
         if not self.config.check.enabled:
@@ -143,6 +204,11 @@ class Balancer:
             "hedges": m.hedges,
             "hedge_wins": m.hedge_wins,
             "retry_budget": {"active": self.budget.active, "exhausted": self.budget.exhausted},
+            "queue": {
+                "length": sum(1 for ex in self.queue if ex.queued),
+                "timeouts": m.queue_timeouts,
+                "refused": m.queue_refused,
+            },
             "no_server": m.no_server,
             "draining": self.draining,
             "pools": {"http": [s.status() for s in self.servers]},
@@ -195,6 +261,7 @@ class Balancer:
                     client.close()
         if self._checker is not None:
             await self._checker.stop()
+        self.queue_limits.close()
         self.pool.close_all()
         if self._admin is not None:
             await self._admin.cleanup()

@@ -59,6 +59,22 @@ class ActiveCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """Overload is not failure: past a server's max_conns a request waits for a
+    slot (HAProxy: server maxconn + timeout queue; nginx: max_conns, its queue
+    is nginx Plus only) instead of piling onto the server."""
+
+    # Requests in flight per server, unless its [[server]] says otherwise. A users
+    # backend (aiohttp, 10 database connections per pool) serves fastest with a
+    # few dozen at once; more only wait inside it (asyncpg's acquire_timeout, 3 s,
+    # then 503). 0: no limit.
+    max_conns: int = 64
+    max_connecting: int = 16  # connects in progress per server; a burst waits for them
+    max_queue: int = 10_000  # requests waiting for a slot, in all; past it 503
+    timeout: float = 10.0  # HAProxy: timeout queue; past it 503 with Retry-After
+
+
+@dataclass(frozen=True, slots=True)
 class RetryBudgetSettings:
     """Envoy's retry_budget: the extra attempts that may add load to a live
     server (hedges, retries after a timeout or a configured status) in flight
@@ -80,6 +96,7 @@ class LbConfig:
     # 0: never
     hedge_after: float = 0.3
     retry_budget: RetryBudgetSettings = RetryBudgetSettings()
+    queue: QueueSettings = QueueSettings()
     servers: tuple[ServerSpec, ...] = ()
     check: ActiveCheck = ActiveCheck()
     health: HealthParams = HealthParams()
@@ -159,6 +176,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         max_fails=p.integer("max_fails", d.health.max_fails),
         fail_timeout=p.duration("fail_timeout", d.health.fail_timeout),
         checks_enabled=check.enabled,
+        panic_threshold=p.integer("panic_threshold", d.health.panic_threshold, maximum=100),
     )
     p.done()
 
@@ -184,6 +202,14 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         min_concurrency=b.integer("min_concurrency", d.retry_budget.min_concurrency, minimum=0),
     )
     b.done()
+    q = root.section("queue")
+    queue = QueueSettings(
+        max_conns=q.integer("max_conns", d.queue.max_conns),
+        max_connecting=q.integer("max_connecting", d.queue.max_connecting, minimum=1),
+        max_queue=q.integer("max_queue", d.queue.max_queue),
+        timeout=q.duration("timeout", d.queue.timeout),
+    )
+    q.done()
     k = root.section("upstream_keepalive")
     keepalive = UpstreamKeepalive(
         max_idle=k.integer("max_idle", d.keepalive.max_idle),
@@ -200,6 +226,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
                 address=address,
                 weight=s.integer("weight", 1, minimum=1, maximum=1000),
                 backup=s.boolean("backup", False),
+                max_conns=s.integer("max_conns", queue.max_conns),
             )
         )
         s.done()
@@ -212,6 +239,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         tries=tries,
         hedge_after=hedge_after,
         retry_budget=budget,
+        queue=queue,
         servers=tuple(servers),
         check=check,
         health=health,
@@ -268,7 +296,9 @@ def from_args(args: argparse.Namespace) -> LbConfig:
     if args.admin:
         changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
     if args.server:
-        changes["servers"] = tuple(_server_flag(text) for text in args.server)
+        changes["servers"] = tuple(
+            _server_flag(text, config.queue.max_conns) for text in args.server
+        )
     if args.health_path:
         if not args.health_path.startswith("/"):
             raise ConfigError("--health-path: must start with '/'")
@@ -283,7 +313,7 @@ def from_args(args: argparse.Namespace) -> LbConfig:
     return config
 
 
-def _server_flag(text: str) -> ServerSpec:
+def _server_flag(text: str, max_conns: int) -> ServerSpec:
     name, sep, address = text.rpartition("=")
     addr = parse_address(address, f"--server {text}")
-    return ServerSpec(name=name if sep else str(addr), address=addr)
+    return ServerSpec(name=name if sep else str(addr), address=addr, max_conns=max_conns)

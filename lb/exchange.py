@@ -70,6 +70,8 @@ class Exchange:
     hedge_conn: UpstreamConnection | None = None
     hedging = False
     budgeted = False
+    queued = False  # waiting in lb's queue for a slot on a server
+    queued_at = 0.0
     tunnel_ends: HalfClose | None = None
 
     def __init__(
@@ -100,9 +102,18 @@ class Exchange:
     # -- choosing and reaching a server --------------------------------------
     def begin(self, now: float | None = None) -> None:
         """Choose a server and send; ``now``: the loop time when the caller has it
-        (a request begun as soon as its head is read), else it is read here."""
+        (a request begun as soon as its head is read), else it is read here. When
+        every fitting server is at its max_conns, wait in the queue for a slot."""
         lb = self.lb
+        if lb.queue and not self.tried:
+            lb.enqueue(self)  # others wait already: behind them, first come first served
+            return
         server = pick(lb.servers.order, lb.policy, self.tried)
+        if server is not None and not lb.has_room(server):
+            server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
+            if server is None:
+                lb.enqueue(self)
+                return
         if server is None:
             if not self.tried:
                 lb.metrics.no_server += 1
@@ -112,6 +123,11 @@ class Exchange:
                     502, "bad_gateway", f"no other server to try after {len(self.tried)} attempt(s)"
                 )
             return
+        self._go(server, now)
+
+    def _go(self, server: Server, now: float | None) -> None:
+        """Send to ``server``, which has room: on a pooled connection, or a new one."""
+        lb = self.lb
         tried = self.tried
         # built, not added: compiled, tuple + tuple is a generic call
         self.tried = (server,) if not tried else (*tried, server)
@@ -129,21 +145,47 @@ class Exchange:
             self._attach(conn, lb.clock() if now is None else now)
             return
         self.connecting = True
+        server.connecting += 1
         self.client.valve.pause(Reason.NO_PEER_YET)
         lb.loop.create_task(self._connect(server))
+
+    def dequeue(self) -> bool:
+        """At the head of the queue when a slot freed: go if a server has room
+        (True); False to keep waiting."""
+        lb = self.lb
+        server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
+        if server is None:
+            return False
+        lb.left_queue(self)
+        self._go(server, None)
+        return True
+
+    def queue_expired(self) -> None:
+        """queue.timeout passed with no slot free on any fitting server."""
+        lb = self.lb
+        if not self.queued or self.finished:
+            return
+        lb.left_queue(self)
+        lb.metrics.queue_timeouts += 1
+        self.fail(
+            503,
+            "queue_timeout",
+            f"every server was busy for {lb.config.queue.timeout:g}s",
+            retry_after=1,
+        )
 
     async def _connect(self, server: Server) -> None:
         try:
             conn = await self.lb.pool.connect(server)
         except (OSError, TimeoutError) as exc:
-            self._connected()
+            self._connected(server)
             server.connect_errors += 1
-            why = "connect timed out" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
-            server.record_failure(why)
+            self._connect_failed(server, exc)
             if not self.finished:
-                self._after_failure(server, why, timeout=False)
+                why = "connect timed out" if isinstance(exc, TimeoutError) else "connect failed"
+                self._after_failure(server, f"{why}: {exc}" if str(exc) else why, timeout=False)
             return
-        self._connected()
+        self._connected(server)
         if self.finished:
             # the client went away meanwhile; keep the connection warm
             self.lb.pool.give(conn, self.lb.clock())
@@ -155,11 +197,26 @@ class Exchange:
             conn.abort()
             self.fail(502, "internal_error", "internal error in lb")
 
-    def _connected(self) -> None:
+    def _connected(self, server: Server) -> None:
         """The connect is over, either way: the client is read again (a retry, an
         error answer or the next pipelined request all need that)."""
         self.connecting = False
         self.client.valve.resume(Reason.NO_PEER_YET)
+        server.connecting -= 1
+        self.lb.slot_freed()
+
+    @staticmethod
+    def _connect_failed(server: Server, exc: BaseException) -> None:
+        """Passive evidence from a failed connect: a refused one (nothing listens)
+        takes the server out at once; a timed-out one counts only when it was
+        the server's only connect in flight (with others it may be lb's own
+        burst, not a dead server: the checks settle that)."""
+        if isinstance(exc, ConnectionRefusedError):
+            server.record_failure(f"connect refused: {exc}", at_once=True)
+        elif not isinstance(exc, TimeoutError):
+            server.record_failure(f"connect failed: {exc}")
+        elif server.connecting == 0:
+            server.record_failure("connect timed out")
 
     def _attach(self, conn: UpstreamConnection, now: float) -> None:
         """Send the request on ``conn``, the attempt whose answer the client gets
@@ -203,6 +260,7 @@ class Exchange:
             conn.release(self.lb.clock() if now is None else now)
         else:
             conn.abort()
+        self.lb.slot_freed()
 
     def _detach(self, reusable: bool, now: float | None = None) -> None:
         """Let go of the upstream (and of a hedge racing it); a reusable one goes
@@ -242,9 +300,9 @@ class Exchange:
             or len(self.tried) >= lb.config.tries
         ):
             return
-        server = pick(lb.servers.order, lb.policy, self.tried)
+        server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
         if server is None:
-            # asked again a hedge_after later: a server may be back up by then
+            # asked again a hedge_after later: a server may be back up (or have room)
             conn.hedge_timer.at(lb.clock() + lb.config.hedge_after)
             return
         if not self._budget():
@@ -258,6 +316,7 @@ class Exchange:
             self._send_request(pooled, lb.clock())
             return
         self.hedging = True
+        server.connecting += 1
         lb.loop.create_task(self._connect_hedge(server))
 
     async def _connect_hedge(self, server: Server) -> None:
@@ -266,14 +325,17 @@ class Exchange:
             conn = await lb.pool.connect(server)
         except (OSError, TimeoutError) as exc:
             self.hedging = False
+            server.connecting -= 1
+            lb.slot_freed()
             server.connect_errors += 1
-            why = "connect timed out" if isinstance(exc, TimeoutError) else f"connect failed: {exc}"
-            server.record_failure(why)
+            self._connect_failed(server, exc)
             if self.upstream is None and not self.finished:
                 # the first attempt failed meanwhile and was waiting for this one
-                self._after_failure(server, why, timeout=False)
+                self._after_failure(server, f"hedge connect failed: {exc}", timeout=False)
             return
         self.hedging = False
+        server.connecting -= 1
+        lb.slot_freed()
         first = self.upstream
         if self.finished or self.answered_client or (first is not None and first.answering):
             lb.pool.give(conn, lb.clock())  # too late: the first attempt is answering
@@ -456,7 +518,11 @@ class Exchange:
         """Write the head to the client; True when the response has no body to wait for (HEAD)."""
         lb = self.lb
         server = self.server
-        if status in lb.config.passive_statuses and server is not None:
+        if server is None:
+            pass
+        elif status not in lb.config.passive_statuses:
+            server.fails_in_a_row = 0  # an answer: failures are counted in a row
+        else:
             server.record_failure(f"answered {status}")
             # Retried only when another server can answer; else this answer is
             # the best there is and goes through (as nginx's proxy_next_upstream).
@@ -623,6 +689,8 @@ class Exchange:
         lb = self.lb
         if self.budgeted:
             self._give_budget()
+        if self.queued:
+            lb.left_queue(self)
         server = self.server
         if server is not None:
             server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
@@ -653,6 +721,8 @@ class Exchange:
         self.finished = True
         if self.budgeted:
             self._give_budget()
+        if self.queued:
+            self.lb.left_queue(self)
         self._detach(reusable=False)
 
     # -- the tunnel after 101 ------------------------------------------------------

@@ -9,31 +9,15 @@ from typing import Final
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
 
+from proxycore.histogram import Histogram
 from proxycore.servers import Server
 
 from .retry import RetryBudget
 
-LATENCY_BUCKETS: Final[tuple[float, ...]] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
@@ -46,11 +30,12 @@ class LbMetrics:
         "hedge_wins",
         "hedges",
         "in_flight",
-        "latency_buckets",
-        "latency_count",
-        "latency_sum",
+        "latency",
         "moved",
         "no_server",
+        "queue_refused",
+        "queue_timeouts",
+        "queue_wait",
         "retries",
         "timeouts",
     )
@@ -67,21 +52,13 @@ class LbMetrics:
         self.client_active = 0
         self.client_total = 0
         self.client_refused = 0
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        self.latency = Histogram()
+        self.queue_timeouts = 0
+        self.queue_refused = 0
+        self.queue_wait = Histogram()
 
     def observe(self, seconds: float) -> None:
-        # Most requests land in the first buckets: a compiled scan from the
-        # bottom beats bisect's generic compares (measured, lb per request).
-        i = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.latency_buckets[i] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
+        self.latency.observe(seconds)
 
 
 class LbCollector(Collector):
@@ -90,10 +67,12 @@ class LbCollector(Collector):
         metrics: LbMetrics,
         servers: Callable[[], Iterable[Server]],
         budget: Callable[[], RetryBudget],
+        queue_length: Callable[[], int],
     ) -> None:
         self._m = metrics
         self._servers = servers
         self._budget = budget
+        self._queue_length = queue_length
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
@@ -118,6 +97,12 @@ class LbCollector(Collector):
         connect_errors = CounterMetricFamily(
             "lb_server_connect_errors", "Failed connects", labels=["server"]
         )
+        connecting = GaugeMetricFamily(
+            "lb_server_connecting", "Connects in progress per server", labels=["server"]
+        )
+        max_conns = GaugeMetricFamily(
+            "lb_server_max_conns", "Requests in flight allowed (0: no limit)", labels=["server"]
+        )
         checks = CounterMetricFamily(
             "lb_checks", "Active checks by result", labels=["server", "result"]
         )
@@ -135,6 +120,8 @@ class LbCollector(Collector):
             weight.add_metric([s.name], s.weight)
             failures.add_metric([s.name], s.failures_total)
             connect_errors.add_metric([s.name], s.connect_errors)
+            connecting.add_metric([s.name], s.connecting)
+            max_conns.add_metric([s.name], s.spec.max_conns)
             checks.add_metric([s.name, "ok"], s.checks_total - s.checks_failed)
             checks.add_metric([s.name, "failed"], s.checks_failed)
             if s.last_check is not None:
@@ -147,20 +134,32 @@ class LbCollector(Collector):
             weight,
             failures,
             connect_errors,
+            connecting,
+            max_conns,
             checks,
             check_ok,
             check_time,
         )
 
-        cumulative, buckets = 0, []
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), m.latency_buckets, strict=True):
-            cumulative += count
-            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-        yield HistogramMetricFamily(
-            "lb_request_duration_seconds",
-            "From request head to the end of the response",
-            buckets=buckets,
-            sum_value=m.latency_sum,
+        yield m.latency.family(
+            "lb_request_duration_seconds", "From request head to the end of the response"
+        )
+        yield m.queue_wait.family(
+            "lb_queue_wait_seconds",
+            "How long requests waited for a slot on a server (those that waited)",
+        )
+        yield GaugeMetricFamily(
+            "lb_queue_length", "Requests waiting for a slot now", value=self._queue_length()
+        )
+        yield CounterMetricFamily(
+            "lb_queue_timeouts",
+            "Requests answered 503: no slot within queue.timeout",
+            value=m.queue_timeouts,
+        )
+        yield CounterMetricFamily(
+            "lb_queue_refused",
+            "Requests answered 503: the queue was full (queue.max_queue)",
+            value=m.queue_refused,
         )
         yield CounterMetricFamily(
             "lb_retries", "Requests sent again to another server", value=m.retries

@@ -255,6 +255,9 @@ class UpstreamPool:
                 return conn
         return None
 
+    def has_idle(self, server: Server) -> bool:
+        return bool(self._idle.get(server))
+
     def give(self, conn: UpstreamConnection, now: float) -> None:
         settings = self.config.keepalive
         idle = self._idle.setdefault(conn.server, [])

@@ -31,6 +31,7 @@ HOT_MODULES = (
     "proxycore.deadline",
     "proxycore.flow",
     "proxycore.balancing",
+    "proxycore.histogram",
     "lb.config",
     "lb.metrics",
     "lb.app",

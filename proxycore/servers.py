@@ -3,13 +3,20 @@
 A server takes new traffic when it is enabled (not drained or disabled), its
 checks say up, and passive failures have not taken it out. Every change of that
 picture is logged once, when it happens, never on every check.
+
+Passive ejection looks for a pattern, not an incident (Envoy's outlier
+detection): ``max_fails`` failures in a row with no success between them, or
+one refused connect (nothing listens: the process is gone). A timeout alone
+may be the proxy's own burst, so the caller decides whether it counts. And it
+never takes the share of servers taking traffic below ``panic_threshold``:
+passive evidence alone does not eject the last servers up (the checks still
+can).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -17,6 +24,8 @@ from typing import Any, Final
 from .config import Address
 
 log = logging.getLogger("balance.servers")
+
+_NO_LIMIT: Final = 1 << 62
 
 ADMIN_STATES: Final = ("enabled", "drain", "disabled")
 
@@ -29,17 +38,22 @@ class ServerSpec:
     address: Address
     weight: int = 1
     backup: bool = False
+    max_conns: int = 0  # requests (lb) or sessions (dbproxy) at once; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)
 class HealthParams:
-    """Active checks (rise/fall, as HAProxy); passive ejection (max_fails, fail_timeout: nginx)."""
+    """Active checks (rise/fall, as HAProxy); passive ejection: ``max_fails`` in a
+    row (Envoy's consecutive_gateway_failure), out for ``fail_timeout`` when no
+    checks run (nginx), never below ``panic_threshold`` percent of the servers
+    up (Envoy's healthy_panic_threshold)."""
 
     rise: int = 2
     fall: int = 2
-    max_fails: int = 1
+    max_fails: int = 5
     fail_timeout: float = 10.0
     checks_enabled: bool = True
+    panic_threshold: int = 50
 
 
 @dataclass(slots=True)
@@ -65,12 +79,17 @@ class Server:
         self.open = True
         self._rise_count = 0
         self._fall_count = 0
-        self._failures: deque[float] = deque()
+        self.fails_in_a_row = 0
         self.passive_until = 0.0  # monotonic time; out of rotation until then (no active checks)
         self.passive_out = False
         self.state_since = time.time()
         self.last_check: CheckRecord | None = None
         self.info: dict[str, Any] = {}  # extra facts from checks (dbproxy: role, lag)
+        # Whether passive ejection may take this server out now (ServerSet: the
+        # panic threshold); None: always.
+        self.may_eject: Callable[[Server], bool] | None = None
+        self.limit = spec.max_conns or _NO_LIMIT
+        self.connecting = 0  # connects to it in progress
         # counters
         self.active = 0
         self.total = 0
@@ -93,6 +112,7 @@ class Server:
     def set_spec(self, spec: ServerSpec, params: HealthParams) -> None:
         self.spec = spec
         self.weight = spec.weight
+        self.limit = spec.max_conns or _NO_LIMIT
         self.params = params
         self._refresh()
 
@@ -142,7 +162,7 @@ class Server:
                 self._rise_count = 0
                 self.healthy = True
                 self.passive_out = False
-                self._failures.clear()
+                self.fails_in_a_row = 0
                 self._changed(f"{self.params.rise} check(s) passed: {record.detail}")
         else:
             self.checks_failed += 1
@@ -165,24 +185,37 @@ class Server:
         self._rise_count = 0
         self._changed(why)
 
-    def record_failure(self, why: str, now: float | None = None) -> None:
-        """A passive failure: a connect refused, reset or timed out, or a configured status."""
+    def record_failure(self, why: str, now: float | None = None, *, at_once: bool = False) -> None:
+        """A passive failure (a connect refused, reset or timed out, a configured
+        status): ``max_fails`` in a row take the server out; ``at_once`` (a
+        refused connect: nothing listens there) takes it out now."""
         self.failures_total += 1
-        if self.params.max_fails <= 0 or self.passive_out:
+        params = self.params
+        if params.max_fails <= 0 or self.passive_out:
             return
-        now = time.monotonic() if now is None else now
-        window = self._failures
-        window.append(now)
-        while window and window[0] < now - self.params.fail_timeout:
-            window.popleft()
-        if len(window) >= self.params.max_fails:
-            window.clear()
-            self.passive_out = True
-            self.passive_until = now + self.params.fail_timeout
-            self._rise_count = 0
-            self._changed(
-                f"{self.params.max_fails} failure(s) within {self.params.fail_timeout:g}s: {why}"
-            )
+        self.fails_in_a_row += 1
+        if not at_once and self.fails_in_a_row < params.max_fails:
+            return
+        if self.may_eject is not None and not self.may_eject(self):
+            if self.fails_in_a_row == params.max_fails or at_once:
+                log.warning(
+                    "server %s failed (%s) but stays in: ejecting it would leave fewer than "
+                    "%d%% of the servers up (panic threshold)",
+                    self.name,
+                    why,
+                    params.panic_threshold,
+                )
+            return
+        count = self.fails_in_a_row
+        self.fails_in_a_row = 0
+        self.passive_out = True
+        self.passive_until = (time.monotonic() if now is None else now) + params.fail_timeout
+        self._rise_count = 0
+        self._changed(f"{count} failure(s) in a row: {why}")
+
+    def record_success(self) -> None:
+        """An answer: failures are counted in a row, so the count starts again."""
+        self.fails_in_a_row = 0
 
     def set_admin(self, state: str) -> None:
         if state not in ADMIN_STATES:
@@ -207,6 +240,8 @@ class Server:
             "total": self.total,
             "responses": {f"{i}xx": n for i, n in enumerate(self.by_class) if i},
             "failures": self.failures_total,
+            "connecting": self.connecting,
+            "limit": self.limit if self.limit < _NO_LIMIT else None,
             "connect_errors": self.connect_errors,
             "last_check": None
             if check is None
@@ -268,4 +303,15 @@ class ServerSet:
         removed = [s for name, s in self._servers.items() if new.get(name) is not s]
         self._servers = new
         self._order = list(new.values())
+        for server in self._order:
+            server.may_eject = self._may_eject
         return added, removed
+
+    def _may_eject(self, server: Server) -> bool:
+        """The panic threshold: passive ejection never leaves fewer than
+        ``panic_threshold`` percent of the primaries taking traffic."""
+        primaries = [s for s in self._order if not s.spec.backup]
+        if server.spec.backup or not primaries:
+            return True
+        left = sum(1 for s in primaries if s is not server and s.takes_traffic())
+        return left * 100 >= len(primaries) * self.params.panic_threshold

@@ -37,13 +37,18 @@ BALANCE_CONFIG = REPO_ROOT / "infra" / "balance"
 
 @dataclass(frozen=True, slots=True)
 class Ports:
-    """Every port of the stack; CLI keys are the field names with '-' for '_'."""
+    """Every port of the stack; CLI keys are the field names with '-' for '_'.
+
+    All below Linux's ephemeral range (32768-60999): a port in it can be held by
+    an outgoing connection's TIME_WAIT after a load test, and then `up` cannot
+    bind it (seen with the clusters' old 54320/54321 after a 4,096-client run).
+    """
 
     entry: int = 8080
     backend_1: int = 8081
     backend_2: int = 8082
-    master: int = 54320
-    replica: int = 54321
+    master: int = 15432
+    replica: int = 15433
     db_rw: int = 6432
     db_ro: int = 6433
     db_any: int = 6434

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import socket
 import struct
@@ -296,6 +297,84 @@ async def test_a_frozen_replica_is_marked_down_and_ro_moves_on(
             await asyncio.to_thread(pystack.cli, "thaw", REPLICA)
         waiting.terminate()
         await wait_until(lambda: proxy.server(REPLICA)["state"] == "UP", 10)
+
+
+async def test_sessions_past_max_sessions_wait_for_a_slot(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    settings = FAST + '\n[queue]\nmax_sessions = 2\ntimeout = "10s"\n'
+    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+        held = [await connect(pystack, proxy.ports["rw"]) for _ in range(2)]
+        third = asyncio.create_task(connect(pystack, proxy.ports["rw"], timeout=15))
+        await asyncio.sleep(0.5)
+        assert not third.done()  # waiting for a slot, not refused
+        assert proxy.status()["queue"]["waiting"]["rw"] == 1
+        await held.pop().close()
+        conn = await asyncio.wait_for(third, 5)
+        assert await conn.fetchval("SELECT 1") == 1
+        for c in (conn, *held):
+            await c.close()
+        assert proxy.server(MASTER)["state"] == "UP"
+        assert "dbproxy_queue_wait_seconds_count" in proxy.metrics()
+
+
+async def test_a_session_that_waits_past_the_queue_timeout_gets_53300(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    settings = FAST + '\n[queue]\nmax_sessions = 1\ntimeout = "300ms"\n'
+    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+        held = await connect(pystack, proxy.ports["rw"])
+        with pytest.raises(asyncpg.TooManyConnectionsError, match="max_sessions"):
+            await connect(pystack, proxy.ports["rw"])
+        await held.close()
+        assert proxy.status()["queue"]["timeouts"] == 1
+
+
+async def test_max_sessions_auto_is_the_servers_own_limit(
+    pystack: StackHandle, own: DbProxyProc
+) -> None:
+    conn = await superuser(pystack.ports.master)
+    try:
+        slots = await conn.fetchval(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int"
+        )
+    finally:
+        await conn.close()
+    assert own.server(MASTER)["limit"] == slots - 5  # AUTO_SESSION_MARGIN
+
+
+@pytest.mark.skipif(shutil.which("pgbench") is None, reason="postgresql-client has pgbench")
+def test_three_times_max_connections_of_short_sessions_all_get_through(
+    pystack: StackHandle, tmp_path: Path
+) -> None:
+    """pgbench -C (a new session per transaction, as short-lived clients open them)
+    with 3 x the master's max_connections clients through rw: every session
+    waits its turn for a slot, none fails. A thread per client (-j = -c): a
+    pgbench thread connects its clients one at a time and blocks while it does,
+    so with fewer threads its other clients' sessions would hold the slots the
+    blocked connect waits for (clients that hold sessions while they wait for
+    another can only be answered by the queue's timeout, 53300)."""
+    script = tmp_path / "select1.sql"
+    script.write_text("SELECT 1;\n")
+    settings = FAST + "\n[queue]\nmax_sessions = 150\n"  # the stack's own proxies hold some
+    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+        out = subprocess.run(
+            [
+                *("pgbench", "-n", "-C", "-c", "600", "-j", "600", "-T", "4"),
+                *("-f", str(script), "-h", "127.0.0.1", "-p", str(proxy.ports["rw"])),
+                *("-U", "users_app", "users"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PGPASSWORD": app_password(pystack)},
+        )
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, text
+        assert "aborted" not in text and "number of failed transactions: 0" in text, text
+        assert proxy.status()["queue"]["timeouts"] == 0
+        assert proxy.server(MASTER)["state"] == "UP"
 
 
 def self_signed_certificate(datadir: Path) -> tuple[Path, Path]:

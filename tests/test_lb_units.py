@@ -112,17 +112,41 @@ def test_rise_and_fall() -> None:
     assert s.takes_traffic() and s.state == "UP"
 
 
-def test_passive_failures_eject_until_checks_bring_back() -> None:
+def test_passive_failures_eject_when_in_a_row_until_checks_bring_back() -> None:
     s = server("a", params=HealthParams(max_fails=2, fail_timeout=10, rise=2))
-    s.record_failure("refused", now=100)
-    s.record_failure("refused", now=111)  # the first is out of the 10s window
-    assert s.takes_traffic(now=111)
-    s.record_failure("refused", now=112)
-    assert not s.takes_traffic(now=112)
+    s.record_failure("timed out", now=100)
+    s.record_success()  # an answer between: the count starts again
+    s.record_failure("timed out", now=101)
+    assert s.takes_traffic(now=101)
+    s.record_failure("timed out", now=102)
+    assert not s.takes_traffic(now=102)
     assert not s.takes_traffic(now=10_000)  # with checks on, only checks bring it back
     s.record_check(ok(True))
     s.record_check(ok(True))
     assert s.takes_traffic()
+
+
+def test_a_refused_connect_ejects_at_once() -> None:
+    s = server("a", params=HealthParams(max_fails=5))
+    s.record_failure("connect refused", at_once=True)
+    assert not s.takes_traffic()
+
+
+def test_the_panic_threshold_keeps_the_last_servers_in() -> None:
+    params = HealthParams(max_fails=1, panic_threshold=50)
+    servers = ServerSet.of(
+        [ServerSpec(n, Address("127.0.0.1", i + 1)) for i, n in enumerate("abcd")], params
+    )
+    a, b, c, d = servers
+    for s in (a, b):
+        s.record_failure("timed out")
+    assert not a.takes_traffic() and not b.takes_traffic()  # two of four out: 50% left
+    c.record_failure("timed out")  # would leave 25%: stays in, as would d
+    d.record_failure("timed out", at_once=True)
+    assert c.takes_traffic() and d.takes_traffic()
+    c.record_check(ok(False))
+    c.record_check(ok(False))  # the checks may still take any server out
+    assert not c.takes_traffic()
 
 
 def test_passive_without_checks_is_nginx_fail_timeout() -> None:
@@ -172,9 +196,9 @@ def test_bad_values_name_the_key(tmp_path: Path) -> None:
         load(path)
 
 
-def test_defaults_are_nginx_like() -> None:
+def test_defaults_are_nginx_like_but_passive_ejection_is_envoys() -> None:
     config = from_section(Section({"server": [{"address": "127.0.0.1:2"}]}, "", "x"), None)
-    assert config.health.max_fails == 1 and config.health.fail_timeout == 10
+    assert config.health.max_fails == 5 and config.health.fail_timeout == 10
     assert config.timeouts.client_keepalive == 75
     assert config.check.timing.interval == 1 and config.check.timing.timeout == 0.5
     assert (config.health.rise, config.health.fall) == (2, 2)

@@ -168,3 +168,10 @@ def test_port_overrides_are_checked() -> None:
         Ports().with_overrides({"backend-9": 9000})
     with pytest.raises(StackError, match="out of range"):
         Ports().with_overrides({"entry": 70000})
+
+
+def test_the_stacks_ports_are_below_the_ephemeral_range() -> None:
+    # an outgoing connection's TIME_WAIT can hold a port in 32768-60999 after a
+    # load test, and `stack up` would then refuse to start
+    ports = Ports()
+    assert all(getattr(ports, n.replace("-", "_")) < 32768 for n in Ports.names())

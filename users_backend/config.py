@@ -18,8 +18,8 @@ class BackendConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     instance: str = "users-backend"
-    rw_dsn: str = "postgresql://users_app@127.0.0.1:54320/users"
-    ro_dsn: str = "postgresql://users_app@127.0.0.1:54321/users"
+    rw_dsn: str = "postgresql://users_app@127.0.0.1:15432/users"
+    ro_dsn: str = "postgresql://users_app@127.0.0.1:15433/users"
     db_password: str | None = field(default=None, repr=False)
     token_secret: bytes = field(default=b"", repr=False)
     token_ttl_seconds: int = 24 * 3600
