@@ -17,7 +17,7 @@ from .edge import run_edge
 from .edge import table as edge_table
 from .gray import run_gray
 from .gray import table as gray_table
-from .http import PROXIES, run_http, table
+from .http import PROXIES, run_http_suite, suite_table
 from .pg import run_pg
 from .pg import table as pg_table
 from .procs import BenchError
@@ -48,7 +48,6 @@ def main() -> int:
     http.add_argument(
         "--seconds", type=float, default=10.0, help="length of each measured run (default 10)"
     )
-    http.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     http.add_argument(
         "--rounds", type=int, default=3, help="runs per proxy, median kept (default 3)"
     )
@@ -104,14 +103,13 @@ def main() -> int:
             print(f"\nwritten: {out_dir}/ (results.json, REPORT.md, charts)")
             return 0
         if args.command == "http":
-            result = run_http(
+            result = run_http_suite(
                 seconds=args.seconds,
-                connections=args.connections,
                 rounds=args.rounds,
                 proxies=tuple(args.proxy or PROXIES),
                 say=say,
             )
-            shown = table(result)
+            shown = suite_table(result)
         elif args.command == "surge":
             result = run_surge(say=say)
             shown = surge_table(result)

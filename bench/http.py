@@ -28,7 +28,7 @@ PROXY_CORE, LOAD_CORE = 0, 1
 PROXIES = ("nginx", "haproxy", "lb", "bare-relay")
 
 NGINX_CONF = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
@@ -60,7 +60,7 @@ http {{
 
 HAPROXY_CFG = """
 global
-  nbthread 1
+  nbthread {workers}
   maxconn 4096  # 10000 needs more file descriptors than this machine allows a process
 defaults
   mode http
@@ -92,14 +92,14 @@ class Measure:
     errors: int
 
 
-def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int) -> list[str]:
+def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int, workers: int = 1) -> list[str]:
     if name == "nginx":
         conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=work, port=port, up1=up1, up2=up2))
+        conf.write_text(NGINX_CONF.format(dir=work, port=port, up1=up1, up2=up2, workers=workers))
         return ["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "nginx-error.log")]
     if name == "haproxy":
         cfg = work / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG.format(port=port, up1=up1, up2=up2))
+        cfg.write_text(HAPROXY_CFG.format(port=port, up1=up1, up2=up2, workers=workers))
         return ["haproxy", "-db", "-f", str(cfg)]
     if name == "lb":
         return [
@@ -116,6 +116,8 @@ def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int) -> list[str
             f"127.0.0.1:{free_port()}",
             "--health-path",
             "/health",
+            "--workers",
+            str(workers),
         ]
     if name == "bare-relay":
         return [
@@ -132,14 +134,25 @@ def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int) -> list[str
     raise ValueError(name)
 
 
-def measure(name: str, work: Path, up1: int, up2: int, seconds: float, connections: int) -> Measure:
+def measure(
+    name: str,
+    work: Path,
+    up1: int,
+    up2: int,
+    seconds: float,
+    connections: int,
+    workers: int = 1,
+) -> Measure:
+    """One proxy, one wrk run. One worker: the proxy (with the upstreams) on one
+    core, wrk on the other. More: nothing pinned, wrk shares the cores."""
     port = free_port()
-    argv = proxy_argv(name, work, port, up1, up2)
-    with running(argv, core=PROXY_CORE, port=port, log=work / f"{name}.log") as proc:
+    argv = proxy_argv(name, work, port, up1, up2, workers)
+    proxy_core, load_core = (PROXY_CORE, LOAD_CORE) if workers == 1 else (None, None)
+    with running(argv, core=proxy_core, port=port, log=work / f"{name}.log") as proc:
         url = f"http://127.0.0.1:{port}/"
-        run(url, seconds=1, connections=connections, core=LOAD_CORE)  # warm up: pools, caches
+        run(url, seconds=1, connections=connections, core=load_core)  # warm up: pools, caches
         before = cpu_seconds(proc.pid)
-        result: WrkResult = run(url, seconds=seconds, connections=connections, core=LOAD_CORE)
+        result: WrkResult = run(url, seconds=seconds, connections=connections, core=load_core)
         used = cpu_seconds(proc.pid) - before
     return Measure(
         proxy=name,
@@ -152,12 +165,12 @@ def measure(name: str, work: Path, up1: int, up2: int, seconds: float, connectio
 
 
 @contextlib.contextmanager
-def upstreams(work: Path) -> Iterator[tuple[int, int]]:
+def upstreams(work: Path, core: int | None = PROXY_CORE) -> Iterator[tuple[int, int]]:
     ports = free_port(), free_port()
     with contextlib.ExitStack() as stack:
         for i, port in enumerate(ports, 1):
             argv = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--name", f"up{i}"]
-            stack.enter_context(running(argv, core=PROXY_CORE, port=port, log=work / f"up{i}.log"))
+            stack.enter_context(running(argv, core=core, port=port, log=work / f"up{i}.log"))
         yield ports
 
 
@@ -168,16 +181,20 @@ def run_http(
     rounds: int,
     proxies: tuple[str, ...],
     say: Callable[[str], None],
+    workers: int = 1,
 ) -> dict[str, Any]:
     require("wrk", "taskset", *(p for p in proxies if p in ("nginx", "haproxy")))
     rows: dict[str, list[Measure]] = {p: [] for p in proxies}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         work = Path(tmp)
-        with upstreams(work) as (up1, up2):
+        with upstreams(work, PROXY_CORE if workers == 1 else None) as (up1, up2):
             for r in range(1, rounds + 1):
                 for name in rotated(proxies, r):
-                    say(f"round {r}/{rounds}: {name} ({seconds:g}s, {connections} connections)")
-                    rows[name].append(measure(name, work, up1, up2, seconds, connections))
+                    say(
+                        f"round {r}/{rounds}: {name} ({seconds:g}s, {connections} connections, "
+                        f"{workers} worker(s))"
+                    )
+                    rows[name].append(measure(name, work, up1, up2, seconds, connections, workers))
     medians = {name: _median(ms) for name, ms in rows.items()}
     base = medians.get("nginx")
     result: dict[str, Any] = {
@@ -188,8 +205,9 @@ def run_http(
             "seconds": seconds,
             "connections": connections,
             "rounds": rounds,
-            "proxy_core": PROXY_CORE,
-            "load_core": LOAD_CORE,
+            "workers": workers,
+            "proxy_core": PROXY_CORE if workers == 1 else None,
+            "load_core": LOAD_CORE if workers == 1 else None,
         },
         "proxies": {name: asdict(m) for name, m in medians.items()},
         "rounds": {name: [asdict(m) for m in ms] for name, ms in rows.items()},
@@ -225,3 +243,55 @@ def table(result: dict[str, Any]) -> str:
             f"{r.get('p99', float('nan')):.2f} |"
         )
     return "\n".join(lines)
+
+
+# `python -m bench http`: one worker each at two sizes, then two workers each.
+SIZES = (64, 4096)
+TWO_WORKERS = ("nginx", "haproxy", "lb")
+
+
+def run_http_suite(
+    *, seconds: float, rounds: int, proxies: tuple[str, ...], say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The measurement: each proxy in one worker (nginx worker_processes 1, HAProxy
+    nbthread 1) at 64 and 4,096 keep-alive connections, pinned as above; then two
+    workers each at 64 connections, nothing pinned (wrk shares the two cores)."""
+    runs = [
+        run_http(
+            seconds=seconds, connections=size, rounds=rounds, proxies=proxies, say=say, workers=1
+        )
+        for size in SIZES
+    ]
+    two = tuple(p for p in proxies if p in TWO_WORKERS)
+    if two:
+        runs.append(
+            run_http(
+                seconds=seconds,
+                connections=SIZES[0],
+                rounds=rounds,
+                proxies=two,
+                say=say,
+                workers=2,
+            )
+        )
+    return {
+        "benchmark": "http",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **machine(),
+        "runs": runs,
+    }
+
+
+def suite_table(result: dict[str, Any]) -> str:
+    parts = []
+    for run_result in result["runs"]:
+        settings = run_result["settings"]
+        workers = settings.get("workers", 1)
+        where = "pinned: proxy and upstreams on one core, wrk on the other"
+        if workers > 1:
+            where = "nothing pinned: wrk shares the cores"
+        parts.append(
+            f"{settings['connections']} connections, {workers} worker(s) each ({where}):\n\n"
+            + table(run_result)
+        )
+    return "\n\n".join(parts)

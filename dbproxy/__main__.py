@@ -23,7 +23,7 @@ def main() -> int:
         print(f"dbproxy: configuration OK ({len(config.servers)} server(s), listen {listen})")
         return 0
     setup_logging("dbproxy")
-    return Runner(lambda: from_args(args), DbProxy).run(config)
+    return Runner(lambda: from_args(args), DbProxy, lambda c: c.workers).run(config)
 
 
 if __name__ == "__main__":

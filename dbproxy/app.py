@@ -1,4 +1,6 @@
-"""The DbProxy: listeners by role, servers and their checks, sessions, cancels, admin."""
+"""The DbProxy: listeners by role, servers and their checks, sessions, cancels,
+admin, in the role its process has (proxycore/lifecycle.py): one process; a
+supervisor (listening sockets, checks, admin, the workers); or a worker."""
 
 from __future__ import annotations
 
@@ -7,19 +9,25 @@ import collections
 import dataclasses
 import functools
 import logging
+import signal
+import socket
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy, pick
+from proxycore.channel import Message
 from proxycore.compiled import hot_path, protocol_factory
+from proxycore.config import Address
+from proxycore.counters import add, snapshot, zero
 from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
-from proxycore.lifecycle import log_reloaded
-from proxycore.servers import CheckRecord, Server, ServerSet
+from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
+from proxycore.servers import TRAFFIC_FIELDS, CheckRecord, Server, ServerSet
+from proxycore.workers import SupervisorSide, Worker, WorkerSide
 
 from . import routing
 from .checks import pg_probe
@@ -46,6 +54,16 @@ class _First(Policy):
 _FIRST = _First()
 
 
+def _listening(address: Address) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
 def _has_room(server: Server) -> bool:
     return server.active < server.limit
 
@@ -64,13 +82,38 @@ class Listener:
     server: asyncio.Server | None = None
     active: int = 0
     total: int = 0
+    queued: int = 0  # of the queue below, those still waiting
     # sessions waiting for a slot (every fitting server at max_sessions), in order
     queue: collections.deque[ClientSession] = dataclasses.field(default_factory=collections.deque)
 
 
+# What a worker counts, summed by its supervisor (proxycore/counters.py).
+_COUNTERS = (
+    "cancels_routed",
+    "cancels_broadcast",
+    "ssl_forwarded",
+    "ssl_answered_for_server",
+    "redials",
+    "queued",
+    "queue_timeouts",
+    "queue_refused",
+    "queue_wait",
+)
+_LISTENER_COUNTERS = ("active", "total", "queued")
+
+
 class DbProxy:
-    def __init__(self, config: DbProxyConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: DbProxyConfig,
+        loop: asyncio.AbstractEventLoop,
+        placement: Placement | None = None,
+    ) -> None:
         self.loop = loop
+        self.placement = placement or Placement()
+        self._supervisor: SupervisorSide | None = None
+        self._worker: WorkerSide | None = None
+        self._sockets: list[socket.socket] = []
         self.config = config
         self.servers = ServerSet.of(config.servers, config.health)
         self.policy: Policy = make_policy(config.method)
@@ -113,19 +156,50 @@ class DbProxy:
 
     # -- start, reload, stop ------------------------------------------------------
     async def start(self) -> None:
+        placement = self.placement
+        if placement.role == WORKER:
+            assert placement.inherited is not None
+            self._worker = WorkerSide(
+                placement.inherited,
+                self.servers,
+                self.counters,
+                placement.stop,
+                self._from_supervisor,
+                self._return_to_replica,
+            )
+            await self._worker.start()
+            for name, listener in self.listeners.items():
+                listener.server = await self.loop.create_server(
+                    self._session_factory(listener),
+                    sock=placement.inherited.listeners[name],
+                    backlog=1024,
+                )
+            self._sweep()
+            self._worker.ready()
+            log.info("worker serving %s", ", ".join(self.listeners))
+            return
         # Roles must be known before the first session asks for one.
         await self._checker.check_all()
+        sockets = {}
         for name, listener in self.listeners.items():
-            address = self.config.listen[name]
-            listener.server = await self.loop.create_server(
-                protocol_factory(functools.partial(ClientSession, self, listener)),
-                address.host,
-                address.port,
-                reuse_address=True,
-                backlog=1024,
-            )
+            sock = _listening(self.config.listen[name])
+            self._sockets.append(sock)
+            if placement.role == SUPERVISOR:
+                sockets[name] = sock
+            else:
+                listener.server = await self.loop.create_server(
+                    self._session_factory(listener), sock=sock, backlog=1024
+                )
         self._checker.sync()
-        self._sweep()
+        if placement.role == SUPERVISOR:
+            self._supervisor = SupervisorSide(
+                self.servers, sockets, placement.workers, self._from_worker
+            )
+        else:
+            self._sweep()
+        if self._supervisor is not None:
+            # the workers serve before the admin API answers (one says the server is up)
+            await self._supervisor.start()
         if self.config.admin is not None:
             app = make_admin_app(
                 "dbproxy",
@@ -146,16 +220,93 @@ class DbProxy:
                         ),
                     )
                 ],
+                refresh=self._totals if self._supervisor is not None else None,
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
-            "dbproxy listening on %s; servers: %s; hot path %s",
+            "dbproxy listening on %s; servers: %s; %s; hot path %s",
             ", ".join(f"{n}={self.config.listen[n]}" for n in self.listeners),
             ", ".join(
                 f"{s.name} ({s.info.get('role', 'unknown')}, {s.state})" for s in self.servers
             ),
+            f"{placement.workers} workers" if self._supervisor else "one process",
             hot_path(),
         )
+
+    def _session_factory(self, listener: Listener) -> Callable[[], asyncio.BaseProtocol]:
+        return protocol_factory(functools.partial(ClientSession, self, listener))
+
+    # -- one server, several processes (proxycore/workers.py) -----------------------
+    def counters(self) -> Message:
+        """A worker's counters, for the supervisor to sum."""
+        return {
+            "proxy": snapshot(self, _COUNTERS),
+            "listeners": {
+                n: snapshot(lst, _LISTENER_COUNTERS) for n, lst in self.listeners.items()
+            },
+            "servers": {s.name: snapshot(s, TRAFFIC_FIELDS) for s in self.servers},
+        }
+
+    async def _totals(self) -> None:
+        assert self._supervisor is not None
+        await self._supervisor.totals(self._sum)
+
+    def _sum(self, answers: list[Message]) -> None:
+        zero(self, _COUNTERS)
+        for listener in self.listeners.values():
+            zero(listener, _LISTENER_COUNTERS)
+        for server in self.servers:
+            zero(server, TRAFFIC_FIELDS)
+        for answer in answers:
+            add(self, answer["proxy"])
+            for name, fields in answer["listeners"].items():
+                if name in self.listeners:
+                    add(self.listeners[name], fields)
+            for name, fields in answer["servers"].items():
+                known = self.servers.get(name)
+                if known is not None:
+                    add(known, fields)
+
+    def _from_worker(self, worker: Worker, message: Message) -> Any:
+        """What a worker asks of its supervisor."""
+        op = message.get("op")
+        server = self.servers.get(message.get("server", ""))
+        if op == "suspect" and server is not None:
+            self._ask(server, message["why"])
+        elif op == "cancel":
+            return self._cancel_anywhere(message["pid"], message["key"])
+        return None
+
+    async def _cancel_anywhere(self, pid: int, key: int) -> Message:
+        """A CancelRequest a worker did not know the key of: the worker holding that
+        session delivers it (and counts it); ``delivered`` False if none did."""
+        assert self._supervisor is not None
+        answers = await self._supervisor.workers.gather(
+            {"op": "cancel_if_yours", "pid": pid, "key": key}
+        )
+        return {"delivered": any(a.get("delivered") for a in answers)}
+
+    def _from_supervisor(self, message: Message) -> Any:
+        """What a worker's supervisor asks of it, but the servers' state and counters."""
+        if message.get("op") == "cancel_if_yours":
+            server = self.keys.get((message["pid"], message["key"]))
+            if server is not None:
+                self._deliver(message["pid"], message["key"], None, server)
+            return {"delivered": server is not None}
+        return None
+
+    async def _cancel_via_supervisor(self, pid: int, key: int, listener: Listener) -> None:
+        assert self._worker is not None and self._worker.channel is not None
+        try:
+            answer = await self._worker.channel.request({"op": "cancel", "pid": pid, "key": key})
+        except (ConnectionError, TimeoutError):
+            answer = {}
+        if not answer.get("delivered"):
+            self._deliver(pid, key, listener, None)
+
+    async def new_generation(self) -> None:
+        if self._supervisor is not None:
+            await self._supervisor.workers.replace()
 
     def apply(self, new: DbProxyConfig) -> None:
         old = self.config
@@ -172,16 +323,23 @@ class DbProxy:
             self.policy = make_policy(new.method)
         self._silence.after = new.timeouts.stall
         self.config = new
+        if self._worker is not None:
+            return  # a worker follows its supervisor's checks; it logs nothing of its own
         if new.check != old.check:
             self.loop.create_task(self._checker.stop())
             self._checker = HealthChecker(
                 self.servers, pg_probe(new.check), new.check.timing, after_check=self._after_check
             )
         self._checker.sync()
+        if self._supervisor is not None:
+            self._supervisor.workers.signal(signal.SIGHUP)  # each reads the file again
+            self._supervisor.broadcast_state()
         log_reloaded(log, new.source, len(self.servers), len(added), len(removed))
 
     async def shutdown(self) -> None:
         self.draining = True
+        if self._supervisor is not None:
+            await self._supervisor.stop(self.config.timeouts.shutdown + 5)
         for listener in self.listeners.values():
             if listener.server is not None:
                 listener.server.close()
@@ -199,6 +357,10 @@ class DbProxy:
         self.connect_limits.close()
         self.startup_limits.close()
         self.queue_limits.close()
+        for sock in self._sockets:
+            sock.close()
+        if self._worker is not None:
+            self._worker.close()
         if self._admin is not None:
             await self._admin.cleanup()
         log.warning("dbproxy stopped")
@@ -236,6 +398,7 @@ class DbProxy:
         session.queued = True
         session.queued_at = now
         self.queued += 1
+        session.listener.queued += 1
         session.listener.queue.append(session)
         self.queue_limits.set(session, now + settings.timeout)
 
@@ -244,11 +407,12 @@ class DbProxy:
         if session.queued:
             session.queued = False
             self.queued -= 1
+            session.listener.queued -= 1
             self.queue_limits.clear(session)
             self.queue_wait.observe(self.loop.time() - session.queued_at)
 
     def queue_lengths(self) -> dict[str, int]:
-        return {n: sum(1 for s in lst.queue if s.queued) for n, lst in self.listeners.items()}
+        return {n: listener.queued for n, listener in self.listeners.items()}
 
     def slot_freed(self) -> None:
         """A session or a dial ended: the queues' heads may go, on the loop's next turn."""
@@ -314,22 +478,32 @@ class DbProxy:
         self.keys[key] = server
 
     def deliver_cancel(self, request: CancelRequest, listener: Listener) -> None:
-        """To the server holding the session when its key was seen; else to every
-        server the listener may route to (a wrong key is ignored by the others)."""
+        """To the server holding the session when its key was seen; else (a worker)
+        to its supervisor, which asks the other workers; else to every server the
+        listener may route to (a wrong key is ignored by the others)."""
         server = self.keys.get((request.pid, request.key))
+        if server is None and self._worker is not None:
+            self.loop.create_task(self._cancel_via_supervisor(request.pid, request.key, listener))
+            return
+        self._deliver(request.pid, request.key, listener, server)
+
+    def _deliver(
+        self, pid: int, key: int, listener: Listener | None, server: Server | None
+    ) -> None:
         if server is not None:
             targets: Iterable[Server] = (server,)
             self.cancels_routed += 1
         else:
-            accept = routing.accept_for(listener.name, self.config.ro, fallback=False)
-            fallback = routing.accept_for(listener.name, self.config.ro, fallback=True)
+            name = "any" if listener is None else listener.name
+            accept = routing.accept_for(name, self.config.ro, fallback=False)
+            fallback = routing.accept_for(name, self.config.ro, fallback=True)
             targets = [
                 s
                 for s in self.servers
                 if accept is None or accept(s) or (fallback is not None and fallback(s))
             ]
             self.cancels_broadcast += 1
-        packet = cancel_request(request.pid, request.key)
+        packet = cancel_request(pid, key)
         for target in targets:
             self.loop.create_task(self._send_cancel(target, packet))
 
@@ -354,6 +528,9 @@ class DbProxy:
             server.on_change = self._server_changed
 
     def _server_changed(self, server: Server) -> None:
+        if self._supervisor is not None:
+            self._supervisor.broadcast_state()  # its workers act on it; it has no sessions
+            return
         # Back from down it may be another server (restarted, TLS turned on): ask it again.
         self._ssl_refused_at.pop(server, None)
         down = not server.healthy or server.admin == "disabled"
@@ -388,6 +565,10 @@ class DbProxy:
         self._sweeper = self.loop.call_later(0.1, self._sweep)
 
     def _ask(self, server: Server, why: str) -> None:
+        if self._worker is not None and self._worker.channel is not None:
+            # the supervisor asks the server, and marks it down for every worker alike
+            self._worker.channel.send({"op": "suspect", "server": server.name, "why": why})
+            return
         if server not in self._asking:
             self._asking.add(server)
             self.loop.create_task(self._confirm(server, why))
@@ -449,5 +630,6 @@ class DbProxy:
             "ssl_requests_forwarded": self.ssl_forwarded,
             "ssl_requests_answered_for_server": self.ssl_answered_for_server,
             "draining": self.draining,
+            "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "pools": {"postgres": [s.status() for s in self.servers]},
         }

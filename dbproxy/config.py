@@ -19,6 +19,7 @@ from proxycore.balancing import POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
+from proxycore.workers import count as worker_count
 
 LISTENERS = ("rw", "ro", "any")
 DEFAULT_PORTS = {"rw": 6432, "ro": 6433, "any": 6434}
@@ -77,6 +78,7 @@ class DbProxyConfig:
         default_factory=lambda: {k: Address("127.0.0.1", p) for k, p in DEFAULT_PORTS.items()}
     )
     admin: Address | None = Address("127.0.0.1", 9102)
+    workers: int = 1  # worker processes under a supervisor; "auto": one per core
     method: str = "least_conn"
     servers: tuple[ServerSpec, ...] = ()
     slots: Mapping[str, str] = field(default_factory=dict)  # server name -> its subscription's slot
@@ -109,6 +111,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
     else:
         admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
     method = root.string("method", d.method, POLICIES)
+    workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
     ssl = root.string("ssl", d.ssl, ("passthrough", "refuse"))
     ssl_refusal_memory = root.duration("ssl_refusal_memory", d.ssl_refusal_memory)
     close_sessions = root.boolean("close_sessions_on_down", d.close_sessions_on_down)
@@ -185,6 +188,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
     return DbProxyConfig(
         listen=listen,
         admin=admin,
+        workers=workers,
         method=method,
         servers=tuple(servers),
         slots=slots,
@@ -219,6 +223,11 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=HOST:PORT",
         help="a server; repeat; replaces the file's servers (slots are kept by name)",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="worker processes under a supervisor (default 1: one process; auto: one per core)",
     )
     p.add_argument("--check-user", help="role the checks log in as")
     p.add_argument("--check-database", help="database the checks connect to")
@@ -266,6 +275,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         )
     if args.admin:
         changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
+    if args.workers:
+        changes["workers"] = worker_count(args.workers, "--workers")
     config = dataclasses.replace(config, **changes)
     if not config.servers:
         raise ConfigError(

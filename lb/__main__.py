@@ -26,7 +26,7 @@ def main() -> int:
     if not config.access_log:
         logging.getLogger("lb.access").setLevel(logging.WARNING)
     # SIGHUP re-reads the file and re-applies the same flags over it.
-    return Runner(lambda: from_args(args), Balancer).run(config)
+    return Runner(lambda: from_args(args), Balancer, lambda c: c.workers).run(config)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The Balancer: listeners, servers, checks, admin, reload and graceful stop, wired together."""
+"""The Balancer: listeners, servers, checks, admin, reload and graceful stop, wired
+together, in the role its process has (proxycore/lifecycle.py): one process for
+everything; a supervisor (the listening socket, checks, admin, the workers); or a
+worker (the hot path on the inherited socket)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -15,16 +19,20 @@ from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy
+from proxycore.channel import Message
 from proxycore.compiled import hot_path, protocol_factory
+from proxycore.counters import add, snapshot, zero
 from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
-from proxycore.lifecycle import log_reloaded
-from proxycore.servers import Server, ServerSet
+from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
+from proxycore.servers import TRAFFIC_FIELDS, Server, ServerSet
+from proxycore.workers import SupervisorSide, WorkerSide
 
 from .checks import http_probe
 from .client import ClientConnection
 from .config import LbConfig
 from .exchange import Exchange
+from .metrics import FIELDS as METRIC_FIELDS
 from .metrics import LbCollector, LbMetrics
 from .retry import RetryBudget
 from .upstream import UpstreamPool
@@ -32,9 +40,21 @@ from .upstream import UpstreamPool
 log = logging.getLogger("lb")
 
 
+_METRICS = METRIC_FIELDS
+_BUDGET = ("active", "exhausted")
+
+
 class Balancer:
-    def __init__(self, config: LbConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: LbConfig,
+        loop: asyncio.AbstractEventLoop,
+        placement: Placement | None = None,
+    ) -> None:
         self.loop = loop
+        self.placement = placement or Placement()
+        self._supervisor: SupervisorSide | None = None
+        self._worker: WorkerSide | None = None
         # Bound once: compiled code calls it without a method lookup per request.
         self.clock: Callable[[], float] = loop.time
         self.config = config
@@ -61,37 +81,86 @@ class Balancer:
 
     async def start(self) -> None:
         listen = self.config.listen
+        placement = self.placement
+        if placement.role == WORKER:
+            assert placement.inherited is not None
+            self._worker = WorkerSide(
+                placement.inherited, self.servers, self.counters, placement.stop
+            )
+            await self._worker.start()
+            self._sock = placement.inherited.listeners["http"]
+            self._server = await self.loop.create_server(
+                self._client_factory, sock=self._sock, backlog=4096
+            )
+            self._worker.ready()
+            log.info("worker serving %s, hot path %s", listen, hot_path())
+            return
         sock = socket.socket(
             socket.AF_INET6 if ":" in listen.host else socket.AF_INET, socket.SOCK_STREAM
         )
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listen.host, listen.port))
         self._sock = sock
-        self._server = await self.loop.create_server(self._client_factory, sock=sock, backlog=4096)
+        if placement.role == SUPERVISOR:
+            sock.listen(4096)
+            self._supervisor = SupervisorSide(self.servers, {"http": sock}, placement.workers)
+        else:
+            self._server = await self.loop.create_server(
+                self._client_factory, sock=sock, backlog=4096
+            )
         self._start_checks()
+        if self._supervisor is not None:
+            # the workers serve before the admin API answers (one says the server is up)
+            await self._supervisor.start()
         if self.config.admin is not None:
             app = make_admin_app(
                 "lb",
                 self.status,
                 self.servers.get,
-                [
-                    LbCollector(
-                        self.metrics,
-                        lambda: self.servers,
-                        lambda: self.budget,
-                        lambda: sum(1 for ex in self.queue if ex.queued),
-                    )
-                ],
+                [LbCollector(self.metrics, lambda: self.servers, lambda: self.budget)],
+                refresh=self._totals if self._supervisor is not None else None,
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
-            "lb listening on %s, %d server(s), %s, admin %s, hot path %s",
+            "lb listening on %s, %d server(s), %s, admin %s, %s, hot path %s",
             listen,
             len(self.servers),
             self.config.method,
             self.config.admin or "off",
+            f"{placement.workers} workers" if self._supervisor else "one process",
             hot_path(),
         )
+
+    # -- one server, several processes (proxycore/workers.py) -----------------------
+    def counters(self) -> Message:
+        """A worker's counters, for the supervisor to sum."""
+        return {
+            "metrics": snapshot(self.metrics, _METRICS),
+            "budget": snapshot(self.budget, _BUDGET),
+            "servers": {s.name: snapshot(s, TRAFFIC_FIELDS) for s in self.servers},
+        }
+
+    async def _totals(self) -> None:
+        """The supervisor's counters become the sum of its workers' (before a scrape)."""
+        assert self._supervisor is not None
+        await self._supervisor.totals(self._sum)
+
+    def _sum(self, answers: list[Message]) -> None:
+        zero(self.metrics, _METRICS)
+        zero(self.budget, _BUDGET)
+        for server in self.servers:
+            zero(server, TRAFFIC_FIELDS)
+        for answer in answers:
+            add(self.metrics, answer["metrics"])
+            add(self.budget, answer["budget"])
+            for name, fields in answer["servers"].items():
+                known = self.servers.get(name)
+                if known is not None:
+                    add(known, fields)
+
+    async def new_generation(self) -> None:
+        if self._supervisor is not None:
+            await self._supervisor.workers.replace()
 
     @property
     def _client_factory(self) -> Callable[[], asyncio.BaseProtocol]:
@@ -103,7 +172,11 @@ class Balancer:
 
     def _server_changed(self, server: Server) -> None:
         """Marked down by the checks, or disabled: requests still waiting there for
-        a first byte move on now (Exchange.server_down), idle connections go."""
+        a first byte move on now (Exchange.server_down), idle connections go. A
+        supervisor has none: it tells every worker."""
+        if self._supervisor is not None:
+            self._supervisor.broadcast_state()
+            return
         if server.healthy and server.admin != "disabled":
             return
         self.pool.drop(server)
@@ -127,6 +200,7 @@ class Balancer:
             ex.fail(503, "queue_full", f"{settings.max_queue} requests wait already", retry_after=1)
             return
         ex.queued = True
+        self.metrics.queued += 1
         now = self.clock()
         ex.queued_at = now
         self.queue.append(ex)
@@ -137,6 +211,7 @@ class Balancer:
         """``ex`` stops waiting: served, timed out or gone (the deque drops it lazily)."""
         if ex.queued:
             ex.queued = False
+            self.metrics.queued -= 1
             self.queue_limits.clear(ex)
             self.metrics.queue_wait.observe(self.clock() - ex.queued_at)
 
@@ -158,8 +233,8 @@ class Balancer:
                 return  # no room yet: first come, first served
 
     def _start_checks(self) -> None:
-        if not self.config.check.enabled:
-            return
+        if not self.config.check.enabled or self._worker is not None:
+            return  # a worker follows its supervisor's checks
         if self._checker is None:
             self._checker = HealthChecker(
                 self.servers, http_probe(self.config.check), self.config.check.timing
@@ -188,7 +263,11 @@ class Balancer:
             self.loop.create_task(self._checker.stop())
             self._checker = None
         self._start_checks()
-        log_reloaded(log, new.source, len(self.servers), len(added), len(removed))
+        if self._supervisor is not None:
+            self._supervisor.workers.signal(signal.SIGHUP)  # each reads the file again
+            self._supervisor.broadcast_state()
+        if self._worker is None:
+            log_reloaded(log, new.source, len(self.servers), len(added), len(removed))
 
     def status(self) -> dict[str, Any]:
         m = self.metrics
@@ -204,8 +283,9 @@ class Balancer:
             "hedges": m.hedges,
             "hedge_wins": m.hedge_wins,
             "retry_budget": {"active": self.budget.active, "exhausted": self.budget.exhausted},
+            "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "queue": {
-                "length": sum(1 for ex in self.queue if ex.queued),
+                "length": m.queued,
                 "timeouts": m.queue_timeouts,
                 "refused": m.queue_refused,
             },
@@ -222,6 +302,9 @@ class Balancer:
         server, sock = self._server, self._sock
         self._server = self._sock = None
         if server is None or sock is None:
+            return
+        if self._worker is not None:
+            server.close()  # the socket stays open in the supervisor and the other workers
             return
         spare = sock.dup()
         server.close()
@@ -245,6 +328,9 @@ class Balancer:
         every response from now on says Connection: close, and idle connections
         close after timeouts.shutdown_idle (see ClientConnection.drain)."""
         self.draining = True
+        if self._supervisor is not None:
+            await self._stop_supervising()
+            return
         self._stop_listening()
         for client in list(self.clients):
             client.drain()
@@ -265,4 +351,19 @@ class Balancer:
         self.pool.close_all()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self._worker is not None:
+            self._worker.close()
+        log.warning("lb stopped")
+
+    async def _stop_supervising(self) -> None:
+        """SIGTERM to a supervisor: its workers drain (each as one process would),
+        then the checks, the admin API and the socket go."""
+        assert self._supervisor is not None
+        await self._supervisor.stop(self.config.timeouts.shutdown + 5)
+        if self._checker is not None:
+            await self._checker.stop()
+        if self._admin is not None:
+            await self._admin.cleanup()
+        if self._sock is not None:
+            self._sock.close()
         log.warning("lb stopped")

@@ -16,6 +16,7 @@ from proxycore.balancing import POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
+from proxycore.workers import count as worker_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,9 @@ class RetryBudgetSettings:
 class LbConfig:
     listen: Address = Address("127.0.0.1", 8080)
     admin: Address | None = Address("127.0.0.1", 9101)
+    # Worker processes (nginx: worker_processes); 1: one process, no supervisor.
+    # "auto" in the file or on the command line is one per core.
+    workers: int = 1
     method: str = "round_robin"
     tries: int = 3  # proxy_next_upstream_tries / HAProxy retries + 1
     # No response byte within this: an idempotent request goes to another server
@@ -134,6 +138,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     else:
         admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
     method = root.string("method", d.method, POLICIES)
+    workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
     tries = root.integer("tries", d.tries, minimum=1, maximum=100)
     hedge_raw = root.raw("hedge_after")
     hedge_after = 0.0 if hedge_raw == "off" else root.duration("hedge_after", d.hedge_after)
@@ -235,6 +240,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     return LbConfig(
         listen=listen,
         admin=admin,
+        workers=workers,
         method=method,
         tries=tries,
         hedge_after=hedge_after,
@@ -279,6 +285,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=POLICIES, help="balancing method")
     p.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="worker processes under a supervisor (default 1: one process; auto: one per core)",
+    )
+    p.add_argument(
         "--access-log", action="store_true", default=None, help="one log line per request"
     )
     p.add_argument(
@@ -305,6 +316,8 @@ def from_args(args: argparse.Namespace) -> LbConfig:
         changes["check"] = dataclasses.replace(config.check, path=args.health_path)
     if args.method:
         changes["method"] = args.method
+    if args.workers:
+        changes["workers"] = worker_count(args.workers, "--workers")
     if args.access_log:
         changes["access_log"] = True
     config = dataclasses.replace(config, **changes)

@@ -21,24 +21,29 @@ from .retry import RetryBudget
 STATUS_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
+# Every counter of LbMetrics: a worker's, summed by its supervisor (proxycore/counters.py).
+FIELDS: Final = (
+    "bad_requests",
+    "client_active",
+    "client_refused",
+    "client_total",
+    "hedge_wins",
+    "hedges",
+    "in_flight",
+    "latency",
+    "moved",
+    "no_server",
+    "queue_refused",
+    "queue_timeouts",
+    "queue_wait",
+    "queued",
+    "retries",
+    "timeouts",
+)
+
+
 class LbMetrics:
-    __slots__ = (
-        "bad_requests",
-        "client_active",
-        "client_refused",
-        "client_total",
-        "hedge_wins",
-        "hedges",
-        "in_flight",
-        "latency",
-        "moved",
-        "no_server",
-        "queue_refused",
-        "queue_timeouts",
-        "queue_wait",
-        "retries",
-        "timeouts",
-    )
+    __slots__ = FIELDS
 
     def __init__(self) -> None:
         self.retries = 0
@@ -55,6 +60,7 @@ class LbMetrics:
         self.latency = Histogram()
         self.queue_timeouts = 0
         self.queue_refused = 0
+        self.queued = 0  # requests waiting in the queue now
         self.queue_wait = Histogram()
 
     def observe(self, seconds: float) -> None:
@@ -67,12 +73,10 @@ class LbCollector(Collector):
         metrics: LbMetrics,
         servers: Callable[[], Iterable[Server]],
         budget: Callable[[], RetryBudget],
-        queue_length: Callable[[], int],
     ) -> None:
         self._m = metrics
         self._servers = servers
         self._budget = budget
-        self._queue_length = queue_length
 
     def collect(self) -> Iterator[Metric]:
         m = self._m
@@ -149,7 +153,7 @@ class LbCollector(Collector):
             "How long requests waited for a slot on a server (those that waited)",
         )
         yield GaugeMetricFamily(
-            "lb_queue_length", "Requests waiting for a slot now", value=self._queue_length()
+            "lb_queue_length", "Requests waiting for a slot now", value=m.queued
         )
         yield CounterMetricFamily(
             "lb_queue_timeouts",

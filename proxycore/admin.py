@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,24 @@ def make_admin_app(
     find_server: FindServer,
     collectors: Iterable[Collector],
     on_admin_change: Callable[[Server, str], None] | None = None,
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> web.Application:
+    """``refresh``: brings the counters up to date before /metrics and /status
+    answer (a supervisor sums its workers' then)."""
     registry = CollectorRegistry()
     for collector in collectors:
         registry.register(collector)
 
     async def metrics(_: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     async def status_json(_: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         return web.json_response(status(), dumps=lambda d: json.dumps(d, ensure_ascii=False))
 
     async def status_html(_: web.Request) -> web.Response:

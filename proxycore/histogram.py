@@ -50,3 +50,15 @@ class Histogram:
             cumulative += count
             buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
         return HistogramMetricFamily(name, text, buckets=buckets, sum_value=self.total)
+
+    def to_json(self) -> dict[str, object]:
+        return {"counts": list(self.counts), "total": self.total, "count": self.count}
+
+    def add(self, other: dict[str, object]) -> None:
+        """Another process's histogram (to_json) into this one."""
+        counts = other["counts"]
+        assert isinstance(counts, list)
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.total += float(other["total"])  # type: ignore[arg-type]
+        self.count += int(other["count"])  # type: ignore[call-overload]

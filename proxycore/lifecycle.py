@@ -1,8 +1,17 @@
-"""Running a proxy process: uvloop, signals, reload and graceful stop.
+"""Running a proxy process: uvloop, signals, reload and graceful stop, in one of
+three roles (proxycore/workers.py):
+
+- single: one process does everything (``workers = 1``, the default);
+- supervisor: owns the listening sockets, the checks and the admin API, and
+  runs ``workers`` worker processes;
+- worker: started by a supervisor (BALANCE_WORKER in its environment): serves
+  the inherited sockets, follows the supervisor's view of the servers, and stops
+  when the supervisor goes away.
 
 SIGTERM / SIGINT: stop accepting and let in-flight work finish, then exit 0.
 SIGHUP: read the configuration again; a file that does not validate is refused
-with one log line and the running configuration stays.
+with one log line and the running configuration stays (a supervisor passes
+SIGHUP on to its workers). SIGUSR2 (a supervisor): a new generation of workers.
 """
 
 from __future__ import annotations
@@ -10,37 +19,67 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Final, Generic, Protocol, TypeVar
 
 import uvloop
 
 from .config import ConfigError
+from .workers import ENV, Inherited
 
 log = logging.getLogger("balance.lifecycle")
 
 C = TypeVar("C")
 C_contra = TypeVar("C_contra", contravariant=True)
 
+SINGLE: Final = "single"
+SUPERVISOR: Final = "supervisor"
+WORKER: Final = "worker"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The role of this process, and what it needs for it."""
+
+    role: str = SINGLE
+    workers: int = 1  # a supervisor's
+    inherited: Inherited | None = None  # a worker's
+    # A worker calls it when its supervisor is gone: it then stops as on SIGTERM.
+    stop: Callable[[], None] = lambda: None
+
+    @classmethod
+    def of(cls, workers: int, stop: Callable[[], None]) -> Placement:
+        inherited = Inherited.from_env()
+        if inherited is not None:
+            return cls(WORKER, 1, inherited, stop)
+        return cls(SUPERVISOR if workers > 1 else SINGLE, workers, None, stop)
+
 
 class Service(Protocol[C_contra]):
     async def start(self) -> None: ...
     def apply(self, config: C_contra) -> None: ...
     async def shutdown(self) -> None: ...
+    async def new_generation(self) -> None: ...
 
 
 class Runner(Generic[C]):
     def __init__(
         self,
         load: Callable[[], C],
-        build: Callable[[C, asyncio.AbstractEventLoop], Service[C]],
+        build: Callable[[C, asyncio.AbstractEventLoop, Placement], Service[C]],
+        workers: Callable[[C], int],
     ) -> None:
         self._load = load
         self._build = build
+        self._workers = workers
 
     def run(self, config: C) -> int:
+        raise_file_limit()
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
@@ -49,20 +88,25 @@ class Runner(Generic[C]):
             loop.close()
 
     async def _main(self, config: C, loop: asyncio.AbstractEventLoop) -> int:
-        service = self._build(config, loop)
+        stop = asyncio.Event()
+        placement = Placement.of(self._workers(config), stop.set)
+        service = self._build(config, loop, placement)
         try:
             await service.start()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             print(f"cannot start: {exc}", file=sys.stderr)
+            await service.shutdown()
             return 1
         # What start-up made (modules, config, the app) lives as long as the
         # process: out of the collector's sight, later collections walk only
         # what connections allocate.
         gc.freeze()
-        stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(service))
+        loop.add_signal_handler(
+            signal.SIGUSR2, lambda: loop.create_task(self._new_generation(service, placement))
+        )
         await stop.wait()
         log.warning("stopping: finishing in-flight work")
         await service.shutdown()
@@ -76,6 +120,21 @@ class Runner(Generic[C]):
             return
         service.apply(config)
 
+    async def _new_generation(self, service: Service[C], placement: Placement) -> None:
+        if placement.role != SUPERVISOR:
+            log.warning("SIGUSR2: only a supervisor (workers > 1) starts a new generation")
+            return
+        log.warning("SIGUSR2: starting a new generation of workers")
+        await service.new_generation()
+
+
+def raise_file_limit() -> None:
+    """Every client and upstream connection is a descriptor: the soft limit goes
+    up to the hard one (nginx: worker_rlimit_nofile)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
 
 def log_reloaded(
     logger: logging.Logger, source: object, servers: int, added: int, removed: int
@@ -87,8 +146,9 @@ def log_reloaded(
 
 
 def setup_logging(name: str) -> None:
+    role = " worker" if os.environ.get(ENV) else ""
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {name}{role}[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

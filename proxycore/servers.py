@@ -15,6 +15,7 @@ can).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +27,18 @@ from .config import Address
 log = logging.getLogger("balance.servers")
 
 _NO_LIMIT: Final = 1 << 62
+# A server's counters that traffic moves: each worker has its own, the
+# supervisor sums them (proxycore/counters.py).
+TRAFFIC_FIELDS: Final = (
+    "active",
+    "total",
+    "by_class",
+    "failures_total",
+    "connect_errors",
+    "connecting",
+    "bytes_in",
+    "bytes_out",
+)
 
 ADMIN_STATES: Final = ("enabled", "drain", "disabled")
 
@@ -88,6 +101,9 @@ class Server:
         # Whether passive ejection may take this server out now (ServerSet: the
         # panic threshold); None: always.
         self.may_eject: Callable[[Server], bool] | None = None
+        # In a worker: a failure pattern is reported to the supervisor, which
+        # decides for every worker alike (its state comes back through adopt).
+        self.report: Callable[[Server, str], None] | None = None
         self.limit = spec.max_conns or _NO_LIMIT
         self.connecting = 0  # connects to it in progress
         # counters
@@ -196,6 +212,10 @@ class Server:
         self.fails_in_a_row += 1
         if not at_once and self.fails_in_a_row < params.max_fails:
             return
+        if self.report is not None:
+            self.fails_in_a_row = 0
+            self.report(self, why)
+            return
         if self.may_eject is not None and not self.may_eject(self):
             if self.fails_in_a_row == params.max_fails or at_once:
                 log.warning(
@@ -216,6 +236,37 @@ class Server:
     def record_success(self) -> None:
         """An answer: failures are counted in a row, so the count starts again."""
         self.fails_in_a_row = 0
+
+    def shared(self) -> dict[str, Any]:
+        """The state every worker must see alike (the supervisor's, sent to each)."""
+        return {
+            "healthy": self.healthy,
+            "admin": self.admin,
+            "passive_out": self.passive_out,
+            "passive_until": self.passive_until,
+            "limit": self.limit,
+            "state_since": self.state_since,
+            "last_check": None if self.last_check is None else dataclasses.asdict(self.last_check),
+            "info": self.info,
+        }
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """A worker takes the supervisor's view; a change of state reaches on_change
+        (lb moves the requests waiting on a server gone down; dbproxy closes its
+        sessions) as it would where the change was made. Logged there, not here."""
+        before = (self.state, self.open)
+        self.healthy = state["healthy"]
+        self.admin = state["admin"]
+        self.passive_out = state["passive_out"]
+        self.passive_until = state["passive_until"]
+        self.limit = state["limit"]
+        self.state_since = state["state_since"]
+        check = state["last_check"]
+        self.last_check = None if check is None else CheckRecord(**check)
+        self.info = state["info"]
+        self._refresh()
+        if (self.state, self.open) != before and self.on_change is not None:
+            self.on_change(self)
 
     def set_admin(self, state: str) -> None:
         if state not in ADMIN_STATES:
@@ -262,6 +313,8 @@ class ServerSet:
     params: HealthParams
     _servers: dict[str, Server] = field(default_factory=dict)
     _order: list[Server] = field(default_factory=list)
+    # In a worker: where failure patterns go (Server.report); set before update.
+    report: Callable[[Server, str], None] | None = None
 
     @classmethod
     def of(cls, specs: Iterable[ServerSpec], params: HealthParams) -> ServerSet:
@@ -285,6 +338,21 @@ class ServerSet:
     def get(self, name: str) -> Server | None:
         return self._servers.get(name)
 
+    def shared(self) -> dict[str, dict[str, Any]]:
+        return {s.name: s.shared() for s in self._order}
+
+    def report_to(self, report: Callable[[Server, str], None]) -> None:
+        """A worker's servers: failure patterns go to ``report`` (the supervisor)."""
+        self.report = report
+        for server in self._order:
+            server.report = report
+
+    def adopt(self, states: dict[str, dict[str, Any]]) -> None:
+        for name, state in states.items():
+            server = self._servers.get(name)
+            if server is not None:  # one this worker does not know yet: its reload is due
+                server.adopt(state)
+
     def update(
         self, specs: Iterable[ServerSpec], params: HealthParams
     ) -> tuple[list[Server], list[Server]]:
@@ -305,6 +373,7 @@ class ServerSet:
         self._order = list(new.values())
         for server in self._order:
             server.may_eject = self._may_eject
+            server.report = self.report
         return added, removed
 
     def _may_eject(self, server: Server) -> bool:

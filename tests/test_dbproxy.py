@@ -377,6 +377,68 @@ def test_three_times_max_connections_of_short_sessions_all_get_through(
         assert proxy.server(MASTER)["state"] == "UP"
 
 
+@pytest.fixture
+def supervised(pystack: StackHandle, tmp_path: Path) -> Iterator[DbProxyProc]:
+    with dbproxy_for(pystack, tmp_path, top="workers = 2\n") as proxy:
+        yield proxy
+
+
+async def test_workers_answer_as_one_server(pystack: StackHandle, supervised: DbProxyProc) -> None:
+    assert len(supervised.status()["workers"]) == 2
+    for _ in range(20):
+        conn = await connect(pystack, supervised.ports["rw"])
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+    metrics = supervised.metrics()
+    assert 'dbproxy_listener_sessions_total{listener="rw"} 20.0' in metrics
+    # the servers' state is the supervisor's: not summed over workers
+    assert 'dbproxy_server_up{server="service-db",state="UP"} 1.0' in metrics
+
+
+async def test_a_cancel_through_any_worker_reaches_the_sessions_server(
+    pystack: StackHandle, supervised: DbProxyProc
+) -> None:
+    # asyncpg sends its CancelRequest on a new connection: it lands on either
+    # worker, which may not be the one holding the session
+    for _ in range(8):
+        conn = await connect(pystack, supervised.ports["any"])
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.execute("SELECT pg_sleep(30)", timeout=0.3)
+            assert await conn.fetchval("SELECT 1", timeout=5) == 1  # the sleep was cancelled
+            assert time.monotonic() - started < 5
+        finally:
+            await conn.close()
+    status = supervised.status()
+    assert status["cancels_to_session_server"] == 8 and status["cancels_to_every_server"] == 0
+
+
+async def test_a_killed_worker_is_replaced_and_a_new_generation_drops_no_session(
+    pystack: StackHandle, supervised: DbProxyProc
+) -> None:
+    first = [w["pid"] for w in supervised.status()["workers"]]
+    os.kill(first[0], signal.SIGKILL)
+    await wait_until(lambda: first[0] not in [w["pid"] for w in supervised.status()["workers"]], 3)
+    assert f"(pid {first[0]}) died (signal 9)" in supervised.log_text()
+
+    async def short_sessions(until: float) -> int:
+        done = 0
+        while time.monotonic() < until:
+            conn = await connect(pystack, supervised.ports["rw"])
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+            done += 1
+        return done
+
+    until = time.monotonic() + 3
+    sessions = asyncio.gather(*(short_sessions(until) for _ in range(4)))
+    await asyncio.sleep(1)
+    supervised.proc.send_signal(signal.SIGUSR2)
+    assert sum(await sessions) > 20  # and none failed: any error would have raised
+    await wait_until(lambda: all(w["generation"] == 2 for w in supervised.status()["workers"]), 5)
+
+
 def self_signed_certificate(datadir: Path) -> tuple[Path, Path]:
     """A throwaway certificate and key in ``datadir``, readable by the cluster's user only."""
     crt, key = datadir / "balance-test.crt", datadir / "balance-test.key"

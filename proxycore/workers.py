@@ -1,0 +1,407 @@
+"""Supervised workers, the way nginx's master, uvicorn's multiprocess supervisor
+and gunicorn's arbiter run them: one supervisor owns the listening sockets, the
+health checks and the admin API; N workers, each a process of its own on its own
+core, accept from the same sockets and do only the hot path.
+
+- The listening sockets are made by the supervisor and inherited by every
+  worker (not SO_REUSEPORT: closing a SO_REUSEPORT listener resets the
+  connections queued on it). A worker that stops accepting leaves the queue to
+  the others; nothing queued is lost while the supervisor holds the socket.
+- Each worker gets a control channel (proxycore/channel.py): the supervisor
+  sends it the servers' state, it reports failure patterns and answers for its
+  counters at scrape time.
+- A worker that dies is replaced (logged); SIGHUP goes on to every worker; on
+  SIGTERM the workers drain as one process does. SIGUSR2 starts a new
+  generation from the code and configuration on disk and drains the old one
+  once every new worker is ready: a restart that drops no request.
+
+A worker is the same program started with BALANCE_WORKER in its environment,
+naming the inherited descriptors: "channel=5,listen.http=6".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .channel import Channel, Message
+from .servers import Server, ServerSet
+
+log = logging.getLogger("balance.workers")
+
+ENV = "BALANCE_WORKER"
+# A worker that dies this soon after its start is restarted after a pause, which
+# doubles each time (to MAX_BACKOFF): a crash loop must not spin a core.
+YOUNG = 2.0
+MAX_BACKOFF = 10.0
+
+
+def count(value: object, where: str) -> int:
+    """``workers`` as configured: a whole number of at least 1, or "auto" (one per core)."""
+    from .config import ConfigError
+
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(
+            f'{where}: expected a number of workers (1 or more) or "auto", got {value!r}'
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """What a worker got from its supervisor: the listening sockets by name, and
+    its end of the control channel."""
+
+    channel: socket.socket
+    listeners: dict[str, socket.socket]
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Inherited | None:
+        text = environ.get(ENV)
+        if not text:
+            return None
+        fds = dict(item.split("=", 1) for item in text.split(","))
+        listeners = {
+            name.removeprefix("listen."): socket.socket(fileno=int(fd))
+            for name, fd in fds.items()
+            if name.startswith("listen.")
+        }
+        return cls(socket.socket(fileno=int(fds["channel"])), listeners)
+
+
+@dataclass(eq=False)
+class Worker:
+    generation: int
+    index: int
+    process: asyncio.subprocess.Process
+    channel: Channel
+    started: float = field(default_factory=time.monotonic)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "generation": self.generation,
+            "ready": self.ready.is_set(),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+        }
+
+
+WorkerHandler = Callable[[Worker, Message], Any]
+
+
+class Workers:
+    """The supervisor's side: ``size`` workers running ``argv`` with ``listeners``."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        listeners: dict[str, socket.socket],
+        size: int,
+        handler: WorkerHandler,
+        welcome: Callable[[], Message],
+    ) -> None:
+        self._argv = list(argv)
+        self._listeners = listeners
+        self.size = size
+        self._handler = handler
+        self._welcome = welcome  # the first message of every new worker (the servers' state)
+        self.generation = 0
+        self.current: list[Worker] = []
+        self._old: list[Worker] = []
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._backoff: dict[int, float] = {}
+        self._replacing = False
+
+    # -- starting and watching ----------------------------------------------------------
+    async def start(self, timeout: float = 30.0) -> None:
+        self.generation = 1
+        self.current = [await self._spawn(1, i) for i in range(self.size)]
+        await self._all_ready(self.current, timeout)
+
+    async def _spawn(self, generation: int, index: int) -> Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = {"channel": theirs.fileno()}
+        fds.update({f"listen.{n}": s.fileno() for n, s in self._listeners.items()})
+        env = {**os.environ, ENV: ",".join(f"{k}={v}" for k, v in fds.items())}
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._argv, pass_fds=tuple(fds.values()), env=env
+            )
+        finally:
+            theirs.close()
+        worker: Worker | None = None
+
+        def handle(message: Message) -> Any:
+            assert worker is not None
+            if message.get("op") == "ready":
+                worker.ready.set()
+                return None
+            return self._handler(worker, message)
+
+        channel = await Channel.over(ours, handle)
+        worker = Worker(generation, index, process, channel)
+        channel.send(self._welcome())
+        task = asyncio.get_running_loop().create_task(self._watch(worker))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        log.info("worker %d of generation %d started (pid %d)", index, generation, process.pid)
+        return worker
+
+    async def _all_ready(self, workers: list[Worker], timeout: float) -> None:
+        waits = [asyncio.ensure_future(w.ready.wait()) for w in workers]
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            raise RuntimeError(f"{len(pending)} worker(s) not ready within {timeout:g}s")
+
+    async def _watch(self, worker: Worker) -> None:
+        code = await worker.process.wait()
+        worker.channel.close()
+        if self._stopping or worker.stopping or worker not in self.current:
+            log.info("worker %d (pid %d) exited with %s", worker.index, worker.pid, code)
+            return
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        log.warning(
+            "worker %d (pid %d) died (%s); starting another in its place",
+            worker.index,
+            worker.pid,
+            how,
+        )
+        pause = 0.0
+        if time.monotonic() - worker.started < YOUNG:
+            pause = min(MAX_BACKOFF, max(0.1, self._backoff.get(worker.index, 0.05) * 2))
+            self._backoff[worker.index] = pause
+            await asyncio.sleep(pause)
+        else:
+            self._backoff.pop(worker.index, None)
+        if self._stopping or worker not in self.current:
+            return
+        replacement = await self._spawn(worker.generation, worker.index)
+        self.current[self.current.index(worker)] = replacement
+
+    # -- talking to them ---------------------------------------------------------------
+    def broadcast(self, message: Message) -> None:
+        for worker in (*self.current, *self._old):
+            worker.channel.send(message)
+
+    async def gather(self, message: Message, timeout: float = 2.0) -> list[Message]:
+        """Every current worker's answer to ``message``; a worker that does not
+        answer in time (dying, just started) is left out, with a log line."""
+        workers = [w for w in self.current if not w.channel.closed]
+        answers = await asyncio.gather(
+            *(w.channel.request(message, timeout) for w in workers), return_exceptions=True
+        )
+        out = []
+        for worker, answer in zip(workers, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning(
+                    "worker %d (pid %d) did not answer: %r", worker.index, worker.pid, answer
+                )
+            else:
+                out.append(answer)
+        return out
+
+    def signal(self, sig: int) -> None:
+        for worker in self.current:
+            _kill(worker.pid, sig)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [w.status() for w in (*self.current, *self._old)]
+
+    # -- a new generation (SIGUSR2) and the stop (SIGTERM) -------------------------------
+    async def replace(self, timeout: float = 30.0) -> None:
+        """Start a new generation, and once all of it is ready drain the old one.
+        A new generation that does not come up is stopped; the old one serves on."""
+        if self._replacing or self._stopping:
+            log.warning("a new generation is already being started; this one is ignored")
+            return
+        self._replacing = True
+        try:
+            generation = self.generation + 1
+            fresh = [await self._spawn(generation, i) for i in range(self.size)]
+            try:
+                await self._all_ready(fresh, timeout)
+            except RuntimeError as exc:
+                log.error("new generation %d failed (%s); the old one serves on", generation, exc)
+                for worker in fresh:
+                    worker.stopping = True
+                    _kill(worker.pid, signal.SIGKILL)
+                return
+            old, self.current, self.generation = self.current, fresh, generation
+            self._old += old
+            log.warning(
+                "generation %d ready (pids %s); draining generation %d",
+                generation,
+                ", ".join(str(w.pid) for w in fresh),
+                generation - 1,
+            )
+            for worker in old:
+                worker.stopping = True
+                _kill(worker.pid, signal.SIGTERM)
+            await asyncio.gather(*(w.process.wait() for w in old))
+            self._old = [w for w in self._old if w not in old]
+        finally:
+            self._replacing = False
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM to every worker (each drains as one process does), SIGKILL to any
+        still running after ``timeout``."""
+        self._stopping = True
+        workers = [*self.current, *self._old]
+        for worker in workers:
+            worker.stopping = True
+            _kill(worker.pid, signal.SIGTERM)
+        waits = [asyncio.ensure_future(w.process.wait()) for w in workers]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for worker in workers:
+                if worker.process.returncode is None:
+                    log.warning(
+                        "worker pid %d still running after %gs; killed", worker.pid, timeout
+                    )
+                    _kill(worker.pid, signal.SIGKILL)
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for task in list(self._watchers):
+            task.cancel()
+
+
+def _kill(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def worker_argv() -> list[str]:
+    """The command a worker runs: this program as it was started (`python -m lb ...`)."""
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+class SupervisorSide:
+    """A proxy app's part as a supervisor, the same for lb and dbproxy: its
+    ServerSet is the one view of the servers (checks, ejections, admin changes),
+    sent to every worker on each change and every second; failure patterns the
+    workers report are decided here, against the panic threshold, once."""
+
+    def __init__(
+        self,
+        servers: ServerSet,
+        listeners: dict[str, socket.socket],
+        size: int,
+        handler: WorkerHandler | None = None,
+    ) -> None:
+        self.servers = servers
+        self._handler = handler
+        self.workers = Workers(worker_argv(), listeners, size, self._from_worker, self._state)
+        self._ticker: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        await self.workers.start()
+        self._tick()
+
+    def _state(self) -> Message:
+        return {"op": "state", "servers": self.servers.shared()}
+
+    def broadcast_state(self) -> None:
+        self.workers.broadcast(self._state())
+
+    def _tick(self) -> None:
+        # Besides every change: a worker that missed one (just started, reloaded) catches up.
+        self.broadcast_state()
+        self._ticker = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    def _from_worker(self, worker: Worker, message: Message) -> Any:
+        if message.get("op") == "eject":
+            server = self.servers.get(message["server"])
+            if server is not None:
+                server.record_failure(message["why"], at_once=True)
+            return None
+        return None if self._handler is None else self._handler(worker, message)
+
+    async def totals(self, fields: Callable[[list[Message]], None]) -> None:
+        """Every worker's counters, handed to ``fields`` to sum (at scrape time)."""
+        fields(await self.workers.gather({"op": "counters"}))
+
+    async def stop(self, timeout: float) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        await self.workers.stop(timeout)
+
+
+class WorkerSide:
+    """A proxy app's part as a worker: the supervisor's view of the servers is
+    adopted as it comes, failure patterns are reported to it, the counters are
+    sent when it asks. Its channel closing (the supervisor is gone) stops the worker."""
+
+    def __init__(
+        self,
+        inherited: Inherited,
+        servers: ServerSet,
+        counters: Callable[[], Message],
+        stop: Callable[[], None],
+        handler: Callable[[Message], Any] | None = None,
+        adopted: Callable[[], None] | None = None,
+    ) -> None:
+        """``adopted``: called after each state from the supervisor (a replica's lag
+        may have changed without a change of state)."""
+        self.inherited = inherited
+        self.servers = servers
+        self._counters = counters
+        self._stop = stop
+        self._handler = handler
+        self._adopted = adopted
+        self.channel: Channel | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        self.channel = await Channel.over(self.inherited.channel, self._from_supervisor, self._gone)
+        self.servers.report_to(self._report)
+
+    def ready(self) -> None:
+        if self.channel is not None:
+            self.channel.send({"op": "ready"})
+
+    def _report(self, server: Server, why: str) -> None:
+        if self.channel is not None:
+            self.channel.send({"op": "eject", "server": server.name, "why": why})
+
+    def _gone(self) -> None:
+        if not self._closing:
+            log.warning("the supervisor is gone; stopping")
+            self._stop()
+
+    def _from_supervisor(self, message: Message) -> Any:
+        op = message.get("op")
+        if op == "state":
+            self.servers.adopt(message["servers"])
+            if self._adopted is not None:
+                self._adopted()
+            return None
+        if op == "counters":
+            return self._counters()
+        return None if self._handler is None else self._handler(message)
+
+    def close(self) -> None:
+        self._closing = True
+        if self.channel is not None:
+            self.channel.close()
