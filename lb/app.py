@@ -61,6 +61,9 @@ class Balancer:
         self.metrics = LbMetrics()
         self.servers = ServerSet.of(config.servers, config.health)
         self.budget = RetryBudget(config.retry_budget.percent, config.retry_budget.min_concurrency)
+        # Read per request: kept here, not looked up through the config each time.
+        self.hedge_after = config.hedge_after
+        self.max_connecting = config.queue.max_connecting
         self.policy: Policy = make_policy(config.method)
         self.pool = UpstreamPool(loop, config)
         self.default_host = str(config.listen).encode()
@@ -188,10 +191,10 @@ class Balancer:
     def has_room(self, server: Server) -> bool:
         """Below its max_conns, and a new connection to it may start now (fewer
         than max_connecting in progress) or an idle one waits in the pool."""
-        busy = server.active + server.connecting
-        if busy >= server.limit:
+        connecting = server.connecting
+        if server.active + connecting >= server.limit:
             return False
-        return server.connecting < self.config.queue.max_connecting or self.pool.has_idle(server)
+        return connecting < self.max_connecting or self.pool.has_idle(server)
 
     def enqueue(self, ex: Exchange) -> None:
         settings = self.config.queue
@@ -253,6 +256,8 @@ class Balancer:
         self._watch(added)
         for server in removed:
             self.pool.drop(server)
+        self.hedge_after = new.hedge_after
+        self.max_connecting = new.queue.max_connecting
         self.budget.percent = new.retry_budget.percent
         self.budget.min_concurrency = new.retry_budget.min_concurrency
         if new.method != old.method:

@@ -59,7 +59,8 @@ class ClientConnection:
         self._request = RequestInfo()  # the head being read, gathered header by header
         self._head_size = 0
         self._headers = 0  # header lines of the head being read
-        self._client_done = False  # the client shut its side: close after the last response
+        # the client shut its side: the connection closes after the last response
+        self.done_sending = False
         self._rejected: bytes | None = None  # an error answer waiting for the response before it
         self._corked = False
         self._out: list[bytes] = []
@@ -200,7 +201,7 @@ class ClientConnection:
         # The client sends nothing more, but what it sent whole is still answered
         # (as HAProxy does; nginx drops it): the connection closes after the
         # last response. A body cut short can never be whole: refused.
-        self._client_done = True
+        self.done_sending = True
         if self._reading_body:
             self._reject(BadRequest(400, "bad_request", "the client ended before the request body"))
         return True if self.queue and not self.closed else None
@@ -350,14 +351,14 @@ class ClientConnection:
         so: lb is stopping or the client has ended its side, and nothing is
         queued behind it. (Requests queued behind are answered first.)"""
         return (
-            (self.lb.draining or self._client_done) and self.queue[-1] is ex and not self._in_head
+            (self.lb.draining or self.done_sending) and self.queue[-1] is ex and not self._in_head
         )
 
     def start_tunnel(self, ex: Exchange) -> None:
         self.tunnel = ex
         self._stop_timers(for_good=False)
         self.valve.resume(Reason.WAITING_TURN)  # what was held went through
-        if self._client_done:
+        if self.done_sending:
             ex.tunnel_eof_from_client()  # the client had ended its side already
 
     def _stop_timers(self, for_good: bool) -> None:
@@ -383,7 +384,7 @@ class ClientConnection:
             self.write(self._rejected)
             self.close()
             return
-        if not keep_alive or (not self.queue and (self.lb.draining or self._client_done)):
+        if not keep_alive or (not self.queue and (self.lb.draining or self.done_sending)):
             self.close()
             return
         if self.queue:

@@ -256,11 +256,13 @@ class Exchange:
 
     def _let_go(self, conn: UpstreamConnection, reusable: bool, now: float | None = None) -> None:
         conn.server.active -= 1
+        lb = self.lb
         if reusable:
-            conn.release(self.lb.clock() if now is None else now)
+            conn.release(lb.clock() if now is None else now)
         else:
             conn.abort()
-        self.lb.slot_freed()
+        if lb.queue:
+            lb.slot_freed()
 
     def _detach(self, reusable: bool, now: float | None = None) -> None:
         """Let go of the upstream (and of a hedge racing it); a reusable one goes
@@ -275,7 +277,7 @@ class Exchange:
 
     # -- hedging: a second attempt when the first is slow to answer -------------
     def _arm_hedge(self, conn: UpstreamConnection, now: float) -> None:
-        after = self.lb.config.hedge_after
+        after = self.lb.hedge_after
         if (
             after > 0
             and self.replayable
@@ -554,8 +556,8 @@ class Exchange:
                 self.chunked_to_client = True
             else:
                 self.client_keep_alive = False  # an HTTP/1.0 client reads to the close
-        if self.client_keep_alive and self.client.last_answer(self):
-            self.client_keep_alive = False
+        if self.client_keep_alive and (lb.draining or self.client.done_sending):
+            self.client_keep_alive = not self.client.last_answer(self)
         head = client_response_head(
             status,
             reason,

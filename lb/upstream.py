@@ -250,7 +250,9 @@ class UpstreamPool:
         idle = self._idle.get(server)
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+            # ``closed`` is set when lb closes it and when the server does
+            # (connection_lost): no transport.is_closing() call per request
+            if not conn.closed:
                 conn.pool_timer.cancel()
                 return conn
         return None
