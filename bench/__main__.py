@@ -24,7 +24,9 @@ from .procs import BenchError
 from .surge import run_surge
 from .surge import table as surge_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where a run goes unless told (--out): not tracked by git. The reference run in
+# bench/results/ is committed on purpose, with --out.
+RUNS = Path(__file__).resolve().parent / "runs"
 
 
 def main() -> int:
@@ -39,7 +41,7 @@ def main() -> int:
         "--out",
         type=Path,
         help="directory of results.json, REPORT.md and the charts "
-        "(default bench/results/<timestamp>/)",
+        "(default bench/runs/<timestamp>/, not tracked by git)",
     )
     sub = p.add_subparsers(dest="command")
     http = sub.add_parser(
@@ -57,7 +59,7 @@ def main() -> int:
         choices=PROXIES,
         help="only these (default: all; bare-relay is a reference point)",
     )
-    http.add_argument("--out", type=Path, help="JSON file (default bench/results/http-<time>.json)")
+    http.add_argument("--out", type=Path, help="JSON file (default bench/runs/http-<time>.json)")
     pg = sub.add_parser(
         "pg", help="pgbench direct vs HAProxy vs dbproxy (needs haproxy, postgresql-15)"
     )
@@ -71,21 +73,19 @@ def main() -> int:
     pg.add_argument(
         "--rounds", type=int, default=1, help="runs per path and mode, median kept (default 1)"
     )
-    pg.add_argument("--out", type=Path, help="JSON file (default bench/results/pg-<time>.json)")
+    pg.add_argument("--out", type=Path, help="JSON file (default bench/runs/pg-<time>.json)")
     edge = sub.add_parser(
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
     )
-    edge.add_argument("--out", type=Path, help="JSON file (default bench/results/edge-<time>.json)")
+    edge.add_argument("--out", type=Path, help="JSON file (default bench/runs/edge-<time>.json)")
     gray = sub.add_parser(
         "gray", help="one of two upstreams frozen (SIGSTOP) for 6 s under keep-alive load"
     )
-    gray.add_argument("--out", type=Path, help="JSON file (default bench/results/gray-<time>.json)")
+    gray.add_argument("--out", type=Path, help="JSON file (default bench/runs/gray-<time>.json)")
     surge = sub.add_parser(
         "surge", help="4,096 keep-alive connections at once to two nginx upstreams, 5 runs"
     )
-    surge.add_argument(
-        "--out", type=Path, help="JSON file (default bench/results/surge-<time>.json)"
-    )
+    surge.add_argument("--out", type=Path, help="JSON file (default bench/runs/surge-<time>.json)")
     args = p.parse_args()
 
     def say(text: str) -> None:
@@ -93,7 +93,7 @@ def main() -> int:
 
     try:
         if args.command is None:
-            out_dir = args.out or RESULTS / time.strftime("%Y%m%d-%H%M%S")
+            out_dir = args.out or RUNS / time.strftime("%Y%m%d-%H%M%S")
             profiles = (args.profile,) if args.profile else PROFILES
             plan = Plan.quick_run(profiles) if args.quick else Plan(profiles)
             result = run_compare(
@@ -125,7 +125,7 @@ def main() -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    out = args.out or RESULTS / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = args.out or RUNS / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(shown)

@@ -611,14 +611,39 @@ class DbProxy:
         for session in parked:
             session.abort()
 
+    def fitting(self, listener: Listener) -> list[Server]:
+        """The servers a new session of ``listener`` may go to now, as choose sees them."""
+        limits = self.config.ro
+        accept = routing.accept_for(listener.name, limits, fallback=False)
+        fits = [s for s in self.servers if s.takes_traffic() and (accept is None or accept(s))]
+        if not fits and listener.name == "ro" and limits.primary_fallback:
+            fallback = routing.accept_for("ro", limits, fallback=True)
+            fits = [
+                s
+                for s in self.servers
+                if s.takes_traffic() and fallback is not None and fallback(s)
+            ]
+        return fits
+
+    def _listener_status(self, listener: Listener) -> dict[str, Any]:
+        fits = self.fitting(listener)
+        return {
+            "address": str(self.config.listen[listener.name]),
+            "sessions": listener.active,
+            "queued": listener.queued,
+            "servers": [s.name for s in fits],
+            "next": self.policy.peek(fits).name if fits else None,
+        }
+
     def status(self) -> dict[str, Any]:
         return {
             "service": "dbproxy",
             "hot_path": hot_path(),
             "listen": {n: str(a) for n, a in self.config.listen.items()},
             "method": self.config.method,
-            "uptime_seconds": round(time.time() - self.started, 1),
+            "uptime_seconds": round(time.time() - self.started, 3),
             "sessions": {n: listener.active for n, listener in self.listeners.items()},
+            "listeners": {n: self._listener_status(lst) for n, lst in self.listeners.items()},
             "cancels_to_session_server": self.cancels_routed,
             "cancels_to_every_server": self.cancels_broadcast,
             "sessions_redialed": self.redials,

@@ -281,7 +281,7 @@ class Balancer:
             "hot_path": hot_path(),
             "listen": str(self.config.listen),
             "method": self.config.method,
-            "uptime_seconds": round(time.time() - self.started, 1),
+            "uptime_seconds": round(time.time() - self.started, 3),
             "client_connections": m.client_active,
             "in_flight": m.in_flight,
             "retries": m.retries,

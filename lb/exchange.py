@@ -694,12 +694,13 @@ class Exchange:
         if self.queued:
             lb.left_queue(self)
         server = self.server
-        if server is not None:
-            server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
         if now is None:
             now = lb.clock()
         elapsed = now - self.started
         lb.metrics.observe(elapsed)
+        if server is not None:
+            server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+            server.latency.observe(elapsed)
         if lb.config.access_log:
             access_log.info(
                 '%s "%s %s" %d %.3f %s tries=%d id=%s',

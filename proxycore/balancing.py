@@ -18,6 +18,10 @@ class Policy:
     def choose(self, candidates: list[Server]) -> Server:
         raise NotImplementedError
 
+    def peek(self, candidates: list[Server]) -> Server:
+        """What ``choose`` would return now, moving no state (for status pages)."""
+        raise NotImplementedError
+
 
 class SmoothWeightedRoundRobin(Policy):
     """nginx's smooth weighted round robin: weights 5,1,1 give a a b a c a a, never a burst."""
@@ -35,6 +39,9 @@ class SmoothWeightedRoundRobin(Policy):
         best.rr_current -= total
         return best
 
+    def peek(self, candidates: list[Server]) -> Server:
+        return max(candidates, key=lambda s: s.rr_current + s.weight)
+
 
 class LeastConn(Policy):
     """Fewest in-flight per unit of weight; ties go round robin so equals share the load."""
@@ -51,6 +58,9 @@ class LeastConn(Policy):
             if server.active * best.weight < best.active * server.weight:
                 best = server
         return best
+
+    def peek(self, candidates: list[Server]) -> Server:
+        return min(candidates, key=lambda s: s.active / s.weight)
 
 
 def make_policy(name: str) -> Policy:

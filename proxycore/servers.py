@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .config import Address
+from .histogram import BUCKETS, Histogram
 
 log = logging.getLogger("balance.servers")
 
@@ -38,6 +39,7 @@ TRAFFIC_FIELDS: Final = (
     "connecting",
     "bytes_in",
     "bytes_out",
+    "latency",
 )
 
 ADMIN_STATES: Final = ("enabled", "drain", "disabled")
@@ -116,6 +118,9 @@ class Server:
         self.checks_failed = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # lb: the time of each request it answered (the status page's p99 of the
+        # last seconds comes from the difference of two readings)
+        self.latency = Histogram()
         # balancing state
         self.rr_current = 0
         # Told of every change of state (dbproxy closes a down server's sessions).
@@ -291,6 +296,9 @@ class Server:
             "total": self.total,
             "responses": {f"{i}xx": n for i, n in enumerate(self.by_class) if i},
             "failures": self.failures_total,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "latency": {"bounds": BUCKETS, "counts": self.latency.counts},
             "connecting": self.connecting,
             "limit": self.limit if self.limit < _NO_LIMIT else None,
             "connect_errors": self.connect_errors,

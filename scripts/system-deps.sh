@@ -23,6 +23,8 @@ NEEDED=(
   "nginx nginx-light"
   "haproxy haproxy"
   "docker-compose docker-compose"
+  # the status pages are checked in a real browser (tests/browser.py)
+  "chromium chromium"
 )
 
 found() {

@@ -1,4 +1,5 @@
-"""A short walk through the API of the running stack, printed for a person."""
+"""A short walk through the API of the running stack, printed for a person, then
+(with proxies in front) the drill, live (stack/livedrill.py), and where to look next."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
+from . import livedrill
 from .errors import StackError
 from .state import StackState
 from .topology import Topology
@@ -67,3 +69,21 @@ async def run(state_dir: Path, say: Callable[[str], None]) -> None:
             "GET", "/user/search", params={"first_name": "Ив", "last_name": "Пе", "limit": "3"}
         )
         await call("GET", "/user/get/not-a-uuid")
+
+    topology = state.topology
+    if topology.proxies == "none":
+        return
+    await livedrill.run(state_dir, base, say)
+    say("")
+    say("where to look next:")
+    say(
+        f"  status pages   http://127.0.0.1:{topology.ports.lb_admin}/status.html (the HTTP proxy),"
+        f" http://127.0.0.1:{topology.ports.dbproxy_admin}/status.html (the database proxy)"
+    )
+    say(
+        f"  metrics        http://127.0.0.1:{topology.ports.lb_admin}/metrics,"
+        f" http://127.0.0.1:{topology.ports.dbproxy_admin}/metrics"
+    )
+    say("  the comparison .venv/bin/python -m bench --quick (both profiles, about 3 minutes)")
+    say("  the docs       README.md, docs/")
+    say("  stop it all    make down")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import pytest
 
 from stack.postgres import connect as superuser
 from stack.postgres import run_as
+from tests.browser import page_text
 from tests.dbproxyctl import (
     FAST,
     DbProxyProc,
@@ -645,6 +647,23 @@ async def test_drain_keeps_sessions_and_disable_closes_them(
     finally:
         session.terminate()
         own.admin(f"/servers/{REPLICA}/enable")
+
+
+async def test_the_status_page_shows_listeners_and_the_replicas_lag(
+    pystack: StackHandle, own: DbProxyProc
+) -> None:
+    conn = await connect(pystack, own.ports["ro"])  # a session for the page to count
+    try:
+        text = await asyncio.to_thread(page_text, f"http://127.0.0.1:{own.admin_port}/status.html")
+    finally:
+        await conn.close()
+    # listeners above the servers: where each would send a new session now
+    assert text.index("listeners") < text.index("postgres servers"), text
+    assert re.search(r" rw 127\.0\.0\.1:\d+ \d+ \d+ service-db service-db ", text), text
+    assert re.search(r" ro 127\.0\.0\.1:\d+ 1 0 service-db-replica ", text), text
+    # the replica's lag in units a person reads, not JSON
+    assert re.search(r"replica, lag [0-9.]+ (B|KiB|MiB) / [0-9.]+ s", text), text
+    assert "sessions/s" in text and '"lag_bytes"' not in text
 
 
 async def test_metrics_and_status(pystack: StackHandle, own: DbProxyProc) -> None:
