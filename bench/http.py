@@ -46,7 +46,7 @@ http {{
     keepalive 64;
   }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;  # as lb's; nginx's default (511) drops a 4,096-client burst
+    listen 127.0.0.1:{port} backlog=4096;  # as lb's (nginx's 511 drops 4,096 at once)
     location / {{
       proxy_pass http://backends;
       proxy_http_version 1.1;
