@@ -79,6 +79,8 @@ class Balancer:
         # first come first served; each with its queue.timeout.
         self.queue: collections.deque[Exchange] = collections.deque()
         self.queue_limits = Expiries(loop, Exchange.queue_expired)
+        # Requests whose connect takes longer than hedge_after (Exchange.connect_slow).
+        self.slow_connects = Expiries(loop, Exchange.connect_slow)
         self._wake_due = False
         self._watch(self.servers)
 
@@ -353,6 +355,7 @@ class Balancer:
         if self._checker is not None:
             await self._checker.stop()
         self.queue_limits.close()
+        self.slow_connects.close()
         self.pool.close_all()
         if self._admin is not None:
             await self._admin.cleanup()

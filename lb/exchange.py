@@ -71,6 +71,7 @@ class Exchange:
     hedging = False
     budgeted = False
     queued = False  # waiting in lb's queue for a slot on a server
+    dials = 0  # connects in flight for this request (a slow one gets a second)
     queued_at = 0.0
     tunnel_ends: HalfClose | None = None
 
@@ -145,9 +146,37 @@ class Exchange:
             self._attach(conn, lb.clock() if now is None else now)
             return
         self.connecting = True
-        server.connecting += 1
         self.client.valve.pause(Reason.NO_PEER_YET)
+        self._dial(server)
+
+    def _dial(self, server: Server) -> None:
+        lb = self.lb
+        self.dials += 1
+        server.connecting += 1
+        if lb.hedge_after > 0 and self.dials == 1:
+            lb.slow_connects.set(self, lb.clock() + lb.hedge_after)
         lb.loop.create_task(self._connect(server))
+
+    def connect_slow(self) -> None:
+        """A connect still not made after hedge_after (a frozen server's full
+        accept queue drops the SYN, and it would take timeouts.connect): another
+        server is dialled beside it, and the first connection made carries the
+        request. Nothing was sent yet, so this is safe for any method."""
+        lb = self.lb
+        if not self.connecting or self.finished or self.upstream is not None:
+            return
+        server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
+        if server is None or len(self.tried) >= lb.config.tries:
+            return
+        self.tried = (*self.tried, server)
+        lb.metrics.hedges += 1
+        log.info(
+            "connect to %s slow for %s; dialling %s too",
+            self.tried[0].name,
+            self.request_id.decode(),
+            server.name,
+        )
+        self._dial(server)
 
     def dequeue(self) -> bool:
         """At the head of the queue when a slot freed: go if a server has room
@@ -181,15 +210,20 @@ class Exchange:
             self._connected(server)
             server.connect_errors += 1
             self._connect_failed(server, exc)
-            if not self.finished:
+            # another dial of this request may still make it (connect_slow)
+            if not self.finished and self.upstream is None and not self.connecting:
                 why = "connect timed out" if isinstance(exc, TimeoutError) else "connect failed"
                 self._after_failure(server, f"{why}: {exc}" if str(exc) else why, timeout=False)
             return
         self._connected(server)
-        if self.finished:
-            # the client went away meanwhile; keep the connection warm
+        if self.finished or self.upstream is not None:
+            # the client went away meanwhile, or another dial won: kept warm
             self.lb.pool.give(conn, self.lb.clock())
             return
+        if self.connecting:  # the other dial is a leftover now: the body goes on
+            self.connecting = False
+            self.lb.slow_connects.clear(self)
+            self.client.valve.resume(Reason.NO_PEER_YET)
         try:
             self._attach(conn, self.lb.clock())
         except Exception:  # a bug must cost this request, not leave it hanging
@@ -198,11 +232,15 @@ class Exchange:
             self.fail(502, "internal_error", "internal error in lb")
 
     def _connected(self, server: Server) -> None:
-        """The connect is over, either way: the client is read again (a retry, an
-        error answer or the next pipelined request all need that)."""
-        self.connecting = False
-        self.client.valve.resume(Reason.NO_PEER_YET)
+        """A connect is over, either way; with none left in flight the client is
+        read again (a retry, an error answer or the next pipelined request all
+        need that)."""
         server.connecting -= 1
+        self.dials -= 1
+        if self.dials == 0:
+            self.connecting = False
+            self.lb.slow_connects.clear(self)
+            self.client.valve.resume(Reason.NO_PEER_YET)
         self.lb.slot_freed()
 
     @staticmethod
