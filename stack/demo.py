@@ -84,6 +84,6 @@ async def run(state_dir: Path, say: Callable[[str], None]) -> None:
         f"  metrics        http://127.0.0.1:{topology.ports.lb_admin}/metrics,"
         f" http://127.0.0.1:{topology.ports.dbproxy_admin}/metrics"
     )
-    say("  the comparison .venv/bin/python -m bench --quick (both profiles, about 3 minutes)")
+    say("  the comparison .venv/bin/python -m bench --quick (both profiles, a few minutes)")
     say("  the docs       README.md, docs/")
     say("  stop it all    make down")
