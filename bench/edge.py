@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .procs import free_port, require, running
+from .procs import NGINX_HEAD, free_port, require, running
 from .recorder import Seen, read_seen
 
 PROXIES = ("lb", "nginx", "haproxy")
@@ -405,20 +405,9 @@ async def probe(port: int, vector: Vector) -> Answer:
 
 # -- the proxies, configured as the classic profile and lb.toml are ----------------
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log info;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  client_header_timeout 10s;
+NGINX_CONF = (
+    NGINX_HEAD
+    + """  client_header_timeout 10s;
   large_client_header_buffers 4 16k;
   map $http_upgrade $balance_connection {{ default upgrade; "" ""; }}
   upstream backend {{ server 127.0.0.1:{backend}; keepalive 16; }}
@@ -436,6 +425,7 @@ http {{
   }}
 }}
 """
+)
 
 HAPROXY_CFG = """
 global
@@ -468,7 +458,9 @@ address = "127.0.0.1:{backend}"
 def proxy_argv(name: str, work: Path, port: int, backend: int, lb_settings: str = "") -> list[str]:
     if name == "nginx":
         conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=work, port=port, backend=backend))
+        conf.write_text(
+            NGINX_CONF.format(dir=work, name="nginx", port=port, backend=backend, workers=1)
+        )
         return ["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "nginx-error.log")]
     if name == "haproxy":
         cfg = work / "haproxy.cfg"

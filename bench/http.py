@@ -21,26 +21,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .procs import cpu_seconds, free_port, machine, require, rotated, running
+from .procs import NGINX_HEAD, cpu_seconds, free_port, machine, require, rotated, running
 from .wrk import WrkResult, run
 
 PROXY_CORE, LOAD_CORE = 0, 1
 PROXIES = ("nginx", "haproxy", "lb", "bare-relay")
 
-NGINX_CONF = """
-worker_processes {workers};
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  upstream backends {{
+NGINX_CONF = (
+    NGINX_HEAD
+    + """  upstream backends {{
     server 127.0.0.1:{up1} max_fails=1 fail_timeout=10s;
     server 127.0.0.1:{up2} max_fails=1 fail_timeout=10s;
     keepalive 64;
@@ -57,6 +46,7 @@ http {{
   }}
 }}
 """
+)
 
 HAPROXY_CFG = """
 global
@@ -95,7 +85,9 @@ class Measure:
 def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int, workers: int = 1) -> list[str]:
     if name == "nginx":
         conf = work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=work, port=port, up1=up1, up2=up2, workers=workers))
+        conf.write_text(
+            NGINX_CONF.format(dir=work, name="nginx", port=port, up1=up1, up2=up2, workers=workers)
+        )
         return ["nginx", "-c", str(conf), "-p", str(work), "-e", str(work / "nginx-error.log")]
     if name == "haproxy":
         cfg = work / "haproxy.cfg"

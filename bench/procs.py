@@ -23,6 +23,25 @@ class BenchError(Exception):
     pass
 
 
+# The start of every nginx.conf a bench writes (a str.format template, as the
+# rest of each file): in the foreground, its files under {dir}, no access log;
+# the caller's part goes on inside `http {`, and closes it.
+NGINX_HEAD = """
+worker_processes {workers};
+daemon off;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+"""
+
+
 def machine() -> dict[str, object]:
     """What every result records of where it ran: the cores, and the interpreter
     the Python processes ran on (its build moves their CPU per request)."""

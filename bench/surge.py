@@ -20,31 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from .http import LOAD_CORE, PROXY_CORE, proxy_argv
-from .procs import free_port, machine, require, running
+from .procs import NGINX_HEAD, free_port, machine, require, running
 from .wrk import run
 
 PROXIES = ("lb", "nginx", "haproxy")
 CONNECTIONS = 4096
 
-NGINX_UPSTREAM = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx-{port}.pid;
-error_log {dir}/nginx-{port}-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  server {{
+NGINX_UPSTREAM = (
+    NGINX_HEAD
+    + """  server {{
     listen 127.0.0.1:{port};
     location / {{ return 200 "ok\\n"; }}
   }}
 }}
 """
+)
 
 
 @contextlib.contextmanager
@@ -54,7 +44,9 @@ def nginx_upstreams(work: Path, count: int = 2) -> Iterator[tuple[int, ...]]:
     with contextlib.ExitStack() as stack:
         for port in ports:
             conf = work / f"upstream-{port}.conf"
-            conf.write_text(NGINX_UPSTREAM.format(dir=work, port=port))
+            conf.write_text(
+                NGINX_UPSTREAM.format(dir=work, name=f"upstream-{port}", port=port, workers=1)
+            )
             argv = ["nginx", "-c", str(conf), "-p", str(work)]
             stack.enter_context(
                 running(argv, core=PROXY_CORE, port=port, log=work / f"upstream-{port}.log")

@@ -362,14 +362,7 @@ class ClientSession:
             return
         self._want = None
         self._refusal = (code, message)
-        self._connecting = False
-        self.write(b"N")
-        if self._pending:
-            self._buffer += b"".join(self._pending)
-            self._pending.clear()
-        assert self.valve is not None
-        self.valve.resume(Reason.NO_PEER_YET)
-        self._first_packet()
+        self._read_on_in_clear()
 
     def ssl_answer(self, side: ServerSide, answer: bytes) -> None:
         """The server answered the forwarded SSLRequest."""
@@ -381,8 +374,11 @@ class ClientSession:
             self._relay(side, b"", answered=True)
             self.write(b"S")
             return
-        # In clear: the client's next packet is read here, like a first packet.
         self._ready = side
+        self._read_on_in_clear()
+
+    def _read_on_in_clear(self) -> None:
+        """'N' to the client's SSLRequest: its next packet is read here, like a first packet."""
         self._connecting = False
         self.write(b"N")
         if self._pending:
