@@ -258,6 +258,8 @@ class Balancer:
         self._watch(added)
         for server in removed:
             self.pool.drop(server)
+            # its requests stay counted in lb_request_duration_seconds
+            self.metrics.latency.add(server.latency.to_json())
         self.hedge_after = new.hedge_after
         self.max_connecting = new.queue.max_connecting
         self.budget.percent = new.retry_budget.percent

@@ -735,10 +735,12 @@ class Exchange:
         if now is None:
             now = lb.clock()
         elapsed = now - self.started
-        lb.metrics.observe(elapsed)
         if server is not None:
             server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+            # one histogram per request: lb's own is the servers' summed at scrape time
             server.latency.observe(elapsed)
+        else:
+            lb.metrics.latency.observe(elapsed)  # answered by lb itself
         if lb.config.access_log:
             access_log.info(
                 '%s "%s %s" %d %.3f %s tries=%d id=%s',

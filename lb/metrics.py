@@ -57,14 +57,13 @@ class LbMetrics:
         self.client_active = 0
         self.client_total = 0
         self.client_refused = 0
+        # Requests lb answered itself, and those of servers since removed: the
+        # rest of lb_request_duration_seconds is in each server's histogram.
         self.latency = Histogram()
         self.queue_timeouts = 0
         self.queue_refused = 0
         self.queued = 0  # requests waiting in the queue now
         self.queue_wait = Histogram()
-
-    def observe(self, seconds: float) -> None:
-        self.latency.observe(seconds)
 
 
 class LbCollector(Collector):
@@ -145,7 +144,10 @@ class LbCollector(Collector):
             check_time,
         )
 
-        yield m.latency.family(
+        every = Histogram()
+        for histogram in (m.latency, *(s.latency for s in servers)):
+            every.add(histogram.to_json())
+        yield every.family(
             "lb_request_duration_seconds", "From request head to the end of the response"
         )
         yield m.queue_wait.family(
