@@ -467,17 +467,21 @@ class Exchange:
             return
         if self._hedge_carries_on(conn):
             return
-        lb = self.lb
-        if may_retry(
+        if self._may_send_again():
+            self.lb.metrics.moved += 1
+            self._retry(server, "marked down by the checks")
+
+    def _may_send_again(self) -> bool:
+        """Whether this request, sent to a server that has not answered the
+        client, may go to another (retry.may_retry's rule)."""
+        return may_retry(
             method=self.method,
             reached_upstream=True,
             answered_client=False,
             body_replayable=self.body_done and self.replayable,
             tries_done=len(self.tried),
-            max_tries=lb.config.tries,
-        ):
-            lb.metrics.moved += 1
-            self._retry(server, "marked down by the checks")
+            max_tries=self.lb.config.tries,
+        )
 
     # -- the request body ------------------------------------------------------
     def _send_body(self, chunk: bytes) -> None:
@@ -566,18 +570,7 @@ class Exchange:
             server.record_failure(f"answered {status}")
             # Retried only when another server can answer; else this answer is
             # the best there is and goes through (as nginx's proxy_next_upstream).
-            if (
-                may_retry(
-                    method=self.method,
-                    reached_upstream=True,
-                    answered_client=False,
-                    body_replayable=self.body_done and self.replayable,
-                    tries_done=len(self.tried),
-                    max_tries=lb.config.tries,
-                )
-                and any_available(lb.servers, self.tried)
-                and self._budget()
-            ):
+            if self._may_send_again() and any_available(lb.servers, self.tried) and self._budget():
                 self._retry(server, f"answered {status}")
                 return False
         self.status = status
