@@ -9,7 +9,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from tests.dbproxyctl import (
     connections_to,
     dbproxy_for,
 )
+from tests.silent import full_backlog, never_accepting
 from tests.stackctl import REPO, StackHandle, profile_stack
 
 MASTER, REPLICA = "service-db", "service-db-replica"
@@ -221,18 +221,12 @@ async def test_gssenc_is_declined_and_the_session_goes_on(
 async def test_a_connect_that_hangs_times_out_and_the_next_server_serves(
     pystack: StackHandle, tmp_path: Path
 ) -> None:
-    # A listener whose accept queue is full: the kernel drops further SYNs, so a
-    # connect to it hangs as to a host gone silent.
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    filler = socket.create_connection(hole.getsockname())
-    settings = (
-        QUIET_CHECKS
-        + '\n[timeouts]\nconnect = "300ms"\n'
-        + f'\n[[server]]\nname = "hole"\naddress = "127.0.0.1:{hole.getsockname()[1]}"\n'
-    )
-    try:
+    with full_backlog() as hole:
+        settings = (
+            QUIET_CHECKS
+            + '\n[timeouts]\nconnect = "300ms"\n'
+            + f'\n[[server]]\nname = "hole"\naddress = "127.0.0.1:{hole}"\n'
+        )
         with dbproxy_for(pystack, tmp_path, settings, top='method = "round_robin"\n') as proxy:
             for _ in range(4):  # round robin over three: the hole comes first at least once
                 conn = await connect(pystack, proxy.ports["any"])
@@ -240,25 +234,17 @@ async def test_a_connect_that_hangs_times_out_and_the_next_server_serves(
                 await conn.close()
             assert proxy.server("hole")["connect_errors"] >= 1
             assert "connect timed out" in proxy.log_text()
-    finally:
-        filler.close()
-        hole.close()
 
 
 async def test_a_server_that_accepts_but_never_answers_holds_no_session(
     pystack: StackHandle, tmp_path: Path
 ) -> None:
-    # A listener that never accepts: the kernel completes the handshake and queues
-    # what is sent, as for a frozen (SIGSTOPped) server, and nothing ever answers.
-    frozen = socket.socket()
-    frozen.bind(("127.0.0.1", 0))
-    frozen.listen(64)
-    settings = (
-        QUIET_CHECKS
-        + '\n[timeouts]\nstartup = "300ms"\n'
-        + f'\n[[server]]\nname = "frozen"\naddress = "127.0.0.1:{frozen.getsockname()[1]}"\n'
-    )
-    try:
+    with never_accepting() as frozen:
+        settings = (
+            QUIET_CHECKS
+            + '\n[timeouts]\nstartup = "300ms"\n'
+            + f'\n[[server]]\nname = "frozen"\naddress = "127.0.0.1:{frozen}"\n'
+        )
         with dbproxy_for(pystack, tmp_path, settings, top='method = "round_robin"\n') as proxy:
             for ssl in (False, True):  # the startup packet, and an SSLRequest before it
                 for _ in range(3):  # round robin over three: the frozen one comes once
@@ -269,8 +255,6 @@ async def test_a_server_that_accepts_but_never_answers_holds_no_session(
                     await conn.close()
             assert proxy.status()["sessions_redialed"] >= 1
             assert "no answer to a first packet within 0.3s" in proxy.log_text()
-    finally:
-        frozen.close()
 
 
 async def test_a_frozen_replica_is_marked_down_and_ro_moves_on(

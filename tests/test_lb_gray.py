@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import signal
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 
 from tests.lbctl import Lb, Upstream, lb_with
 from tests.rawhttp import get, read_response
+from tests.silent import full_backlog
 
 GRAY = """
 hedge_after = "200ms"
@@ -196,43 +196,34 @@ def test_a_connect_that_hangs_is_dialled_elsewhere_after_hedge_after(tmp_path: P
     """A frozen server whose accept queue is full drops the SYN: a connect to it
     would hang for timeouts.connect. After hedge_after another server is dialled
     beside it, for any method: nothing was sent yet."""
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(0)
-    filler = socket.create_connection(hole.getsockname())  # the queue is full now
     settings = (
         'hedge_after = "200ms"\n[timeouts]\nconnect = "5s"\n'
         "[health]\nenabled = false\n[upstream_keepalive]\nmax_idle = 0\n"
     )
-    try:
-        with lb_with(tmp_path, names=("a",), settings=settings) as (lb, _):
-            text = lb.config.read_text()
-            lb.config.write_text(
-                text.replace(
-                    "[[server]]",
-                    f'[[server]]\nname = "hole"\naddress = "127.0.0.1:{hole.getsockname()[1]}"\n'
-                    "\n[[server]]",
-                    1,
-                )
+    with full_backlog() as hole, lb_with(tmp_path, names=("a",), settings=settings) as (lb, _):
+        text = lb.config.read_text()
+        lb.config.write_text(
+            text.replace(
+                "[[server]]",
+                f'[[server]]\nname = "hole"\naddress = "127.0.0.1:{hole}"\n\n[[server]]',
+                1,
             )
-            lb.signal(signal.SIGHUP)
-            time.sleep(0.5)
+        )
+        lb.signal(signal.SIGHUP)
+        time.sleep(0.5)
 
-            async def run() -> list[tuple[int, float]]:
-                async with aiohttp.ClientSession() as http:
+        async def run() -> list[tuple[int, float]]:
+            async with aiohttp.ClientSession() as http:
 
-                    async def one(method: str) -> tuple[int, float]:
-                        started = time.monotonic()
-                        async with http.request(method, lb.url + "/echo", data=b"x") as r:
-                            await r.read()
-                            return r.status, time.monotonic() - started
+                async def one(method: str) -> tuple[int, float]:
+                    started = time.monotonic()
+                    async with http.request(method, lb.url + "/echo", data=b"x") as r:
+                        await r.read()
+                        return r.status, time.monotonic() - started
 
-                    return await asyncio.gather(*(one(m) for m in ("GET", "POST") * 3))
+                return await asyncio.gather(*(one(m) for m in ("GET", "POST") * 3))
 
-            answers = asyncio.run(run())
-        assert [s for s, _ in answers] == [200] * 6
-        assert max(t for _, t in answers) < 2.0  # not the 5 s connect timeout
-        assert "connect to hole slow" in lb.log_text()
-    finally:
-        filler.close()
-        hole.close()
+        answers = asyncio.run(run())
+    assert [s for s, _ in answers] == [200] * 6
+    assert max(t for _, t in answers) < 2.0  # not the 5 s connect timeout
+    assert "connect to hole slow" in lb.log_text()

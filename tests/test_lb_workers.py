@@ -70,12 +70,8 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(
     before = worker_pids(lb)
 
     async def run() -> object:
-        loop = asyncio.get_running_loop()
-        loop.call_later(0.5, lb_kill, before[0])
+        asyncio.get_running_loop().call_later(0.5, os.kill, before[0], signal.SIGKILL)
         return await keepalive_clients(lb.port, 8, 2.0)
-
-    def lb_kill(pid: int) -> None:
-        os.kill(pid, signal.SIGKILL)
 
     asyncio.run(run())
     deadline = time.monotonic() + 3
