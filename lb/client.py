@@ -267,7 +267,9 @@ class ClientConnection:
         self._in_head = False
         parser = self.parser
         info = self._request
-        self._request = RequestInfo()  # for the next head, whatever becomes of this one
+        # for the next head, whatever becomes of this one; its Host (checked) is
+        # most likely the next head's too
+        self._request = RequestInfo(known_host=info.host)
         # llhttp keeps an HTTP/1.0 connection alive only when a Connection header
         # asks: keep-alive without one means HTTP/1.1, and spares
         # get_http_version(), which formats a str (a tenth of a microsecond).
@@ -321,6 +323,14 @@ class ClientConnection:
             self._out.append(data)
         elif self.transport is not None and not self.closed:
             self._send(data)
+
+    def write_parts(self, parts: list[bytes]) -> None:
+        """Write what ``parts`` joined make: while corked they join what else the
+        read brings (a response head and its body leave in one join and one send)."""
+        if self._corked:
+            self._out += parts
+        else:
+            self.write(b"".join(parts))
 
     def cork(self) -> None:
         """Hold writes until uncork: what one upstream read produces leaves in one send."""

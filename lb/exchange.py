@@ -33,6 +33,10 @@ log = logging.getLogger("lb")
 access_log = logging.getLogger("lb.access")
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# "The caller has not read the clock": a plain float, not None, so that compiled
+# a time passed down stays a C double (an optional float is a boxed object,
+# allocated and freed per call).
+NOT_READ: Final = -1.0
 LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
@@ -101,7 +105,7 @@ class Exchange:
         self.body_done = not info.chunked and not info.content_length and info.upgrade is None
 
     # -- choosing and reaching a server --------------------------------------
-    def begin(self, now: float | None = None) -> None:
+    def begin(self, now: float = NOT_READ) -> None:
         """Choose a server and send; ``now``: the loop time when the caller has it
         (a request begun as soon as its head is read), else it is read here. When
         every fitting server is at its max_conns, wait in the queue for a slot."""
@@ -126,7 +130,7 @@ class Exchange:
             return
         self._go(server, now)
 
-    def _go(self, server: Server, now: float | None) -> None:
+    def _go(self, server: Server, now: float) -> None:
         """Send to ``server``, which has room: on a pooled connection, or a new one."""
         lb = self.lb
         tried = self.tried
@@ -143,7 +147,7 @@ class Exchange:
             self.client.write(CONTINUE)
         conn = lb.pool.take(server)
         if conn is not None:
-            self._attach(conn, lb.clock() if now is None else now)
+            self._attach(conn, lb.clock() if now == NOT_READ else now)
             return
         self.connecting = True
         self.client.valve.pause(Reason.NO_PEER_YET)
@@ -186,7 +190,7 @@ class Exchange:
         if server is None:
             return False
         lb.left_queue(self)
-        self._go(server, None)
+        self._go(server, NOT_READ)
         return True
 
     def queue_expired(self) -> None:
@@ -292,17 +296,17 @@ class Exchange:
         if self.sent_body:
             conn.transport.writelines(self.sent_body)
 
-    def _let_go(self, conn: UpstreamConnection, reusable: bool, now: float | None = None) -> None:
+    def _let_go(self, conn: UpstreamConnection, reusable: bool, now: float = NOT_READ) -> None:
         conn.server.active -= 1
         lb = self.lb
         if reusable:
-            conn.release(lb.clock() if now is None else now)
+            conn.release(lb.clock() if now == NOT_READ else now)
         else:
             conn.abort()
         if lb.queue:
             lb.slot_freed()
 
-    def _detach(self, reusable: bool, now: float | None = None) -> None:
+    def _detach(self, reusable: bool, now: float = NOT_READ) -> None:
         """Let go of the upstream (and of a hedge racing it); a reusable one goes
         back to the pool (``now``: the loop time when the caller has read it)."""
         if self.hedge_conn is not None:
@@ -548,7 +552,7 @@ class Exchange:
             request_id=self.request_id,
             upgrade=True,
         )
-        self.client.write(head)
+        self.client.write_parts(head)
         self.tunnel_open = True
         if self.tunnel_buffer and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.writelines(self.tunnel_buffer)
@@ -599,7 +603,7 @@ class Exchange:
             request_id=self.request_id,
         )
         self.answered_client = True
-        self.client.write(head)
+        self.client.write_parts(head)
         return is_head
 
     def on_response_body(self, data: bytes) -> None:
@@ -717,7 +721,7 @@ class Exchange:
             )
         self._finish(status)
 
-    def _finish(self, status: int, abort: bool = False, now: float | None = None) -> None:
+    def _finish(self, status: int, abort: bool = False, now: float = NOT_READ) -> None:
         self.finished = True
         lb = self.lb
         if self.budgeted:
@@ -725,7 +729,7 @@ class Exchange:
         if self.queued:
             lb.left_queue(self)
         server = self.server
-        if now is None:
+        if now == NOT_READ:
             now = lb.clock()
         elapsed = now - self.started
         if server is not None:

@@ -8,10 +8,12 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
+from mypy_extensions import i64
+
 Header = tuple[bytes, bytes]
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus the ones we rebuild ourselves.
-_HOP_BY_HOP: Final = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -24,7 +26,7 @@ _HOP_BY_HOP: Final = frozenset(
         b"proxy-authorization",
     }
 )
-_REBUILT_REQUEST: Final = _HOP_BY_HOP | {
+_REBUILT_REQUEST: Final = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"x-forwarded-for",
@@ -32,7 +34,7 @@ _REBUILT_REQUEST: Final = _HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
 }
-_REBUILT_RESPONSE: Final = _HOP_BY_HOP | {b"content-length"}
+REBUILT_RESPONSE: Final = HOP_BY_HOP | {b"content-length"}
 _REQUEST_LINE_END: Final = b" HTTP/1.1\r\n"
 _XFF_NAME: Final = b"X-Forwarded-For: "
 _PROTO_AND_FORWARDED_HOST: Final = b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
@@ -40,61 +42,32 @@ _PROTO_AND_HOST: Final = b"\r\nX-Forwarded-Proto: http\r\nHost: "
 _REQUEST_ID_END: Final = b"\r\n\r\n"
 
 
-# Header names as clients and servers usually spell them, each with its
-# lowercase form: a lookup here spares the lower() (a new bytes object) per header.
-_KNOWN_NAMES: Final = (
-    "Host",
-    "User-Agent",
-    "Accept",
-    "Accept-Encoding",
-    "Accept-Language",
-    "Cookie",
-    "Content-Type",
-    "Content-Length",
-    "Transfer-Encoding",
-    "Connection",
-    "Authorization",
-    "Referer",
-    "Origin",
-    "Cache-Control",
-    "Pragma",
-    "If-None-Match",
-    "If-Modified-Since",
-    "DNT",
-    "Upgrade",
-    "Expect",
-    "Sec-Fetch-Mode",
-    "Sec-Fetch-Site",
-    "Sec-Fetch-Dest",
-    "Upgrade-Insecure-Requests",
-    "X-Request-ID",
-    "X-Forwarded-For",
-    "Date",
-    "Server",
-    "ETag",
-    "Last-Modified",
-    "Set-Cookie",
-    "Vary",
-    "Location",
-    "Expires",
-    "Content-Encoding",
-    "Content-Language",
-    "Age",
-    "Accept-Ranges",
-    "Access-Control-Allow-Origin",
-    "X-Served-By",
+# The header names some rule looks at (the rebuilt ones and Host), as they are
+# usually spelled; rule_name finds them by length and a compare, not by a hash
+# of each name read (a new bytes object, so hashed afresh every time).
+_WATCHED_NAMES: Final = (
+    b"Host",
+    b"Content-Length",
+    b"Transfer-Encoding",
+    b"Connection",
+    b"Keep-Alive",
+    b"Proxy-Connection",
+    b"TE",
+    b"Trailer",
+    b"Upgrade",
+    b"Proxy-Authenticate",
+    b"Proxy-Authorization",
+    b"Expect",
+    b"X-Forwarded-For",
+    b"X-Forwarded-Proto",
+    b"X-Forwarded-Host",
+    b"X-Request-ID",
 )
-_LOWER: Final = {
-    spelled: name.lower().encode()
-    for name in _KNOWN_NAMES
-    for spelled in (name.encode(), name.lower().encode())
-}
-# By a header name's length: could it be one a pass over a head looks for (the
-# rebuilt ones, Host, X-Request-ID)? Most names are not, and skip the lookup.
-_WATCHED_SIZES: Final = bytes(
-    int(size in {len(n) for n in (_REBUILT_REQUEST | _REBUILT_RESPONSE | {b"host"})})
-    for size in range(32)
-)
+# By length: the lowercase form of each watched name of that length.
+_BY_SIZE: Final = [
+    tuple(n.lower() for n in _WATCHED_NAMES if len(n) == size)
+    for size in range(max(len(n) for n in _WATCHED_NAMES) + 1)
+]
 _PLAIN_CONNECTION_TOKENS: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 # Headers a client cannot make hop-by-hop by naming them in Connection: what lb
 # frames and routes by (Host, Content-Length, Transfer-Encoding) and what it sets
@@ -158,13 +131,29 @@ def as_http11(data: bytes) -> bytes | None:
     return start + b" HTTP/1.1" + data[line_end:]
 
 
-def rule_name(name: bytes) -> bytes:
-    """The lowercase form of a header name some rule looks at; b"" for a name no
-    rule can be about, told by its length alone (most names: no lookup at all)."""
-    size = len(name)
-    if size >= len(_WATCHED_SIZES) or not _WATCHED_SIZES[size]:
+def watched_name(data: bytes, start: i64, end: i64) -> bytes:
+    """The lowercase form of the header name ``data[start:end]`` when it is one
+    some rule looks at (_WATCHED_NAMES), else b"". Compared in place, in any
+    case: no slice, no lower(), no hash; most names are told by their length.
+
+    For names of token characters (the parser's, lb.plain's): ``| 0x20``
+    lowercases a letter and maps no other token character onto a letter or '-'.
+    """
+    size = end - start
+    if size >= len(_BY_SIZE):
         return b""
-    return _LOWER.get(name) or name.lower()
+    for lower in _BY_SIZE[size]:
+        k: i64 = 0
+        while k < size and data[start + k] | 0x20 == lower[k]:
+            k += 1
+        if k == size:
+            return lower
+    return b""
+
+
+def rule_name(name: bytes) -> bytes:
+    """watched_name for a whole name."""
+    return watched_name(name, 0, len(name))
 
 
 def _add_line(out: list[bytes], name: bytes, value: bytes) -> None:
@@ -234,7 +223,11 @@ def _connection_tokens(values: Sequence[bytes]) -> set[bytes]:
 class RequestInfo:
     """What the proxy needs to know of a request head, checked: gathered header by
     header as the parser reads them (``add``), checked once the head is whole
-    (``finish``). ``RequestInfo(headers, http11, max_body)`` reads a whole list."""
+    (``finish``). ``RequestInfo(headers, http11, max_body)`` reads a whole list.
+
+    ``known_host``: a Host value already found valid (the one before on the same
+    connection, which a client repeats): the same bytes are not checked again
+    (the check, a translate() call, was a twentieth of lb's work per request)."""
 
     __slots__ = (
         "_authority",
@@ -242,6 +235,7 @@ class RequestInfo:
         "_content_lengths",
         "_forwarded",
         "_hosts",
+        "_known_host",
         "_transfer_encodings",
         "chunked",
         "close",
@@ -256,8 +250,13 @@ class RequestInfo:
     )
 
     def __init__(
-        self, headers: list[Header] | None = None, http11: bool = True, max_body: int = 0
+        self,
+        headers: list[Header] | None = None,
+        http11: bool = True,
+        max_body: int = 0,
+        known_host: bytes = b"",
     ) -> None:
+        self._known_host = known_host
         self.expect_continue = False
         self.upgrade: bytes | None = None
         self.request_id: bytes | None = None
@@ -293,7 +292,7 @@ class RequestInfo:
         if not lname or lname not in _REBUILT_REQUEST:
             _add_line(self._forwarded, name, value)
             if lname == b"host":
-                if value.translate(None, _HOST_CHARS):
+                if value != self._known_host and value.translate(None, _HOST_CHARS):
                     raise BadRequest(400, "bad_request", "the Host header is not a valid host")
                 self.host = value
                 self._hosts += 1
@@ -476,8 +475,11 @@ class ResponseInfo:
         "_upgrade_seen",
         "chunked",
         "content_length",
+        "keep_alive",
         "lines",
+        "reason",
         "request_id",
+        "status",
     )
 
     def __init__(self, headers: list[Header] | None = None, upgrade: bool = False) -> None:
@@ -488,6 +490,10 @@ class ResponseInfo:
         self.chunked = False
         self.request_id = False
         self.lines = b""
+        # Set by ``settle`` only (the parser has them for its heads).
+        self.status = 0
+        self.reason = b""
+        self.keep_alive = False
         # What ``add`` gathers for the head being read.
         self._parts: list[bytes] = []
         self._content_length: bytes | None = None
@@ -502,7 +508,7 @@ class ResponseInfo:
 
     def add(self, name: bytes, value: bytes) -> None:
         lname = rule_name(name)
-        if not lname or lname not in _REBUILT_RESPONSE:
+        if not lname or lname not in REBUILT_RESPONSE:
             if lname == b"x-request-id":
                 self._request_id = True
             _add_line(self._parts, name, value)
@@ -522,6 +528,26 @@ class ResponseInfo:
             # Kept in its place; only a 101 passes it on (see finish).
             self._upgrade_seen = True
             _add_line(self._parts, name, value)
+
+    def settle(
+        self,
+        status: int,
+        reason: bytes,
+        lines: bytes,
+        content_length: bytes,
+        request_id: bool,
+        keep_alive: bool,
+    ) -> None:
+        """A plain head read whole without the parser (lb.plain, by the same
+        rules): what ``finish`` would have settled, and what the parser would
+        have said of its status line and keep-alive."""
+        self.status = status
+        self.reason = reason
+        self.lines = lines
+        self.content_length = content_length
+        self.chunked = False
+        self.request_id = request_id
+        self.keep_alive = keep_alive
 
     def finish(self, upgrade: bool) -> None:
         """The head is whole: settle what it says and start afresh for the next
@@ -568,32 +594,44 @@ def client_response_head(
     keep_alive: bool,
     request_id: bytes,
     upgrade: bool = False,
-) -> bytes:
-    """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told otherwise).
+) -> list[bytes]:
+    """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told
+    otherwise), as at most nine parts: the client's connection joins them with the
+    body read with them (ClientConnection.write_parts), one join of at most ten
+    (CPython's join allocates its bookkeeping for more) for the whole response.
 
     ``content_length``: the digits to send, as in ResponseInfo.content_length.
     """
-    # At most ten parts: CPython's join allocates its bookkeeping for more.
     parts = [_status_line_start(status), reason, b"\r\n", info.lines]
+    # each ending comes without and with the end of an X-Request-ID line before it
+    with_id = 0
     if not info.request_id:
         parts.append(b"X-Request-ID: ")
         parts.append(request_id)
-        parts.append(b"\r\n")
+        with_id = 1
     if upgrade:
-        parts.append(b"Connection: upgrade\r\n\r\n")
+        parts.append(_UPGRADE_END[with_id])
     elif chunked_to_client:
-        parts.append(
-            b"Transfer-Encoding: chunked\r\n\r\n"
-            if keep_alive
-            else b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-        )
+        parts.append((_CHUNKED_END if keep_alive else _CHUNKED_CLOSE_END)[with_id])
     elif content_length is not None:
-        parts.append(b"Content-Length: ")
+        parts.append(_LENGTH_NAME[with_id])
         parts.append(content_length)
         parts.append(b"\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n")
     else:
-        parts.append(b"\r\n" if keep_alive else b"Connection: close\r\n\r\n")
-    return b"".join(parts)
+        parts.append((_END if keep_alive else _CLOSE_END)[with_id])
+    return parts
+
+
+def _ends(ending: bytes) -> tuple[bytes, bytes]:
+    return ending, b"\r\n" + ending
+
+
+_UPGRADE_END: Final = _ends(b"Connection: upgrade\r\n\r\n")
+_CHUNKED_END: Final = _ends(b"Transfer-Encoding: chunked\r\n\r\n")
+_CHUNKED_CLOSE_END: Final = _ends(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+_LENGTH_NAME: Final = _ends(b"Content-Length: ")
+_END: Final = _ends(b"\r\n")
+_CLOSE_END: Final = _ends(b"Connection: close\r\n\r\n")
 
 
 # "HTTP/1.1 200 ".. as bytes once, not formatted per response

@@ -15,6 +15,7 @@ from proxycore.servers import Server
 
 from .config import LbConfig
 from .heads import ResponseInfo
+from .plain import scan
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -71,6 +72,14 @@ class UpstreamConnection:
             self.hedge_timer.cancel()
             if ex.hedge_conn is not None and not ex.first_byte_from(self):
                 return  # a hedge racing this one answered first: this one was closed
+            # The usual response, whole in its first read: read without llhttp
+            # (which then never saw it: it waits at the start of a message, as
+            # after any response). A HEAD's has a length and no body: llhttp's.
+            if ex.method != b"HEAD":
+                body_start = scan(data, self._head)
+                if body_start >= 0:
+                    self._plain_response(ex, data, body_start)
+                    return
         client = ex.client
         client.cork()
         try:
@@ -162,6 +171,22 @@ class UpstreamConnection:
     def on_message_complete(self) -> None:
         if not self._interim:
             self._done = True
+
+    def _plain_response(self, ex: Exchange, data: bytes, body_start: int) -> None:
+        """A whole response read by lb.plain into self._head: what the parser's
+        callbacks do, in one go."""
+        client = ex.client
+        client.cork()
+        try:
+            head = self._head
+            self._keep_alive = head.keep_alive
+            ex.on_response_head(head.status, head.reason, head, head.keep_alive)
+            if self.exchange is ex:  # not retried elsewhere (a passive status)
+                if body_start < len(data):
+                    ex.on_response_body(data[body_start:])
+                self._response_done(ex)
+        finally:
+            client.uncork()
 
     # -- life of the connection ------------------------------------------------
     def _response_done(self, ex: Exchange) -> None:

@@ -36,6 +36,7 @@ HOT_MODULES = (
     "lb.metrics",
     "lb.app",
     "lb.heads",
+    "lb.plain",
     "lb.retry",
     "lb.client",
     "lb.exchange",

@@ -17,6 +17,7 @@ from lb.heads import (
     as_http11,
     client_response_head,
     origin_form,
+    rule_name,
     upstream_request_head,
 )
 from lb.retry import RetryBudget, may_retry
@@ -249,16 +250,18 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
         assert gone not in head
     assert "X-Forwarded-For: 10.0.0.1, 127.0.0.1\r\n" in head
     assert "X-Forwarded-Proto: http\r\nX-Forwarded-Host: site\r\nX-Request-ID: rid\r\n" in head
-    response = client_response_head(
-        200,
-        b"OK",
-        ResponseInfo(
-            [(b"Connection", b"close, X-Internal"), (b"X-Internal", b"1"), (b"Server", b"s")]
-        ),
-        content_length=b"3",
-        chunked_to_client=False,
-        keep_alive=True,
-        request_id=b"rid",
+    response = b"".join(
+        client_response_head(
+            200,
+            b"OK",
+            ResponseInfo(
+                [(b"Connection", b"close, X-Internal"), (b"X-Internal", b"1"), (b"Server", b"s")]
+            ),
+            content_length=b"3",
+            chunked_to_client=False,
+            keep_alive=True,
+            request_id=b"rid",
+        )
     ).decode()
     assert "X-Internal" not in response and "Connection" not in response
     assert "Server: s\r\nX-Request-ID: rid\r\nContent-Length: 3\r\n\r\n" in response
@@ -272,6 +275,19 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
     assert ResponseInfo([(b"X-Anything-Long-Enough-To-Skip", b"1")]).lines == (
         b"X-Anything-Long-Enough-To-Skip: 1\r\n"
     )
+
+
+def test_rule_name_finds_every_watched_name_in_any_case_and_no_other() -> None:
+    from lb.heads import _REBUILT_REQUEST, REBUILT_RESPONSE, _WATCHED_NAMES
+
+    watched = _REBUILT_REQUEST | REBUILT_RESPONSE | {b"host"}
+    assert {n.lower() for n in _WATCHED_NAMES} == watched
+    for lower in watched:
+        for spelled in (lower, lower.upper(), lower.title(), lower.swapcase().title()):
+            assert rule_name(spelled) == lower
+    # same length as a watched name, or one letter off: not watched
+    for other in (b"Content-Type", b"Hos", b"Hosts", b"Gost", b"Content-Lengtx", b"", b"X" * 40):
+        assert rule_name(other) == b""
 
 
 def test_response_heads_read_on_one_connection_share_nothing() -> None:
