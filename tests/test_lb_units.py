@@ -278,7 +278,7 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
 
 
 def test_rule_name_finds_every_watched_name_in_any_case_and_no_other() -> None:
-    from lb.heads import _REBUILT_REQUEST, REBUILT_RESPONSE, _WATCHED_NAMES
+    from lb.heads import _REBUILT_REQUEST, _WATCHED_NAMES, REBUILT_RESPONSE
 
     watched = _REBUILT_REQUEST | REBUILT_RESPONSE | {b"host"}
     assert {n.lower() for n in _WATCHED_NAMES} == watched
