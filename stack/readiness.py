@@ -54,10 +54,17 @@ async def _probe(ready: Readiness) -> bool:
         return False
 
 
+async def _all_ready(spec: ServiceSpec) -> bool:
+    for ready in spec.ready:
+        if not await _probe(ready):
+            return False
+    return True
+
+
 async def wait_ready(spec: ServiceSpec, ref: ProcessRef, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if await _probe(spec.ready):
+        if await _all_ready(spec):
             return
         if not is_alive(ref):
             raise StackError(

@@ -111,7 +111,9 @@ class ServiceSpec:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     listens: tuple[int, ...]
-    ready: Readiness
+    # all must answer: a proxy in workers serves its listener before its
+    # supervisor's admin API is up, and a caller of `stack up` may use either
+    ready: tuple[Readiness, ...]
     log: Path
     address: str
     user: str | None = None
@@ -175,7 +177,7 @@ class Topology:
                 argv=tuple(server_argv(find_bindir(), self.datadir(name))),
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
                 listens=(port,),
-                ready=Readiness("postgres", port),
+                ready=(Readiness("postgres", port),),
                 log=log,
                 address=f"127.0.0.1:{port}",
                 user=run_as(),
@@ -212,7 +214,7 @@ class Topology:
                 argv=argv,
                 env=env,
                 listens=(port,),
-                ready=Readiness("http", port),
+                ready=(Readiness("http", port),),
                 log=log,
                 address=f"127.0.0.1:{port}",
             )
@@ -237,7 +239,10 @@ class Topology:
                 argv=argv,
                 env=dict(os.environ),
                 listens=(self.ports.entry, self.ports.lb_admin),
-                ready=Readiness("http", self.ports.entry),
+                ready=(
+                    Readiness("http", self.ports.entry),
+                    Readiness("http", self.ports.lb_admin, "/status"),
+                ),
                 log=log,
                 address=f"127.0.0.1:{self.ports.entry} (admin :{self.ports.lb_admin})",
             )
@@ -268,7 +273,10 @@ class Topology:
                 argv=argv,
                 env=env,
                 listens=(p.db_rw, p.db_ro, p.db_any, p.dbproxy_admin),
-                ready=Readiness("postgres", p.db_rw),
+                ready=(
+                    Readiness("postgres", p.db_rw),
+                    Readiness("http", p.dbproxy_admin, "/status"),
+                ),
                 log=log,
                 address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (admin :{p.dbproxy_admin})",
             )
@@ -285,7 +293,7 @@ class Topology:
                 ),
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 listens=(self.ports.entry, self.ports.lb_admin),
-                ready=Readiness("http", self.ports.entry),
+                ready=(Readiness("http", self.ports.entry),),
                 log=log,
                 address=f"127.0.0.1:{self.ports.entry} (status :{self.ports.lb_admin})",
                 stop_signal=signal.SIGQUIT,  # nginx's graceful shutdown, as lb's SIGTERM
@@ -299,7 +307,7 @@ class Topology:
                 argv=(classic.find_program("haproxy"), "-db", "-f", str(cfg)),
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 listens=(p.db_rw, p.db_ro, p.db_any, p.dbproxy_admin),
-                ready=Readiness("postgres", p.db_rw),
+                ready=(Readiness("postgres", p.db_rw),),
                 log=log,
                 address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (stats :{p.dbproxy_admin})",
                 before_start=partial(self._render_config, BALANCE_CONFIG / "haproxy.cfg", cfg),
