@@ -252,3 +252,11 @@ async def test_plain_and_parsed_responses_reach_the_client_alike(tmp_path: Path)
         lb.stop()
         server.close()
         await server.wait_closed()
+
+
+def test_the_scan_is_used_exactly_when_the_hot_path_is_compiled() -> None:
+    from lb.upstream import SCAN_PLAIN
+    from proxycore.compiled import hot_path
+
+    compiled = hot_path() == "compiled"
+    assert compiled is SCAN_PLAIN
