@@ -6,7 +6,7 @@ whole of it in one read. llhttp reads such a response through six callbacks into
 Python (status, each header, head complete, body, message complete), each a
 new bytes object, an argument parse and a call; that glue was a fifth of lb's
 own work per request. ``scan`` reads the same bytes in one compiled loop and
-hands the lines on as one slice of the read (two when a line is left out).
+hands the lines on as slices of the read (one, or one more per line left out).
 
 It accepts only what llhttp accepts and reads it the same way (the tests
 compare the two on every input they have, and on mutations of them); anything
