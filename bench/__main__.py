@@ -1,6 +1,6 @@
 """python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
 python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
-python -m bench edge [--out FILE]   (hostile and odd HTTP inputs: lb, nginx, HAProxy)
+python -m bench edge [--fuzz N [--seed S]] [--out FILE]   (hostile HTTP inputs: lb, nginx, HAProxy)
 python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)
 python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)"""
 
@@ -15,6 +15,8 @@ from pathlib import Path
 from .compare import PROFILES, Plan, run_compare
 from .edge import run_edge
 from .edge import table as edge_table
+from .fuzz import run_fuzz
+from .fuzz import table as fuzz_table
 from .gray import run_gray
 from .gray import table as gray_table
 from .http import PROXIES, run_http_suite, suite_table
@@ -77,6 +79,13 @@ def main() -> int:
     edge = sub.add_parser(
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
     )
+    edge.add_argument(
+        "--fuzz",
+        type=int,
+        metavar="N",
+        help="N seeded mutations of request framing instead of the 48 inputs (bench/fuzz.py)",
+    )
+    edge.add_argument("--seed", type=int, default=26, help="the fuzz's seed (default 26)")
     edge.add_argument("--out", type=Path, help="JSON file (default bench/runs/edge-<time>.json)")
     gray = sub.add_parser(
         "gray", help="one of two upstreams frozen (SIGSTOP) for 6 s under keep-alive load"
@@ -116,6 +125,9 @@ def main() -> int:
         elif args.command == "gray":
             result = run_gray(say=say)
             shown = gray_table(result)
+        elif args.command == "edge" and args.fuzz:
+            result = run_fuzz(args.fuzz, seed=args.seed, say=say)
+            shown = fuzz_table(result)
         elif args.command == "edge":
             result = run_edge(say=say)
             shown = edge_table(result)

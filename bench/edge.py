@@ -484,9 +484,12 @@ def _versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def behind_proxy(name: str, work: Path, lb_settings: str = "") -> Iterator[tuple[int, Path]]:
-    """``name`` in front of its own recorder: (the proxy's port, the recorder's file);
-    ``lb_settings``: top-level lb.toml lines for lb."""
+def behind_proxy(
+    name: str, work: Path, lb_settings: str = "", with_process: bool = False
+) -> Iterator[Any]:
+    """``name`` in front of its own recorder: (the proxy's port, the recorder's file),
+    and the proxy's process with ``with_process``; ``lb_settings``: top-level
+    lb.toml lines for lb."""
     backend, port = free_port(), free_port()
     seen = work / f"{name}-seen.jsonl"
     recorder = [sys.executable, "-m", "bench.recorder", "--port", str(backend), "--out", str(seen)]
@@ -497,9 +500,9 @@ def behind_proxy(name: str, work: Path, lb_settings: str = "") -> Iterator[tuple
             core=None,
             port=port,
             log=work / f"{name}.log",
-        ),
+        ) as proc,
     ):
-        yield port, seen
+        yield (port, seen, proc) if with_process else (port, seen)
 
 
 def _reached(seen: list[Seen], watch: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -74,6 +74,8 @@ def _chunked(data: bytes, start: int) -> tuple[bytes, int]:
             raise _Incomplete
         size_text = data[at:eol].split(b";")[0].strip()
         size = int(size_text or b"0", 16)
+        if size >= 1 << 63:
+            raise ValueError("a chunk size no reader can wait for")
         at = eol + 1
         if size == 0:
             while True:  # trailers, up to a blank line
@@ -170,10 +172,31 @@ def _answer(seen: Seen) -> bytes:
 
 def read_seen(path: Path) -> list[Seen]:
     """What a recorder process wrote to ``--out`` so far."""
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path.read_bytes()) if path.exists() else []
+
+
+def _parse(lines: bytes) -> list[Seen]:
+    rows = [json.loads(line) for line in lines.splitlines() if line.strip()]
     return [Seen(**{**r, "headers": [tuple(h) for h in r["headers"]]}) for r in rows]
+
+
+class SeenTail:
+    """What a recorder process wrote to ``--out`` since the last call: a file
+    read on from where it was left, not again from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._at = 0
+
+    def new(self) -> list[Seen]:
+        if not self._path.exists():
+            return []
+        with self._path.open("rb") as f:
+            f.seek(self._at)
+            data = f.read()
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+        self._at += len(whole)
+        return _parse(whole)
 
 
 async def _main(port: int, out: Path) -> None:

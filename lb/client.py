@@ -20,6 +20,7 @@ from proxycore.deadline import Deadline
 from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 
 from .exchange import Exchange
+from .framing import ChunkedBody, head_end
 from .heads import (
     BadRequest,
     RequestInfo,
@@ -66,6 +67,15 @@ class ClientConnection:
         self._out: list[bytes] = []
         self._at_start = True  # the next byte the parser sees begins a request
         self._line = b""  # the first bytes of a request line not yet whole
+        # Where the request being read ends (see _read): the bytes of its
+        # Content-Length body still to come, or its chunked framing; the last
+        # bytes of a head not yet ended (its blank line may straddle reads).
+        self._body_left = 0
+        self._chunks: ChunkedBody | None = None
+        self._head_tail = b""
+        self._starting: Exchange | None = None  # its head is read; it begins once checked
+        self._last = False  # a request that ends the connection has been read
+        self._linger: Deadline | None = None  # closed by lb, draining what the client sends
 
     # -- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,37 +103,15 @@ class ClientConnection:
         if self.tunnel is not None:
             self.tunnel.tunnel_from_client(data)
             return
-        if self._rejected is not None or self.closed:
-            return
+        if self._rejected is not None or self.closed or (self._last and self._at_start):
+            return  # (after a request that ends the connection, nothing more is read)
         if self._reading_body:
             self._body_timer.after(self.lb.config.timeouts.client_body)
-        at_start = self._at_start
-        if at_start:
-            data = self._request_line(data)
-            if not data:
-                return
+        if self._line:
+            data = self._line + data
+            self._line = b""
         try:
-            self._feed(data)
-            if self._in_head:
-                # A head not whole at the end of a read (rare: most come whole).
-                if self._no_version(data):
-                    raise BadRequest(
-                        400, "bad_request", "HTTP/0.9 (a request line without a version)"
-                    )
-                if not self.queue and not self._head_timer.armed:
-                    # From its first byte the whole head must come within client_header.
-                    self._head_timer.after(self.lb.config.timeouts.client_header)
-        except httptools.HttpParserUpgrade as upgrade:
-            ex = self.queue[-1] if self.queue else None
-            if ex is not None and ex.info.upgrade is not None:
-                # From here on the client's bytes belong to the tunnel; they wait in
-                # the exchange until the upstream agrees to switch (101), or are read
-                # as the next requests if it refuses.
-                self.tunnel = ex
-                self._stop_timers(for_good=False)
-                tail = data[upgrade.args[0] :]
-                if tail:
-                    ex.tunnel_from_client(tail)
+            self._read(data)
         except BadRequest as refused:
             self._reject(refused)
         except httptools.HttpParserError as malformed:
@@ -131,19 +119,142 @@ class ClientConnection:
             cause = malformed.__cause__ or malformed.__context__
             if isinstance(cause, BadRequest):
                 self._reject(cause)
+            else:
+                self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
+        if self._in_head and not self.closed and not self.queue and not self._head_timer.armed:
+            # From its first byte the whole head must come within client_header.
+            self._head_timer.after(self.lb.config.timeouts.client_header)
+
+    def _read(self, data: bytes) -> None:
+        """Feed llhttp ``data`` a part at a time: a head up to its blank line,
+        then its body up to where its framing ends it, then the next head.
+        Each turn of the loop consumes bytes or ends the loop: nothing is fed
+        again but one request line made HTTP/1.1 (``_feed_head``), and nothing
+        here recurses. Knowing where each request starts is what lets a
+        pipelined request's version be read as 1.1, a chunk's size be refused
+        before its bytes arrive, and a request begin only once llhttp has read
+        its whole head (it objects to some heads only at their end)."""
+        n = len(data)
+        pos = 0
+        while pos < n:
+            if self.tunnel is not None:
+                self.tunnel.tunnel_from_client(data[pos:])
                 return
-            if at_start and "HTTP version" in str(malformed):
-                # llhttp knows 1.0 and 1.1 only; RFC 9112 2.3: a higher 1.x is 1.1.
-                try:
-                    again = as_http11(data)
-                except BadRequest as refused:
-                    self._reject(refused)
-                    return
-                if again is not None:
-                    self._restart_head()
-                    self.data_received(again)
-                    return
-            self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
+            if self._rejected is not None or self.closed or (self._last and self._at_start):
+                return
+            chunks = self._chunks
+            if chunks is not None:
+                stop = chunks.scan(data, pos)
+                ends = chunks.done
+            elif self._body_left > 0:
+                stop = pos + min(self._body_left, n - pos)
+                self._body_left -= stop - pos
+                ends = self._body_left == 0
+            else:
+                pos = self._read_head(data, pos, n)
+                continue
+            # The request whose head came last begins once its body's framing
+            # has been found sound as far as this read goes.
+            self._begin_next()
+            self._feed(data if pos == 0 and stop == n else data[pos:stop])
+            if ends:
+                self._chunks = None
+                if not self._at_start and not self.closed:
+                    # llhttp did not end the message where its framing did
+                    raise BadRequest(400, "bad_request", "the request body's framing is ambiguous")
+            pos = stop
+        self._begin_next()
+
+    def _read_head(self, data: bytes, pos: int, n: int) -> int:
+        """Feed the head part of ``data`` from ``pos``: up to the end of the head
+        when it is in this read, else all of it (a request line not whole yet is
+        held instead). Returns where the part ended."""
+        start = self._at_start  # a request line begins at pos (or blank lines before one)
+        end = self._head_end(data, pos)
+        if end < 0:
+            if start and data.find(b"\n", pos) < 0:
+                self._hold_line(data[pos:] if pos else data)
+                return n
+            stop = n
+        else:
+            stop = end
+        part = data if pos == 0 and stop == n else data[pos:stop]
+        if start and not part.isascii():
+            part = escape_request_line(part)
+        try:
+            part = self._feed_head(part, start)
+        except httptools.HttpParserUpgrade as upgrade:
+            ex = self.queue[-1] if self.queue else None
+            if ex is None or ex.info.upgrade is None:
+                raise BadRequest(400, "bad_request", "an upgrade lb was not asked for") from None
+            # From here on the client's bytes belong to the tunnel; they wait in
+            # the exchange until the upstream agrees to switch (101), or are read
+            # as the next requests if it refuses.
+            self._begin_next()
+            self.tunnel = ex
+            self._stop_timers(for_good=False)
+            tail = part[upgrade.args[0] :] + data[stop:]
+            if tail:
+                ex.tunnel_from_client(tail)
+            return n
+        if end < 0:
+            self._head_tail = (self._head_tail + part)[-3:]
+            if self._in_head and self._no_version(part):
+                raise BadRequest(400, "bad_request", "HTTP/0.9 (a request line without a version)")
+        elif self._chunks is None and self._body_left == 0:
+            self._begin_next()  # no body to look at first
+        return stop
+
+    def _head_end(self, data: bytes, pos: int) -> int:
+        """The index just past the blank line that ends the head being read, or
+        -1 when it is not in this read (framing.head_end); the blank line may
+        have begun in the read before (``_head_tail``)."""
+        tail = self._head_tail
+        if tail:
+            self._head_tail = b""
+            if pos == 0:
+                at = head_end(tail + data[:3], 0)
+                if at >= 0:
+                    return at - len(tail)
+        return head_end(data, pos)
+
+    def _feed_head(self, part: bytes, start: bool) -> bytes:
+        """Feed a head part; what llhttp read is returned: ``part``, or ``part``
+        with its request line's version made HTTP/1.1 (llhttp knows 1.0 and 1.1
+        only; RFC 9112 2.3: a higher 1.x is 1.1), fed once more to a fresh
+        parser. A second failure is the client's; nothing is fed a third time."""
+        try:
+            self._feed(part)
+            return part
+        except httptools.HttpParserError as malformed:
+            if not start or "HTTP version" not in str(malformed) or malformed.__context__:
+                raise
+            again = as_http11(part.lstrip(b"\r\n"))  # BadRequest for another major
+            if again is None:
+                raise
+        self._restart_head()
+        self._feed(again)
+        return again
+
+    def _hold_line(self, line: bytes) -> None:
+        """A request line not whole at the end of a read: held until it is (its
+        raw UTF-8 is escaped and its version read as a whole line)."""
+        if len(line) > self.lb.config.limits.max_header_bytes:
+            raise BadRequest(414, "uri_too_long", "the request line is too long")
+        self._line = line
+        if not self._in_head:
+            self._in_head = True  # a head has begun: client_header runs from now
+            if not self.queue:
+                self._idle_timer.cancel()
+                self._head_timer.after(self.lb.config.timeouts.client_header)
+
+    def _begin_next(self) -> None:
+        """Begin the request whose head was read last, when it is first in line."""
+        ex = self._starting
+        if ex is not None:
+            self._starting = None
+            if not ex.finished:
+                ex.begin(ex.started)
 
     def _no_version(self, data: bytes) -> bool:
         """Whether the head being read is an HTTP/0.9 request line (no version):
@@ -170,34 +281,16 @@ class ClientConnection:
         self._in_head = False
         self._url = b""
         self._request = RequestInfo()
-
-    def _request_line(self, data: bytes) -> bytes:
-        """At the start of a request: hold bytes until its first line is whole, then
-        escape raw UTF-8 in it (see heads.escape_request_line)."""
-        if self._line:
-            data = self._line + data
-            self._line = b""
-        # A read that ends a line has one (the usual case: a whole head), checked on
-        # the last byte; else find(), not `in`: bytes.__contains__ first tries its
-        # argument as an int, a failed try (an exception set and cleared) that
-        # cost more than the search.
-        if data[len(data) - 1] != 10 and data.find(b"\n") < 0:
-            if len(data) > self.lb.config.limits.max_header_bytes:
-                self._reject(BadRequest(414, "uri_too_long", "the request line is too long"))
-                return b""
-            self._line = data
-            if not self._in_head:
-                self._in_head = True  # a head has begun: client_header runs from now
-                if not self.queue:
-                    self._idle_timer.cancel()
-                    self._head_timer.after(self.lb.config.timeouts.client_header)
-            return b""
-        return data if data.isascii() else escape_request_line(data)
+        self._head_tail = b""
+        self._body_left = 0
+        self._chunks = None
 
     def eof_received(self) -> bool | None:
         tunnel = self.tunnel
         if tunnel is not None and tunnel.tunnel_open:
             return tunnel.tunnel_eof_from_client()
+        if self.closed:
+            return None  # lingering (see close): the client has closed too, so does lb
         # The client sends nothing more, but what it sent whole is still answered
         # (as HAProxy does; nginx drops it): the connection closes after the
         # last response. A body cut short can never be whole: refused.
@@ -236,6 +329,9 @@ class ClientConnection:
     # the start of a head, and httptools skips a callback it is not given.
     def on_url(self, url: bytes) -> None:
         if self._at_start:
+            if self._body_left or self._chunks is not None:
+                # llhttp ended a body before its framing did (see _read)
+                raise BadRequest(400, "bad_request", "the request body's framing is ambiguous")
             # A head has begun. The keep-alive idle timer is left armed: when it
             # fires it finds a head or a request in progress and does nothing.
             self._at_start = False
@@ -250,6 +346,8 @@ class ClientConnection:
             raise BadRequest(414, "uri_too_long", "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._chunks is not None:
+            return  # a trailer field: dropped, as nginx does (ChunkedBody bounds their size)
         limits = self.lb.config.limits
         self._head_size += len(name) + len(value) + 4
         self._headers += 1
@@ -286,20 +384,27 @@ class ClientConnection:
             http11 = version == "1.1"
         method = parser.get_method()
         target = self._url
-        if not target.startswith(b"/") or method == b"CONNECT":
+        if not target.startswith(b"/") or method == b"CONNECT" or method == b"TRACE":
             target = origin_form(method, target, info)
         info.finish(http11, self.lb.config.limits.max_body_bytes)
+        self._last = info.close
         ex = Exchange(self, method, target, info, http11)
         self._url = b""
         self._current = ex
         self.queue.append(ex)
         self.lb.metrics.in_flight += 1
         self._head_timer.cancel()
+        if info.upgrade is None:  # (an upgrade's bytes after its head are the tunnel's)
+            if info.chunked:
+                limits = self.lb.config.limits
+                self._chunks = ChunkedBody(limits.max_body_bytes, limits.max_header_bytes)
+            elif info.content_length:
+                self._body_left = info.content_length
         if not ex.body_done:
             self._reading_body = True
             self._body_timer.after(self.lb.config.timeouts.client_body)
         if len(self.queue) == 1:
-            ex.begin(ex.started)
+            self._starting = ex  # begun by _read once llhttp has read the whole head
         else:
             self.valve.pause(Reason.WAITING_TURN)
 
@@ -349,11 +454,29 @@ class ClientConnection:
         if self.transport is not None and not self.closed and self.transport.can_write_eof():
             self.transport.write_eof()
 
-    def close(self) -> None:
+    def close(self, linger: bool = True) -> None:
         if self._corked:
             self.uncork()
-        if self.transport is not None and not self.closed:
-            self.closed = True
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        self.closed = True
+        if not linger or self.done_sending or not transport.can_write_eof():
+            transport.close()
+            return
+        # A lingering close (nginx's lingering_close): lb's FIN follows the
+        # answer, and what the client still sends (a body lb refused, requests
+        # pipelined behind the last) is read and dropped until the client
+        # closes too, for timeouts.lingering at most. Closed with bytes unread,
+        # the socket would send a reset, and a reset can cost the client the
+        # answer it has not read yet.
+        transport.write_eof()
+        self.valve.release()
+        self._linger = Deadline(self.lb.loop, self._linger_over)
+        self._linger.after(self.lb.config.timeouts.lingering)
+
+    def _linger_over(self) -> None:
+        if self.transport is not None:
             self.transport.close()
 
     def last_answer(self, ex: Exchange) -> bool:
@@ -377,6 +500,8 @@ class ClientConnection:
                 timer.stop()
             else:
                 timer.cancel()
+        if for_good and self._linger is not None:
+            self._linger.stop()
 
     def exchange_finished(self, ex: Exchange, keep_alive: bool, abort: bool, now: float) -> None:
         if self.queue and self.queue[0] is ex:
@@ -424,6 +549,7 @@ class ClientConnection:
 
     # -- refusals ------------------------------------------------------------------------
     def _reject(self, exc: BadRequest) -> None:
+        self._starting = None
         current = self._current
         # The refused request's own id when it has one (its head was read), so the
         # log line and the client's answer name the same request.
@@ -480,7 +606,7 @@ class ClientConnection:
 
     def _idle_timeout(self) -> None:
         if not self.queue and not self._in_head and self.tunnel is None:
-            self.close()  # keep-alive idle
+            self.close(linger=False)  # keep-alive idle: nothing unread, nothing to answer
 
     def _timed_out(self, what: str) -> None:
         log.info("closing %s: %s not received in time", self.client_ip.decode(), what)

@@ -32,6 +32,10 @@ class Timeouts:
     # meanwhile is answered, with Connection: close (closing an idle connection
     # at once races the request its client may be sending on it)
     shutdown_idle: float = 1.0
+    # After lb's own close mid-conversation (a refusal, Connection: close): what
+    # the client still sends is read and dropped this long, so that the close
+    # is no reset that costs the client its answer (nginx: lingering_timeout)
+    lingering: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

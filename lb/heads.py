@@ -89,7 +89,31 @@ _NOT_HOP_BY_HOP: Final = frozenset(
 _HOST_CHARS: Final = (
     b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]"
 )
+# An absolute-form target's host, as nginx reads one: a name or an address,
+# no sub-delims (`http://a;b/` is refused by nginx and HAProxy alike).
+_AUTHORITY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~:[]"
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
+def valid_host(value: bytes, chars: bytes = _HOST_CHARS) -> bool:
+    """A Host value (RFC 9110 7.2): a host of ``chars``, then a port of digits if any.
+
+    One name: `a.example:8080`, `[::1]:8080`, `10.0.0.1`; not `a b`, `a@b`,
+    `a.ex:mple`, `a:1:2` (an IPv6 address goes in brackets)."""
+    if not value or value.translate(None, chars):
+        return False
+    if value[0] == 91:  # "[": an IP-literal, then ":port" or nothing
+        end = value.find(b"]")
+        if end < 0 or value.find(b"[", 1) >= 0:
+            return False
+        port = value[end + 1 :]
+        return not port or (port[0] == 58 and (len(port) == 1 or port[1:].isdigit()))
+    if value.find(b"]") >= 0:
+        return False
+    name, colon, port = value.partition(b":")
+    return bool(name) and (not colon or not port or (port.isdigit() and len(port) <= 5))
+
+
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
 _REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
 
@@ -292,7 +316,7 @@ class RequestInfo:
         if not lname or lname not in _REBUILT_REQUEST:
             _add_line(self._forwarded, name, value)
             if lname == b"host":
-                if value != self._known_host and value.translate(None, _HOST_CHARS):
+                if value != self._known_host and not valid_host(value):
                     raise BadRequest(400, "bad_request", "the Host header is not a valid host")
                 self.host = value
                 self._hosts += 1
@@ -346,15 +370,9 @@ class RequestInfo:
             if self.content_length > max_body:
                 raise BadRequest(413, "payload_too_large", f"request body over {max_body} bytes")
         elif transfer_encodings is not None:
-            codings = [
-                c.strip().lower() for v in transfer_encodings for c in v.split(b",") if c.strip()
-            ]
-            if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                raise BadRequest(400, "bad_request", "Transfer-Encoding must end in chunked")
-            if not http11:
-                raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
-            self.chunked = True
-        if http11 and self._hosts != 1:
+            self.chunked = _chunked_only(transfer_encodings, http11)
+        if self._hosts > 1 or (http11 and not self._hosts):
+            # (HTTP/1.0 may leave Host out; two are ambiguous in any version)
             raise BadRequest(
                 400, "bad_request", "an HTTP/1.1 request needs exactly one Host header"
             )
@@ -380,6 +398,29 @@ class RequestInfo:
             self.upgrade = None  # an Upgrade header without Connection: upgrade means nothing
 
 
+def _chunked_only(values: list[bytes], http11: bool) -> bool:
+    """A request's Transfer-Encoding: one header, and it says `chunked`.
+
+    lb decodes chunked and nothing else, and sends the body on as chunked; a
+    coding before it (`gzip, chunked`) would reach the backend dropped, so it
+    is refused (501, as nginx; RFC 9112 6.1), as is any list llhttp and a
+    backend might read apart (`,chunked`, `chunked, chunked`, two headers)."""
+    if len(values) > 1:
+        raise BadRequest(400, "bad_request", "more than one Transfer-Encoding header")
+    coding = values[0].strip(b" \t").lower()
+    if coding != b"chunked":
+        codings = [c.strip(b" \t") for c in coding.split(b",")]
+        if not all(codings) or codings.count(b"chunked") != 1 or codings[-1] != b"chunked":
+            raise BadRequest(400, "bad_request", "Transfer-Encoding must be chunked")
+        shown = values[0].decode("latin-1")[:100]
+        raise BadRequest(
+            501, "not_implemented", f"Transfer-Encoding {shown!r}: lb takes chunked alone"
+        )
+    if not http11:
+        raise BadRequest(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+    return True
+
+
 def origin_form(method: bytes, target: bytes, info: RequestInfo) -> bytes:
     """The target to send upstream for one that is not a plain path (the caller
     checks that first: a path is the usual case and costs nothing here).
@@ -387,12 +428,16 @@ def origin_form(method: bytes, target: bytes, info: RequestInfo) -> bytes:
     Absolute-form (`GET http://a.example/p`) goes on as its path with Host made
     from its authority, as nginx does (RFC 9112 3.2.2: the authority wins over
     Host); `OPTIONS *` goes on as it is; anything else is refused: CONNECT (lb is
-    no forward proxy) with 405, other targets with 400.
+    no forward proxy) and TRACE with 405, other targets with 400.
     """
     if method == b"CONNECT":
         raise BadRequest(
             405, "method_not_allowed", "CONNECT is not supported: lb is no forward proxy"
         )
+    if method == b"TRACE":
+        # as nginx: TRACE echoes a request back, cookies and credentials with it
+        # (cross-site tracing), and no backend behind a proxy needs it
+        raise BadRequest(405, "method_not_allowed", "TRACE is not allowed")
     if target == b"*" and method == b"OPTIONS":
         return target
     scheme, sep, rest = target.partition(b"://")
@@ -406,7 +451,7 @@ def origin_form(method: bytes, target: bytes, info: RequestInfo) -> bytes:
         if 0 <= at < end:
             end = at
     authority, path = rest[:end], rest[end:]
-    if not authority or b"@" in authority or authority.translate(None, _HOST_CHARS):
+    if not valid_host(authority, _AUTHORITY_CHARS):
         raise BadRequest(400, "bad_request", "the request target's authority is not a valid host")
     info.use_authority(authority)
     if not path.startswith(b"/"):
@@ -691,6 +736,7 @@ REASONS: Final = {
     417: b"Expectation Failed",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",

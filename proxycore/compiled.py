@@ -37,6 +37,7 @@ HOT_MODULES = (
     "lb.app",
     "lb.heads",
     "lb.plain",
+    "lb.framing",
     "lb.retry",
     "lb.client",
     "lb.exchange",

@@ -46,6 +46,13 @@ class Valve:
         if not self._reasons and not self._transport.is_closing():
             self._transport.resume_reading()
 
+    def release(self) -> None:
+        """Read again whatever held it (a connection that only drains its input now)."""
+        if self._reasons:
+            self._reasons = 0
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
+
 
 # Per-connection write buffer bounds: what a slow reader can make us hold.
 HIGH_WATER: Final = 256 * 1024

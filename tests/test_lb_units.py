@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lb.config import from_section, load
+from lb.framing import ChunkedBody, head_end
 from lb.heads import (
     BadRequest,
     RequestInfo,
@@ -19,6 +21,7 @@ from lb.heads import (
     origin_form,
     rule_name,
     upstream_request_head,
+    valid_host,
 )
 from lb.retry import RetryBudget, may_retry
 from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
@@ -458,3 +461,106 @@ def test_a_token_given_back_wakes_the_first_waiter_that_still_wants_one() -> Non
     assert asked == ["gone", "a"] and budget.active == 1 and len(budget.waiting) == 1
     budget.wake()  # no token: b is asked once, and waits again
     assert asked == ["gone", "a", "b"] and len(budget.waiting) == 1
+
+
+# -- where a request ends (lb/framing.py) and what a host may be --------------------------
+
+
+def test_head_end_finds_the_first_blank_line() -> None:
+    rng = random.Random(5)
+    for _ in range(20_000):
+        data = bytes(rng.choice(b"\r\nab") for _ in range(rng.randint(0, 24)))
+        start = rng.randint(0, 6)
+        at = data.find(b"\r\n\r\n", start)
+        assert head_end(data, start) == (at + 4 if at >= 0 else -1), (data, start)
+
+
+def _scan_all(body: bytes, budget: int = 1000, splits: tuple[int, ...] = ()) -> tuple[int, bool]:
+    chunks = ChunkedBody(budget, 100)
+    at, consumed = 0, 0
+    for end in (*splits, len(body)):
+        part = body[at:end]
+        stop = chunks.scan(part, 0)
+        consumed += stop
+        at = end
+        if chunks.done:
+            break
+    return consumed, chunks.done
+
+
+def test_chunked_body_ends_where_its_framing_ends_whatever_the_reads() -> None:
+    body = b"5;ext=1\r\nhello\r\n3\r\n, w\r\n0\r\nX-T: 1\r\n\r\n"
+    after = b"GET / HTTP/1.1\r\n"
+    for split in range(1, len(body)):
+        assert _scan_all(body + after, splits=(split,)) == (len(body), True)
+    assert _scan_all(body[:-1]) == (len(body) - 1, False)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"8000000000000005\r\nhello", 400),  # past 63 bits: nginx's off_t
+        (b"10000000000000005\r\nhello", 400),
+        (b"3e9\r\n", 413),  # 1,001 bytes: past the budget before one arrives
+        (b"5\nhello", 400),  # a bare LF
+        (b"zz\r\n", 400),
+        (b"5x\r\nhello", 400),
+        (b"5\r\nhello!\r\n", 400),  # data longer than its size
+        (b"0\r\n" + b"X: " + b"a" * 200 + b"\r\n\r\n", 400),  # a trailer line over its bound
+    ],
+)
+def test_chunked_framing_refused(body: bytes, status: int) -> None:
+    with pytest.raises(BadRequest) as info:
+        ChunkedBody(1000, 100).scan(body, 0)
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (b"a.example", True),
+        (b"a.example:8080", True),
+        (b"a.example:", True),
+        (b"10.0.0.1", True),
+        (b"[::1]:8080", True),
+        (b"[::1]", True),
+        (b"a;b", True),  # sub-delims: a valid reg-name (RFC 3986)
+        (b"", False),
+        (b"a b", False),
+        (b"a@b", False),
+        (b"a.ex:mple", False),
+        (b"a:1:2", False),
+        (b"a:123456", False),
+        (b":80", False),
+        (b"[::1", False),
+        (b"a]", False),
+        (b"[::1]x", False),
+    ],
+)
+def test_valid_host(value: bytes, ok: bool) -> None:
+    assert valid_host(value) is ok
+
+
+@pytest.mark.parametrize(
+    ("values", "status"),
+    [
+        ([b"gzip, chunked"], 501),
+        ([b"identity, chunked"], 501),
+        ([b",chunked"], 400),
+        ([b"chunked,"], 400),
+        ([b"chunked, chunked"], 400),
+        ([b"gzip"], 400),
+        ([b"gzip", b"chunked"], 400),
+    ],
+)
+def test_transfer_codings_other_than_chunked_alone(values: list[bytes], status: int) -> None:
+    headers = [(b"Host", b"x"), *((b"Transfer-Encoding", v) for v in values)]
+    with pytest.raises(BadRequest) as info:
+        RequestInfo(headers, http11=True, max_body=100)
+    assert info.value.status == status
+
+
+def test_two_hosts_are_refused_in_http10_too() -> None:
+    with pytest.raises(BadRequest):
+        RequestInfo([(b"Host", b"a"), (b"Host", b"b")], http11=False, max_body=0)
+    assert RequestInfo([], http11=False, max_body=0).host == b""
