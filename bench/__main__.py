@@ -1,5 +1,6 @@
 """python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
 python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
+python -m bench pg --fuzz N [--seed S] [--out FILE]   (first packets: dbproxy against Postgres)
 python -m bench edge [--fuzz N [--seed S]] [--out FILE]   (hostile HTTP inputs: lb, nginx, HAProxy)
 python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)
 python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)"""
@@ -22,6 +23,8 @@ from .gray import table as gray_table
 from .http import PROXIES, run_http_suite, suite_table
 from .pg import run_pg
 from .pg import table as pg_table
+from .pgfuzz import run_pg_fuzz_stack
+from .pgfuzz import table as pgfuzz_table
 from .procs import BenchError
 from .surge import run_surge
 from .surge import table as surge_table
@@ -75,6 +78,13 @@ def main() -> int:
     pg.add_argument(
         "--rounds", type=int, default=1, help="runs per path and mode, median kept (default 1)"
     )
+    pg.add_argument(
+        "--fuzz",
+        type=int,
+        metavar="N",
+        help="N seeded first-packet cases through dbproxy and to Postgres (bench/pgfuzz.py)",
+    )
+    pg.add_argument("--seed", type=int, default=26, help="the fuzz's seed (default 26)")
     pg.add_argument("--out", type=Path, help="JSON file (default bench/runs/pg-<time>.json)")
     edge = sub.add_parser(
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
@@ -131,6 +141,9 @@ def main() -> int:
         elif args.command == "edge":
             result = run_edge(say=say)
             shown = edge_table(result)
+        elif args.fuzz:
+            result = run_pg_fuzz_stack(args.fuzz, seed=args.seed, say=say)
+            shown = pgfuzz_table(result)
         else:
             result = run_pg(seconds=args.seconds, clients=args.clients, rounds=args.rounds, say=say)
             shown = pg_table(result)

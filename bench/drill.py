@@ -1,4 +1,4 @@
-"""The seed's failure drill (../shared/design.md): kill -9 and restart each part
+"""The seed's failure drill (docs/stack.md): kill -9 and restart each part
 under load, then the gray steps: freeze a backend and the replica (SIGSTOP of
 every process, as `docker pause`) for FREEZE_SECONDS and thaw them.
 

@@ -27,7 +27,7 @@ from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import TRAFFIC_FIELDS, CheckRecord, Server, ServerSet
-from proxycore.workers import SupervisorSide, Worker, WorkerSide
+from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
 
 from . import routing
 from .checks import pg_probe
@@ -218,7 +218,8 @@ class DbProxy:
                             self.queue_refused,
                             self.queue_wait,
                         ),
-                    )
+                    ),
+                    WorkersCollector("dbproxy", lambda: self._supervisor),
                 ],
                 refresh=self._totals if self._supervisor is not None else None,
             )

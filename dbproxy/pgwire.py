@@ -16,25 +16,48 @@ PROTOCOL_3_0: Final = 196608  # 3 << 16
 SSL_REQUEST: Final = 80877103
 GSSENC_REQUEST: Final = 80877104
 CANCEL_REQUEST: Final = 80877102
-MAX_STARTUP_PACKET: Final = 10_000  # as the server's own limit (MAX_STARTUP_PACKET_LENGTH)
+# The server's own bounds (MAX_STARTUP_PACKET_LENGTH, 10,000 bytes after the
+# length word, and at least a protocol code): a whole packet of 8 to 10,004 bytes.
+MAX_STARTUP_PACKET: Final = 10_004
+MIN_STARTUP_PACKET: Final = 8
 
 _INT32: Final = struct.Struct("!i")
 _TWO_INT32: Final = struct.Struct("!ii")
 
 
 class ProtocolViolation(Exception):
-    """The client's first packet is not one a PostgreSQL server would accept."""
+    """A first packet the server would drop without a word (it only logs these):
+    a length out of bounds, a CancelRequest of the wrong size."""
 
 
 # Plain classes, not frozen dataclasses: compiled (proxycore/compiled.py) a
 # frozen dataclass still builds through its generated Python __init__, and a
 # session builds one or two of these before its first byte reaches a server.
 class Startup:
-    __slots__ = ("parameters", "raw")
+    """A StartupMessage, or any packet with a code the server reads as one (a
+    protocol it may refuse, an SSLRequest after SSL was settled): the server
+    judges it, so it goes on as it came. ``parameters`` reads it as the server's
+    ProcessStartupPacket does, on demand: names up to the first empty one, each
+    with the value after it, bytes as they are (decoded latin-1, never refused)."""
 
-    def __init__(self, parameters: dict[str, str], raw: bytes) -> None:
-        self.parameters = parameters
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
         self.raw = raw
+
+    @property
+    def protocol(self) -> int:
+        return int(_INT32.unpack_from(self.raw, 4)[0])
+
+    @property
+    def parameters(self) -> dict[str, str]:
+        fields = self.raw[8:].split(b"\x00")
+        parameters: dict[str, str] = {}
+        for i in range(0, len(fields) - 1, 2):
+            if not fields[i]:
+                break
+            parameters[fields[i].decode("latin-1")] = fields[i + 1].decode("latin-1")
+        return parameters
 
     @property
     def user(self) -> str:
@@ -42,7 +65,7 @@ class Startup:
 
     @property
     def database(self) -> str:
-        return self.parameters.get("database", self.user)
+        return self.parameters.get("database") or self.user
 
 
 class SSLRequest:
@@ -76,46 +99,39 @@ def packet_length(buffer: bytes) -> int | None:
     if len(buffer) < 4:
         return None
     (length,) = _INT32.unpack_from(buffer)
-    if length < 8 or length > MAX_STARTUP_PACKET:
-        raise ProtocolViolation(f"invalid length of startup packet: {length}")
+    if length < MIN_STARTUP_PACKET or length > MAX_STARTUP_PACKET:
+        raise ProtocolViolation("invalid length of startup packet")
     return length
 
 
-def parse_first_packet(packet: bytes) -> FirstPacket:
-    """Parse one whole untyped packet (its length already checked by packet_length)."""
-    length, code = _TWO_INT32.unpack_from(packet)
-    if length != len(packet):
-        raise ProtocolViolation("startup packet length does not match")
-    if code == SSL_REQUEST and length == 8:
+def parse_first_packet(
+    packet: bytes, ssl_done: bool = False, gss_done: bool = False
+) -> FirstPacket:
+    """What one whole untyped packet is (its length already checked by
+    packet_length), as the server tells: an SSLRequest or GSSENCRequest of any
+    length, but only before the client settled that (``ssl_done``,
+    ``gss_done``: then the server reads the code as a protocol version and
+    refuses it); a CancelRequest of exactly 16 bytes; anything else a startup
+    packet, for the server to judge."""
+    code = _INT32.unpack_from(packet, 4)[0]
+    if code == SSL_REQUEST and not ssl_done:
         return SSLRequest(packet)
-    if code == GSSENC_REQUEST and length == 8:
+    if code == GSSENC_REQUEST and not gss_done:
         return GSSENCRequest(packet)
     if code == CANCEL_REQUEST:
-        if length != 16:
-            raise ProtocolViolation("CancelRequest must be 16 bytes")
+        if len(packet) != 16:
+            raise ProtocolViolation("a CancelRequest not of 16 bytes")
         pid, key = _TWO_INT32.unpack_from(packet, 8)
         return CancelRequest(pid, key, packet)
-    if code >> 16 != 3:
-        raise ProtocolViolation(
-            f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
-            "server supports 3.0 to 3.0"
-        )
-    body = packet[8:]
-    # name\0value\0 pairs, then one more \0
-    if not body.endswith(b"\x00") or (len(body) > 1 and not body.endswith(b"\x00\x00")):
-        raise ProtocolViolation("startup packet is not terminated")
-    fields = body[:-2].split(b"\x00") if len(body) > 1 else []
-    if len(fields) % 2:
-        raise ProtocolViolation("startup packet has a name without a value")
-    parameters: dict[str, str] = {}
-    try:
-        for i in range(0, len(fields), 2):  # compiled, a C loop: no slices, no zip
-            parameters[fields[i].decode()] = fields[i + 1].decode()
-    except UnicodeDecodeError:
-        raise ProtocolViolation("startup packet is not UTF-8") from None
-    if not parameters.get("user"):
-        raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
-    return Startup(parameters, packet)
+    return Startup(packet)
+
+
+def unsupported_protocol(code: int) -> str:
+    """The server's words for a startup packet of a protocol it does not speak
+    (SQLSTATE 0A000), which is also its answer to an SSLRequest or GSSENCRequest
+    sent again once settled (its code read as a version)."""
+    major, minor = (code >> 16) & 0xFFFF, code & 0xFFFF
+    return f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
 
 
 def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:

@@ -26,6 +26,8 @@ from proxycore.flow import HalfClose, Reason, Valve, bound_writes
 from proxycore.servers import Server
 
 from .pgwire import (
+    GSSENC_REQUEST,
+    SSL_REQUEST,
     BackendKeyWatcher,
     CancelRequest,
     GSSENCRequest,
@@ -34,6 +36,7 @@ from .pgwire import (
     error_response,
     packet_length,
     parse_first_packet,
+    unsupported_protocol,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +69,12 @@ class ClientSession:
         self._ready: ServerSide | None = None  # connected, nothing sent to it yet
         self._want: bytes | None = None  # what goes to the server once it is connected
         self._want_probe = False  # ... and it is an SSLRequest, whose answer comes back here
-        self._ssl_asked = False
+        # The client settled TLS (an SSLRequest answered) or GSSAPI encryption
+        # (a GSSENCRequest): the server reads another such request as a startup
+        # packet of an unknown protocol, and refuses it.
+        self._ssl_done = False
+        self._gss_done = False
+        self._ended_early = False  # the client's end came before the relay opened
         self._probing: ServerSide | None = None  # waiting for the answer to an SSLRequest
         # What the server was sent and has not answered yet (the first packet):
         # sent again to the next server if this one never answers (startup_late).
@@ -113,6 +121,12 @@ class ClientSession:
         self._first_packet()
 
     def eof_received(self) -> bool | None:
+        if self._out is None and self._connecting and not self.closed:
+            # The client ended its side while what it sent waits on the server
+            # (an SSLRequest's answer, a connect): it is answered first, as the
+            # server would answer it, and the end goes on once the relay is open.
+            self._ended_early = True
+            return True
         side = self.server_side
         return self.ends.ended(side.transport if side is not None else None, self.close_both)
 
@@ -164,15 +178,20 @@ class ClientSession:
                 if length is None or len(self._buffer) < length:
                     return
                 packet, self._buffer = self._buffer[:length], self._buffer[length:]
-                first = parse_first_packet(packet)
+                first = parse_first_packet(packet, self._ssl_done, self._gss_done)
             except ProtocolViolation as exc:
-                self.refuse("08P01", str(exc))
+                # The server drops such a client without a word (it only logs it)
+                log.info("session from %s on %s dropped: %s", self.peer(), self.listener.name, exc)
+                self.close()
                 return
             if isinstance(first, GSSENCRequest):
-                self.write(b"N")  # no GSSAPI encryption here; the client goes on in clear or TLS
+                # No GSSAPI encryption here; the client goes on in clear or asks for TLS.
+                self._gss_done = True
+                self.write(b"N")
                 continue
             if isinstance(first, SSLRequest):
-                if self._ssl_asked or self.proxy.config.ssl == "refuse":
+                self._ssl_done = True
+                if self.proxy.config.ssl == "refuse":
                     self.write(b"N")
                     continue
                 if self._dial is None and self._ready is None and not self._dial_next():
@@ -180,18 +199,25 @@ class ClientSession:
                     # follows then gets the real ErrorResponse, which psql prints.
                     self.write(b"N")
                     continue
-                self._ssl_asked = True
                 if self.proxy.refuses_ssl(self._target):
                     self.write(b"N")  # what it said a moment ago (see DbProxy.refuses_ssl)
                     continue
+                # The server answers; whatever the client sends before the
+                # answer waits (in _buffer and _pending) and is read after an
+                # 'N', or goes on as the start of TLS after an 'S'.
                 self._send(packet, probe=True)
                 return
             if isinstance(first, CancelRequest):
                 self.proxy.deliver_cancel(first, self.listener)
                 self.close()  # as a server does: no answer to a cancel
                 return
-            # StartupMessage
+            # A startup packet: the server judges it, but for a negotiation asked
+            # again, which dbproxy may have answered itself (the server never saw it)
             self.proxy.first_packet_limits.clear(self)
+            code = first.protocol
+            if code in (SSL_REQUEST, GSSENC_REQUEST):
+                self.refuse("0A000", unsupported_protocol(code))
+                return
             if self._refusal is not None:
                 self.refuse(*self._refusal)
                 return
@@ -225,6 +251,7 @@ class ClientSession:
         side.expect_answer()
         if probe:
             self._probing = side
+            self._connecting = True  # the client's next bytes wait for the answer
             side.expect_ssl_answer()
             assert side.transport is not None
             side.transport.write(data)  # the SSLRequest; its answer comes to ssl_answer()
@@ -370,8 +397,11 @@ class ClientSession:
         self.proxy.ssl_answered(side.server, answer)
         if answer == b"S":
             # TLS end to end from here on: relay; the session's key stays unseen.
+            # Bytes the client sent before the answer go first, as the server
+            # would have read them (its TLS handshake refuses what is not TLS).
             side.watcher = None
-            self._relay(side, b"", answered=True)
+            held, self._buffer = self._buffer, b""
+            self._relay(side, held, answered=True)
             self.write(b"S")
             return
         self._ready = side
@@ -387,6 +417,8 @@ class ClientSession:
         assert self.valve is not None
         self.valve.resume(Reason.NO_PEER_YET)
         self._first_packet()
+        if self._ended_early and not self._connecting:
+            self.close()  # the client ended with no whole packet more: nothing to wait for
 
     def _relay(self, side: ServerSide, initial: bytes, answered: bool) -> None:
         """The session is ``side``'s from here; the relay opens both ways once the
@@ -422,6 +454,9 @@ class ClientSession:
         self._connecting = False
         assert self.valve is not None
         self.valve.resume(Reason.NO_PEER_YET)
+        if self._ended_early:
+            self._ended_early = False
+            self.ends.ended(side.transport, self.close_both)
 
     def startup_late(self) -> None:
         """A server that connected said nothing to the first packet within

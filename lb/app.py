@@ -26,7 +26,7 @@ from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import TRAFFIC_FIELDS, Server, ServerSet
-from proxycore.workers import SupervisorSide, WorkerSide
+from proxycore.workers import SupervisorSide, WorkersCollector, WorkerSide
 
 from .checks import http_probe
 from .client import ClientConnection
@@ -122,7 +122,10 @@ class Balancer:
                 "lb",
                 self.status,
                 self.servers.get,
-                [LbCollector(self.metrics, lambda: self.servers, lambda: self.budget)],
+                [
+                    LbCollector(self.metrics, lambda: self.servers, lambda: self.budget),
+                    WorkersCollector("lb", lambda: self._supervisor),
+                ],
                 refresh=self._totals if self._supervisor is not None else None,
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)

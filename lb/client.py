@@ -170,7 +170,8 @@ class ClientConnection:
         when it is in this read, else all of it (a request line not whole yet is
         held instead). Returns where the part ended."""
         start = self._at_start  # a request line begins at pos (or blank lines before one)
-        end = self._head_end(data, pos)
+        tail, self._head_tail = self._head_tail, b""
+        end = self._head_end(data, pos, tail)
         if end < 0:
             if start and data.find(b"\n", pos) < 0:
                 self._hold_line(data[pos:] if pos else data)
@@ -198,24 +199,22 @@ class ClientConnection:
                 ex.tunnel_from_client(tail)
             return n
         if end < 0:
-            self._head_tail = (self._head_tail + part)[-3:]
+            self._head_tail = (tail + part)[-3:]
             if self._in_head and self._no_version(part):
                 raise BadRequest(400, "bad_request", "HTTP/0.9 (a request line without a version)")
         elif self._chunks is None and self._body_left == 0:
             self._begin_next()  # no body to look at first
         return stop
 
-    def _head_end(self, data: bytes, pos: int) -> int:
+    @staticmethod
+    def _head_end(data: bytes, pos: int, tail: bytes) -> int:
         """The index just past the blank line that ends the head being read, or
         -1 when it is not in this read (framing.head_end); the blank line may
-        have begun in the read before (``_head_tail``)."""
-        tail = self._head_tail
-        if tail:
-            self._head_tail = b""
-            if pos == 0:
-                at = head_end(tail + data[:3], 0)
-                if at >= 0:
-                    return at - len(tail)
+        have begun in the reads before, whose last bytes are ``tail``."""
+        if tail and pos == 0:
+            at = head_end(tail + data[:3], 0)
+            if at >= 0:
+                return at - len(tail)
         return head_end(data, pos)
 
     def _feed_head(self, part: bytes, start: bool) -> bytes:

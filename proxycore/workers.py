@@ -10,7 +10,8 @@ core, accept from the same sockets and do only the hot path.
 - Each worker gets a control channel (proxycore/channel.py): the supervisor
   sends it the servers' state, it reports failure patterns and answers for its
   counters at scrape time.
-- A worker that dies is replaced (logged); SIGHUP goes on to every worker; on
+- A worker that dies is replaced, logged with the signal or status that ended
+  it and counted in /metrics (<service>_worker_deaths_total); SIGHUP goes on to every worker; on
   SIGTERM the workers drain as one process does. SIGUSR2 starts a new
   generation from the code and configuration on disk and drains the old one
   once every new worker is ready: a restart that drops no request.
@@ -29,9 +30,12 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .channel import Channel, Message
 from .servers import Server, ServerSet
@@ -131,6 +135,9 @@ class Workers:
         self._stopping = False
         self._backoff: dict[int, float] = {}
         self._replacing = False
+        # how workers died unasked ("SIGSEGV", "exit status 1") and how often: a
+        # crash under attack shows in /metrics, not only in the log
+        self.deaths: dict[str, int] = {}
 
     # -- starting and watching ----------------------------------------------------------
     async def start(self, timeout: float = 30.0) -> None:
@@ -181,7 +188,8 @@ class Workers:
         if self._stopping or worker.stopping or worker not in self.current:
             log.info("worker %d (pid %d) exited with %s", worker.index, worker.pid, code)
             return
-        how = f"signal {-code}" if code < 0 else f"status {code}"
+        how = death(code)
+        self.deaths[how] = self.deaths.get(how, 0) + 1
         log.warning(
             "worker %d (pid %d) died (%s); starting another in its place",
             worker.index,
@@ -285,6 +293,36 @@ class Workers:
                 await asyncio.wait(pending, timeout=5)
         for task in list(self._watchers):
             task.cancel()
+
+
+def death(code: int) -> str:
+    """How a process ended, from its exit code: the signal's name, or the status."""
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+class WorkersCollector(Collector):
+    """``<service>_worker_deaths_total{how}``: workers that died unasked, by how."""
+
+    def __init__(self, service: str, supervisor: Callable[[], SupervisorSide | None]) -> None:
+        self._service = service
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            f"{self._service}_worker_deaths",
+            "Workers that died unasked (each replaced), by signal or exit status",
+            labels=["how"],
+        )
+        supervisor = self._supervisor()
+        if supervisor is not None:
+            for how, times in sorted(supervisor.workers.deaths.items()):
+                family.add_metric([how], times)
+        yield family
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -160,3 +160,47 @@ async def test_a_chunked_body_in_tiny_writes_and_requests_after_it(lb: Hostile) 
         ("/v/post", "hello, w"),
         ("/v/after-chunked", ""),
     ]
+
+
+async def test_requests_a_byte_a_segment(lb: Hostile) -> None:
+    # Each byte in a TCP segment of its own, a few milliseconds apart, so that lb
+    # reads them one by one: the blank line that ends a head straddles reads.
+    data = _get("/v/slow-1") + _post("Content-Length: 5\r\n", b"hello") + _get("/v/slow-2")
+    reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+    try:
+        for i in range(len(data)):
+            writer.write(data[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        got = b""
+        while got.count(b"HTTP/1.1 200") < 3:
+            got += await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert [(s.target, s.body) for s in lb.seen()[-3:]] == [
+        ("/v/slow-1", ""),
+        ("/v/post", "hello"),
+        ("/v/slow-2", ""),
+    ]
+
+
+async def test_a_blank_line_across_three_reads_with_a_body_after_it(lb: Hostile) -> None:
+    head = b"POST /v/split HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    writes = [head, b"\r", b"\nhello" + _get("/v/after-split")]
+    reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+    try:
+        for part in writes:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        got = b""
+        while got.count(b"HTTP/1.1 200") < 2:
+            got += await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert [(s.target, s.body) for s in lb.seen()[-2:]] == [
+        ("/v/split", "hello"),
+        ("/v/after-split", ""),
+    ]

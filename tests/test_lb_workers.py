@@ -82,7 +82,9 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(
         assert time.monotonic() < deadline, after
         time.sleep(0.1)
     assert before[1] in after
-    assert f"(pid {before[0]}) died (signal 9); starting another" in lb.log_text()
+    assert f"(pid {before[0]}) died (SIGKILL); starting another" in lb.log_text()
+    with urllib.request.urlopen(lb.admin + "/metrics", timeout=5) as r:
+        assert value(r.read().decode(), 'lb_worker_deaths_total{how="SIGKILL"}') == 1
     load = asyncio.run(keepalive_clients(lb.port, 4, 0.5))
     assert load.failed == 0 and load.statuses
 

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -43,6 +44,7 @@ ORDER BY id
 LIMIT $5
 """
 MAX_REQUEST_ID = 200
+HEAD_LINE_MAX = 64 * 1024
 
 
 def _user_json(row: asyncpg.Record) -> dict[str, Any]:
@@ -173,6 +175,13 @@ async def health(request: web.Request) -> web.Response:
     return _json({"status": "ok", "instance": request.app[CONFIG].instance})
 
 
+OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -208,7 +217,15 @@ async def _open_database(app: web.Application) -> Any:
 
 
 def make_app(config: BackendConfig) -> web.Application:
-    app = web.Application(middlewares=[envelope], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[envelope],
+        client_max_size=config.max_body_bytes,
+        # aiohttp's own parser answers a line past its limits (8,190 bytes by
+        # default) in plain text, before any route or middleware: with limits
+        # above the proxies' (lb's and nginx's 16 KiB heads), every target a
+        # proxy passes on reaches the routes and gets the service's JSON error.
+        handler_args={"max_line_size": HEAD_LINE_MAX, "max_field_size": HEAD_LINE_MAX},
+    )
     app[CONFIG] = config
     app[METRICS] = BackendMetrics(CollectorRegistry())
     app.cleanup_ctx.append(_open_database)
@@ -218,4 +235,5 @@ def make_app(config: BackendConfig) -> web.Application:
     app.router.add_get("/user/search", search)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     return app

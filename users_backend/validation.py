@@ -49,13 +49,27 @@ class Search:
     limit: int
 
 
+NUMBER_DIGITS_MAX = 100
+
+
+def _bounded_int(text: str) -> int:
+    # int() of a long digit string costs time quadratic in its length, and past
+    # 4,300 digits Python refuses it with a ValueError: no field here is a
+    # number, so a long one is refused before it is converted.
+    if len(text) > NUMBER_DIGITS_MAX:
+        raise BadRequest(f"a number in the body is longer than {NUMBER_DIGITS_MAX} digits")
+    return int(text)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_int=_bounded_int)
     except UnicodeDecodeError:
         raise BadRequest("the body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise BadRequest("the body nests arrays or objects too deep") from None
     if not isinstance(value, dict):
         raise BadRequest("the body must be a JSON object")
     return value
