@@ -78,24 +78,12 @@ def main() -> int:
     pg.add_argument(
         "--rounds", type=int, default=1, help="runs per path and mode, median kept (default 1)"
     )
-    pg.add_argument(
-        "--fuzz",
-        type=int,
-        metavar="N",
-        help="N seeded first-packet cases through dbproxy and to Postgres (bench/pgfuzz.py)",
-    )
-    pg.add_argument("--seed", type=int, default=26, help="the fuzz's seed (default 26)")
+    _fuzz_arguments(pg, "first-packet cases through dbproxy and to Postgres (bench/pgfuzz.py)")
     pg.add_argument("--out", type=Path, help="JSON file (default bench/runs/pg-<time>.json)")
     edge = sub.add_parser(
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
     )
-    edge.add_argument(
-        "--fuzz",
-        type=int,
-        metavar="N",
-        help="N seeded mutations of request framing instead of the 48 inputs (bench/fuzz.py)",
-    )
-    edge.add_argument("--seed", type=int, default=26, help="the fuzz's seed (default 26)")
+    _fuzz_arguments(edge, "mutations of request framing instead of the 48 inputs (bench/fuzz.py)")
     edge.add_argument("--out", type=Path, help="JSON file (default bench/runs/edge-<time>.json)")
     gray = sub.add_parser(
         "gray", help="one of two upstreams frozen (SIGSTOP) for 6 s under keep-alive load"
@@ -156,6 +144,11 @@ def main() -> int:
     print(shown)
     print(f"\nwritten: {out}")
     return 0
+
+
+def _fuzz_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--fuzz", type=int, metavar="N", help=f"N seeded {what}")
+    parser.add_argument("--seed", type=int, default=26, help="the fuzz's seed (default 26)")
 
 
 if __name__ == "__main__":

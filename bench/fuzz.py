@@ -278,21 +278,29 @@ class Outcome:
 _JSON_TARGET = re.compile(rb'\{"target": "((?:[^"\\]|\\.)*)", "conn": \d+\}')
 
 
+async def write_in_parts(
+    writer: asyncio.StreamWriter, data: bytes, splits: list[int], half_close: bool
+) -> None:
+    """``data`` in writes cut at ``splits`` (each sent on its own, 2 ms apart),
+    then the write side shut if ``half_close``; the peer may close first."""
+    with contextlib.suppress(OSError):
+        at = 0
+        for split in [*splits, len(data)]:
+            writer.write(data[at:split])
+            at = split
+            if split < len(data):
+                await writer.drain()
+                await asyncio.sleep(0.002)
+        if half_close:
+            writer.write_eof()
+
+
 async def send(port: int, case: Case) -> Outcome:
     out = Outcome()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     got = b""
     try:
-        with contextlib.suppress(OSError):  # a proxy may close before the last write
-            at = 0
-            for split in [*case.writes, len(case.data)]:
-                writer.write(case.data[at:split])
-                at = split
-                if split < len(case.data):
-                    await writer.drain()
-                    await asyncio.sleep(0.002)
-            if case.half_close:
-                writer.write_eof()
+        await write_in_parts(writer, case.data, case.writes, case.half_close)
         while True:
             try:
                 more = await asyncio.wait_for(reader.read(65536), QUIET)

@@ -41,6 +41,7 @@ from typing import Any
 
 import asyncpg
 
+from .fuzz import write_in_parts
 from .procs import free_port, running
 from .stackrun import local_stack
 
@@ -287,16 +288,7 @@ async def send(port: int, case: Case) -> Answer:
     """Send ``case`` on a new connection and read the answer."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        with contextlib.suppress(OSError):  # the other side may close first
-            at = 0
-            for split in [*case.writes, len(case.data)]:
-                writer.write(case.data[at:split])
-                at = split
-                if split < len(case.data):
-                    await writer.drain()
-                    await asyncio.sleep(0.001)
-            if case.half_close:
-                writer.write_eof()
+        await write_in_parts(writer, case.data, case.writes, case.half_close)
         return await _read(reader, negotiations(case.data))
     finally:
         writer.close()

@@ -141,22 +141,33 @@ async def test_trailers_never_reach_the_next_request(lb: Hostile) -> None:
     assert seen[-1].header("x-forwarded-for") == ["127.0.0.1"]
 
 
-async def test_a_chunked_body_in_tiny_writes_and_requests_after_it(lb: Hostile) -> None:
-    data = _post("Transfer-Encoding: chunked\r\n", b"5;ext=1\r\nhello\r\n3\r\n, w\r\n0\r\n\r\n")
-    data += _get("/v/after-chunked")
+async def _in_writes(lb: Hostile, writes: list[bytes], gap: float, answers: int) -> list:
+    """Send ``writes`` on one connection, each on its own and ``gap`` apart; wait
+    for ``answers`` 200s; what the backend read of the last ``answers`` requests."""
     reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
     try:
-        for i in range(len(data)):  # a byte a write: every boundary split somewhere
-            writer.write(data[i : i + 1])
+        for part in writes:
+            writer.write(part)
             await writer.drain()
+            await asyncio.sleep(gap)
         got = b""
-        while got.count(b"HTTP/1.1 200") < 2:
+        while got.count(b"HTTP/1.1 200") < answers:
             got += await asyncio.wait_for(reader.read(65536), 5)
     finally:
         writer.close()
     await asyncio.sleep(0.1)
-    seen = lb.seen()
-    assert [(s.target, s.body) for s in seen[-2:]] == [
+    return [(s.target, s.body) for s in lb.seen()[-answers:]]
+
+
+def _bytes(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+async def test_a_chunked_body_in_tiny_writes_and_requests_after_it(lb: Hostile) -> None:
+    data = _post("Transfer-Encoding: chunked\r\n", b"5;ext=1\r\nhello\r\n3\r\n, w\r\n0\r\n\r\n")
+    data += _get("/v/after-chunked")
+    # a byte a write: every boundary split somewhere
+    assert await _in_writes(lb, _bytes(data), 0, 2) == [
         ("/v/post", "hello, w"),
         ("/v/after-chunked", ""),
     ]
@@ -166,19 +177,7 @@ async def test_requests_a_byte_a_segment(lb: Hostile) -> None:
     # Each byte in a TCP segment of its own, a few milliseconds apart, so that lb
     # reads them one by one: the blank line that ends a head straddles reads.
     data = _get("/v/slow-1") + _post("Content-Length: 5\r\n", b"hello") + _get("/v/slow-2")
-    reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
-    try:
-        for i in range(len(data)):
-            writer.write(data[i : i + 1])
-            await writer.drain()
-            await asyncio.sleep(0.002)
-        got = b""
-        while got.count(b"HTTP/1.1 200") < 3:
-            got += await asyncio.wait_for(reader.read(65536), 5)
-    finally:
-        writer.close()
-    await asyncio.sleep(0.1)
-    assert [(s.target, s.body) for s in lb.seen()[-3:]] == [
+    assert await _in_writes(lb, _bytes(data), 0.002, 3) == [
         ("/v/slow-1", ""),
         ("/v/post", "hello"),
         ("/v/slow-2", ""),
@@ -188,19 +187,7 @@ async def test_requests_a_byte_a_segment(lb: Hostile) -> None:
 async def test_a_blank_line_across_three_reads_with_a_body_after_it(lb: Hostile) -> None:
     head = b"POST /v/split HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
     writes = [head, b"\r", b"\nhello" + _get("/v/after-split")]
-    reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
-    try:
-        for part in writes:
-            writer.write(part)
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        got = b""
-        while got.count(b"HTTP/1.1 200") < 2:
-            got += await asyncio.wait_for(reader.read(65536), 5)
-    finally:
-        writer.close()
-    await asyncio.sleep(0.1)
-    assert [(s.target, s.body) for s in lb.seen()[-2:]] == [
+    assert await _in_writes(lb, writes, 0.05, 2) == [
         ("/v/split", "hello"),
         ("/v/after-split", ""),
     ]
