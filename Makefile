@@ -14,7 +14,10 @@ STAMP := $(VENV)/.installed-stamp
 HOT_STAMP := build/.hot-stamp
 HOT_SOURCES := $(wildcard lb/*.py dbproxy/*.py proxycore/*.py) scripts/compile_hot.py
 
-.PHONY: demo test lint format setup system-deps down clean pure
+.PHONY: demo test lint format setup system-deps down clean pure compose-up compose-down
+
+# The compose file's profile for `make compose-up`: python (lb + dbproxy) or classic.
+PROFILE ?= python
 
 setup: system-deps $(STAMP) $(HOT_STAMP)
 
@@ -53,6 +56,14 @@ format: setup
 
 down: setup
 	$(PY) -m stack down
+
+# docker-compose-balance.yml for real: Docker where there is one, else podman with
+# local stand-in images (stack/containers.py; the first run builds them, a few minutes).
+compose-up: setup
+	$(PY) -m stack.containers up --profile $(PROFILE)
+
+compose-down: setup
+	$(PY) -m stack.containers down
 
 clean: down
 	rm -rf .stack

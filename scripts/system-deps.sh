@@ -23,6 +23,15 @@ NEEDED=(
   "nginx nginx-light"
   "haproxy haproxy"
   "docker-compose docker-compose"
+  # the compose file run for real where there is no Docker engine (stack/containers.py):
+  # podman with runc, DNS on its networks, and debootstrap for the stand-in images
+  "podman podman"
+  "runc runc"
+  "/usr/lib/cni/dnsname golang-github-containernetworking-plugin-dnsname"
+  "debootstrap debootstrap"
+  # the local stack's Prometheus, and nginx's exporter for the classic profile
+  "prometheus prometheus"
+  "prometheus-nginx-exporter prometheus-nginx-exporter"
   # the status pages are checked in a real browser (tests/browser.py)
   "chromium chromium"
 )

@@ -30,6 +30,8 @@ COMPOSE_ADDRESSES: Mapping[str, str] = {
     "dbproxy_admin": "0.0.0.0:9102",
     "master": "service-db:5432",
     "replica": "service-db-replica:5432",
+    "prometheus": "0.0.0.0:9090",
+    "nginx_exporter": "0.0.0.0:9113",
 }
 
 

@@ -82,7 +82,8 @@ async def run(state_dir: Path, say: Callable[[str], None]) -> None:
     )
     say(
         f"  metrics        http://127.0.0.1:{topology.ports.lb_admin}/metrics,"
-        f" http://127.0.0.1:{topology.ports.dbproxy_admin}/metrics"
+        f" http://127.0.0.1:{topology.ports.dbproxy_admin}/metrics, scraped by the stack's"
+        f" Prometheus: http://127.0.0.1:{topology.ports.prometheus}/targets"
     )
     say("  the comparison .venv/bin/python -m bench --quick (both profiles, a few minutes)")
     say("  the docs       README.md, docs/")

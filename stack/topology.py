@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from . import classic
+from . import classic, metrics
 from .errors import StackError
 from .postgres import REPO_ROOT, find_bindir, remove_stale_lock, run_as, server_argv
 
@@ -26,6 +26,8 @@ LB = "lb"
 DBPROXY = "dbproxy"
 NGINX = "nginx"
 HAPROXY = "haproxy"
+NGINX_EXPORTER = "nginx-exporter"
+PROMETHEUS = "prometheus"
 # Per profile: (database proxies, HTTP proxies). They take the same ports either way.
 PROXIES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "none": ((), ()),
@@ -54,6 +56,8 @@ class Ports:
     db_any: int = 6434
     lb_admin: int = 9101
     dbproxy_admin: int = 9102
+    prometheus: int = 9090
+    nginx_exporter: int = 9113
 
     @classmethod
     def names(cls) -> list[str]:
@@ -141,7 +145,8 @@ class Topology:
     def tiers(self) -> list[tuple[str, ...]]:
         """The services in start order, by tier: each tier needs the ones before it."""
         db_proxies, http_proxies = PROXIES[self.proxies]
-        tiers = [(MASTER, REPLICA), db_proxies, BACKENDS, http_proxies]
+        exporters = (NGINX_EXPORTER,) if NGINX in http_proxies else ()
+        tiers = [(MASTER, REPLICA), db_proxies, BACKENDS, http_proxies, exporters, (PROMETHEUS,)]
         return [t for t in tiers if t]
 
     def services(self) -> list[str]:
@@ -312,7 +317,61 @@ class Topology:
                 address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (stats :{p.dbproxy_admin})",
                 before_start=partial(self._render_config, BALANCE_CONFIG / "haproxy.cfg", cfg),
             )
+        if name == NGINX_EXPORTER and name in self.services():
+            p = self.ports
+            return ServiceSpec(
+                name=name,
+                argv=(
+                    classic.find_program("prometheus-nginx-exporter"),
+                    f"-nginx.scrape-uri=http://127.0.0.1:{p.lb_admin}/status",
+                    f"-web.listen-address=127.0.0.1:{p.nginx_exporter}",
+                ),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                listens=(p.nginx_exporter,),
+                ready=(Readiness("http", p.nginx_exporter, "/metrics"),),
+                log=log,
+                address=f"127.0.0.1:{p.nginx_exporter}",
+            )
+        if name == PROMETHEUS:
+            p = self.ports
+            home = self.state_dir / PROMETHEUS
+            return ServiceSpec(
+                name=name,
+                argv=(
+                    classic.find_program("prometheus"),
+                    f"--config.file={home / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={home / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{p.prometheus}",
+                ),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                listens=(p.prometheus,),
+                ready=(Readiness("http", p.prometheus, "/-/ready"),),
+                log=log,
+                address=f"127.0.0.1:{p.prometheus}",
+                before_start=partial(self._write_prometheus_config, home / "prometheus.yml"),
+            )
         raise StackError(f"unknown service '{name}'; services: {', '.join(self.services())}")
+
+    def scrape_targets(self) -> dict[str, str | None]:
+        """infra/prometheus/prometheus.yml's targets, each the local address of its
+        service, or None where this profile does not run it."""
+        p, running = self.ports, set(self.services())
+
+        def when(service: str, port: int) -> str | None:
+            return f"127.0.0.1:{port}" if service in running else None
+
+        db_proxy = next(iter(PROXIES[self.proxies][0]), "")
+        return {
+            "users-backend-1:8081": when(BACKENDS[0], p.backend_1),
+            "users-backend-2:8082": when(BACKENDS[1], p.backend_2),
+            "lb:9101": when(LB, p.lb_admin),
+            "nginx-exporter:9113": when(NGINX_EXPORTER, p.nginx_exporter),
+            "pgproxy:9102": when(db_proxy, p.dbproxy_admin),
+        }
+
+    def _write_prometheus_config(self, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(metrics.local_config(self.scrape_targets()))
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -20,9 +20,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
+    from tests.test_compose_run import compose_drill_summary
     from tests.test_drill import drill_summary
 
     table = drill_summary(config)
     if table is not None:
         terminalreporter.section("the seed's failure drill, responses per step")
+        terminalreporter.write_line(table)
+    table = compose_drill_summary(config)
+    if table is not None:
+        terminalreporter.section("the seed's drill on docker-compose-balance.yml's containers")
         terminalreporter.write_line(table)

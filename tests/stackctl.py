@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +154,21 @@ async def scrape(*ports: int) -> set[str]:
                     if line and not line.startswith("#"):
                         names.add(line.split("{", 1)[0].split(" ", 1)[0])
     return names
+
+
+async def prometheus_scrapes(port: int, counter: str, within: float = 30.0) -> dict[str, str]:
+    """Wait until the Prometheus on ``port`` has every target up and ``counter``
+    has a series; the targets' health by job."""
+    base = f"http://127.0.0.1:{port}/api/v1"
+    deadline = time.monotonic() + within
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        while True:
+            async with http.get(base + "/targets") as r:
+                targets = (await r.json())["data"]["activeTargets"]
+            async with http.get(base + "/query", params={"query": counter}) as r:
+                series = (await r.json())["data"]["result"]
+            health = {t["labels"]["job"]: t["health"] for t in targets}
+            if targets and set(health.values()) == {"up"} and series:
+                return health
+            assert time.monotonic() < deadline, (health, counter, series)
+            await asyncio.sleep(1)

@@ -12,7 +12,7 @@ from stack.classic import COMPOSE_ADDRESSES, compose_addresses_in, render
 from stack.errors import StackError
 from stack.postgres import connect
 from stack.topology import BALANCE_CONFIG, Topology
-from tests.stackctl import StackHandle, profile_stack, random_ports, scrape
+from tests.stackctl import StackHandle, profile_stack, prometheus_scrapes, random_ports, scrape
 from tests.test_compose import dashboard_metrics
 
 NGINX_CONF, HAPROXY_CFG = BALANCE_CONFIG / "nginx.conf", BALANCE_CONFIG / "haproxy.cfg"
@@ -111,3 +111,8 @@ async def test_haproxy_serves_the_dashboards_metrics(classic_stack: StackHandle)
     served = await scrape(classic_stack.ports.dbproxy_admin)
     wanted = {m for m in dashboard_metrics() if m.startswith("haproxy_")}
     assert wanted and wanted <= served, wanted - served
+
+
+async def test_the_stacks_prometheus_scrapes_every_target(classic_stack: StackHandle) -> None:
+    health = await prometheus_scrapes(classic_stack.ports.prometheus, "nginx_http_requests_total")
+    assert set(health) == {"backends", "db-proxy", "nginx"}

@@ -21,9 +21,10 @@ from tests.stackctl import (
 def test_lifecycle(tmp_path: Path) -> None:
     with running_stack(tmp_path / "s", users=200) as stack:
         out = stack.cli("status").stdout
-        for name in ("service-db", "service-db-replica", "users-backend-1", "users-backend-2"):
+        services = ("service-db", "service-db-replica", "users-backend-1", "users-backend-2")
+        for name in (*services, "prometheus"):
             assert name in out
-        assert out.count("running") == 4
+        assert out.count("running") == 5
 
         refs = stack.refs()
         # kill: the whole postgres tree goes, as with docker kill
@@ -46,7 +47,7 @@ def test_lifecycle(tmp_path: Path) -> None:
         assert port_is_free(stack.ports.backend_2)
         stack.start("users-backend-2")
         stack.start("service-db-replica")
-        assert stack.cli("status").stdout.count("running") == 4
+        assert stack.cli("status").stdout.count("running") == 5
         already = stack.cli("start", "users-backend-2", check=False)
         assert already.returncode == 1 and "already running" in already.stderr
         unknown = stack.cli("kill", "nginx-9", check=False)

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 
 from stack.postgres import connect
-from tests.stackctl import StackHandle, profile_stack, scrape
+from tests.stackctl import StackHandle, profile_stack, prometheus_scrapes, scrape
 from tests.test_compose import dashboard_metrics
 from tests.test_lb_failover import Load
 
@@ -52,3 +52,8 @@ async def test_every_metric_of_the_grafana_dashboard_is_served(python_stack: Sta
     served = await scrape(p.backend_1, p.backend_2, p.lb_admin, p.dbproxy_admin)
     wanted = {m for m in dashboard_metrics() if not m.startswith(("haproxy_", "nginx_"))}
     assert wanted <= served, wanted - served
+
+
+async def test_the_stacks_prometheus_scrapes_every_target(python_stack: StackHandle) -> None:
+    health = await prometheus_scrapes(python_stack.ports.prometheus, "lb_responses_total")
+    assert set(health) == {"backends", "db-proxy", "http-proxy"}
