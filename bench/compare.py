@@ -56,6 +56,7 @@ from .http import table as http_table
 from .pg import run_pg
 from .pg import table as pg_table
 from .procs import machine, require
+from .ryw import measure as read_your_writes
 from .stackrun import LocalStack, local_stack
 
 PROFILES = ("python", "classic")
@@ -80,6 +81,7 @@ class Plan:
     users: int = 20_000
     drill_rate: float = 200.0
     step_seconds: float = 8.0
+    ryw_pairs: int = 2_000  # register-then-get pairs, each way (bench/ryw.py)
 
     @classmethod
     def quick_run(cls, profiles: tuple[str, ...]) -> Plan:
@@ -91,6 +93,7 @@ class Plan:
             users=2_000,
             drill_rate=100.0,
             step_seconds=2.5,
+            ryw_pairs=200,
         )
 
     def phases(self) -> list[tuple[str, float]]:
@@ -99,8 +102,13 @@ class Plan:
         pg = (1 + len(self.profiles)) * 3 * self.rounds * self.seconds + 8
         per_profile = [
             (
-                f"{p}: stack up, entry and drill",
-                8 + 1 + self.seconds + len(STEPS) * (self.step_seconds + 1.5) + 2 * FREEZE_SECONDS,
+                f"{p}: stack up, entry, read your writes and drill",
+                8
+                + 1
+                + self.seconds
+                + self.ryw_pairs / 75  # both ways, at about 150 pairs a second
+                + len(STEPS) * (self.step_seconds + 1.5)
+                + 2 * FREEZE_SECONDS,
             )
             for p in self.profiles
         ]
@@ -160,15 +168,17 @@ async def _drill(
 
 def _profile_run(
     work: Path, profile: str, plan: Plan, say: Callable[[str], None]
-) -> tuple[EntryMeasure, DrillResult]:
+) -> tuple[EntryMeasure, dict[str, Any], DrillResult]:
     with local_stack(work, profile=profile, users=plan.users) as stack:
         say(f"[{profile}] wrk through the entry port ({plan.seconds:g}s)")
         path = f"/user/get/{asyncio.run(seeded_user_ids(stack.entry, count=1))[0]}"
         entry = measure_entry(
             stack.ports.entry, path, proxy_pids(stack.state_dir, profile), seconds=plan.seconds
         )
+        say(f"[{profile}] register, then read back at once: {plan.ryw_pairs} pairs each way")
+        ryw = read_your_writes(stack.entry, plan.ryw_pairs)
         drill = asyncio.run(_drill(stack, profile, plan, say))
-    return entry, drill
+    return entry, ryw, drill
 
 
 def _clean(value: Any) -> Any:
@@ -223,10 +233,11 @@ def run_compare(
     work = out_dir / "work"
     for profile in plan.profiles:
         progress.next()
-        entry, drill = _profile_run(work, profile, plan, say)
+        entry, ryw, drill = _profile_run(work, profile, plan, say)
         drills[profile] = drill
         result["profiles"][profile] = {
             "entry": dataclasses.asdict(entry),
+            "read_your_writes": ryw,
             "drill": {
                 "rate": drill.rate,
                 "step_seconds": drill.step_seconds,
@@ -356,6 +367,19 @@ def report(result: dict[str, Any]) -> str:
             ),
         ),
     ]
+    if all("read_your_writes" in result["profiles"][p] for p in profiles):
+        # (runs before 2026-12-07 did not measure it)
+        rows.insert(
+            3,
+            (
+                "a user read back at once, not found: with / without its token",
+                lambda p: (
+                    f"{p['read_your_writes']['with_token']['not_found']} / "
+                    f"{p['read_your_writes']['without_token']['not_found']} "
+                    f"of {p['read_your_writes']['pairs']:,}"
+                ),
+            ),
+        )
     for label, cell in rows:
         lines.append(
             f"| {label} | " + " | ".join(cell(result["profiles"][p]) for p in profiles) + " |"

@@ -3,8 +3,9 @@
 A server is writable ("primary") when it is not in recovery and
 default_transaction_read_only is off; otherwise it is a "replica". A logical
 subscriber is never in recovery, so the second signal is what marks it. On a
-primary the check also reads how far each logical slot trails its WAL: that is
-the lag of the replica whose subscription owns the slot.
+primary the check also reads how far each logical slot trails its WAL, and the
+position its subscriber has confirmed applying: that is the lag, and the
+applied position, of the replica whose subscription owns the slot.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SELECT pg_is_in_recovery() AS recovery,
 SLOTS_SQL = """
 SELECT s.slot_name,
        s.active,
+       s.confirmed_flush_lsn::text AS applied_lsn,
        pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
        COALESCE(EXTRACT(epoch FROM r.replay_lag), 0)::float8 AS lag_seconds
 FROM pg_replication_slots s
@@ -55,6 +57,10 @@ def pg_probe(settings: CheckSettings):  # type: ignore[no-untyped-def]
                 server.info["slots"] = {
                     r["slot_name"]: {
                         "active": r["active"],
+                        # how far the subscriber has applied the primary's WAL: what
+                        # its apply worker confirmed (it advances with keepalives
+                        # when nothing is pending)
+                        "applied_lsn": r["applied_lsn"],
                         "lag_bytes": int(r["lag_bytes"] or 0),
                         "lag_seconds": round(float(r["lag_seconds"]), 3),
                     }

@@ -10,6 +10,8 @@ from prometheus_client.registry import Collector
 from proxycore.histogram import Histogram
 from proxycore.servers import Server
 
+from .pgwire import lsn_bytes
+
 ROLES = ("primary", "replica")
 
 # How long sessions waited for a slot (proxycore's histogram, named for here).
@@ -80,6 +82,11 @@ class DbProxyCollector(Collector):
         lag_s = GaugeMetricFamily(
             "dbproxy_replica_lag_seconds", "Replica lag in time (replay_lag)", labels=["server"]
         )
+        applied = GaugeMetricFamily(
+            "dbproxy_replica_applied_lsn_bytes",
+            "The primary's WAL position the replica has confirmed applying, in bytes",
+            labels=["server"],
+        )
         check = GaugeMetricFamily(
             "dbproxy_check_duration_seconds", "Duration of the last check", labels=["server"]
         )
@@ -100,6 +107,8 @@ class DbProxyCollector(Collector):
             if (lag := s.info.get("lag")) is not None:
                 lag_b.add_metric([s.name], lag["lag_bytes"])
                 lag_s.add_metric([s.name], lag["lag_seconds"])
+                if lag.get("applied_lsn"):
+                    applied.add_metric([s.name], lsn_bytes(lag["applied_lsn"]))
             if s.last_check is not None:
                 check.add_metric([s.name], s.last_check.duration)
                 check_ok.add_metric([s.name], 1 if s.last_check.ok else 0)
@@ -115,6 +124,7 @@ class DbProxyCollector(Collector):
             role,
             lag_b,
             lag_s,
+            applied,
             check,
             check_ok,
         )

@@ -134,6 +134,12 @@ def unsupported_protocol(code: int) -> str:
     return f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
 
 
+def lsn_bytes(lsn: str) -> int:
+    """A WAL position as Postgres writes it ("16/B374D848") as a number of bytes."""
+    high, _, low = lsn.partition("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
 def error_response(code: str, message: str, severity: str = "FATAL") -> bytes:
     """An ErrorResponse as a server sends it: psql and asyncpg print its message."""
     fields = (

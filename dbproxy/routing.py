@@ -63,5 +63,6 @@ def update_lags(servers: Iterable[Server], slots: Mapping[str, str]) -> None:
             server.info["lag"] = {
                 "lag_bytes": seen["lag_bytes"],
                 "lag_seconds": seen["lag_seconds"],
+                "applied_lsn": seen.get("applied_lsn"),
                 "slot": slot,
             }

@@ -14,7 +14,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from . import db, validation
+from . import consistency, db, validation
 from .config import BackendConfig
 from .errors import ApiError, error_response, from_http_exception
 from .metrics import BackendMetrics, PoolCollector
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", BackendConfig)
 DATABASE = web.AppKey("database", db.Database)
 METRICS = web.AppKey("metrics", BackendMetrics)
+TOKENS = web.AppKey("tokens", consistency.Tokens)
 
 USER_COLUMNS = "id, first_name, second_name, birthdate, biography, city"
 INSERT_USER = """
@@ -124,8 +125,32 @@ async def register(request: web.Request) -> web.Response:
             password_hash,
         )
 
-    await request.app[DATABASE].write(insert)
-    return _json({"user_id": str(user_id)})
+    _, position = await request.app[DATABASE].write(insert)
+    response = _json({"user_id": str(user_id)})
+    _hand_token(request, response, position)
+    return response
+
+
+def _hand_token(request: web.Request, response: web.Response, position: str) -> None:
+    """The write's consistency token, in a header and in a cookie (a browser
+    keeps it), for the reads that must see the write (consistency.py)."""
+    tokens = request.app[TOKENS]
+    token = tokens.issue(position)
+    response.headers[consistency.HEADER] = token
+    response.set_cookie(
+        consistency.COOKIE,
+        token,
+        max_age=int(tokens.ttl_seconds),
+        httponly=True,
+        samesite="Lax",
+        path="/",
+    )
+
+
+def _position(request: web.Request) -> str | None:
+    """The WAL position the request's consistency token asks for, if any."""
+    token = request.headers.get(consistency.HEADER) or request.cookies.get(consistency.COOKIE)
+    return request.app[TOKENS].position(token)
 
 
 async def login(request: web.Request) -> web.Response:
@@ -151,7 +176,12 @@ async def get_user(request: web.Request) -> web.Response:
     async def fetch(conn: asyncpg.Connection) -> asyncpg.Record | None:
         return await conn.fetchrow(GET_USER, user_id)
 
-    row = await request.app[DATABASE].read(fetch)
+    database = request.app[DATABASE]
+    row = await database.read(fetch, _position(request))
+    if row is None:
+        # The replica may not have applied a user made a moment ago (by a client
+        # that does not send its token back): the master says "not found", not it.
+        row = await database.read_primary(fetch, why="master_after_miss")
     if row is None:
         raise ApiError(404, "not_found", f"no user with id {user_id}")
     return _json(_user_json(row))
@@ -167,7 +197,7 @@ async def search(request: web.Request) -> web.Response:
             SEARCH_USERS, query.first_name, first_upper, query.last_name, last_upper, query.limit
         )
 
-    rows = await request.app[DATABASE].read(fetch)
+    rows = await request.app[DATABASE].read(fetch, _position(request))
     return _json([_user_json(row) for row in rows])
 
 
@@ -209,6 +239,7 @@ async def _open_database(app: web.Application) -> Any:
         metrics=metrics,
         acquire_timeout=config.acquire_timeout,
         ro_falls_back_to_rw=config.ro_falls_back_to_rw,
+        consistency_wait=config.consistency_wait,
     )
     yield
     await db.close_pool(rw)
@@ -228,6 +259,7 @@ def make_app(config: BackendConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = BackendMetrics(CollectorRegistry())
+    app[TOKENS] = consistency.Tokens(config.token_secret, config.consistency_token_ttl)
     app.cleanup_ctx.append(_open_database)
     app.router.add_post("/user/register", register)
     app.router.add_post("/login", login)

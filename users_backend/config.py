@@ -29,6 +29,10 @@ class BackendConfig:
     acquire_timeout: float = 3.0
     ro_falls_back_to_rw: bool = True
     max_body_bytes: int = 64 * 1024
+    # A read with a consistency token waits this long for the replica to apply
+    # it, then reads on the master; a token is good this long (consistency.py).
+    consistency_wait: float = 0.05
+    consistency_token_ttl: float = 30.0
 
 
 def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> BackendConfig:
@@ -57,6 +61,13 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         default=float(env.get("USERS_QUERY_TIMEOUT", d.query_timeout)),
     )
     p.add_argument(
+        "--consistency-wait",
+        type=float,
+        default=float(env.get("USERS_CONSISTENCY_WAIT", d.consistency_wait)),
+        help="seconds a read with a consistency token waits for the replica before it "
+        "reads on the master (env USERS_CONSISTENCY_WAIT)",
+    )
+    p.add_argument(
         "--no-ro-fallback",
         action="store_true",
         default=env.get("USERS_RO_FALLBACK", "1") == "0",
@@ -78,5 +89,6 @@ def parse(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = Non
         token_secret=secret.encode() if secret else secrets.token_bytes(32),
         pool_size=args.pool_size,
         query_timeout=args.query_timeout,
+        consistency_wait=args.consistency_wait,
         ro_falls_back_to_rw=not args.no_ro_fallback,
     )

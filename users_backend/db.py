@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
 
+from . import consistency
 from .errors import DatabaseUnavailable
 from .metrics import BackendMetrics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# How often a read with a consistency token asks the replica again while it waits.
+POLL = 0.005
 Query = Callable[[asyncpg.Connection], Awaitable[T]]
 
 # What "the connection broke" looks like from asyncpg: the socket failed, the
@@ -58,8 +62,10 @@ class Database:
         metrics: BackendMetrics,
         acquire_timeout: float,
         ro_falls_back_to_rw: bool,
+        consistency_wait: float = 0.05,
     ) -> None:
         self.rw = rw
+        self._consistency_wait = consistency_wait
         self.ro = ro
         self._metrics = metrics
         self._acquire_timeout = acquire_timeout
@@ -69,17 +75,52 @@ class Database:
         self._read_plan = tuple(ro_plan)
         self._primary_plan = (Attempt("rw", rw), Attempt("rw", rw))
 
-    async def read(self, query: Query[T]) -> T:
-        """A read that may be served by the replica."""
-        return await self._run(self._read_plan, query)
+    async def read(self, query: Query[T], position: str | None = None) -> T:
+        """A read that may be served by the replica; with ``position`` (a consistency
+        token's, see consistency.py), by the replica only once it has applied that
+        position, waiting for it up to consistency_wait, else by the master."""
+        if position is None:
+            self._metrics.reads.labels("replica").inc()
+            return await self._run(self._read_plan, query)
+        started = time.monotonic()
+        deadline = started + self._consistency_wait
 
-    async def read_primary(self, query: Query[T]) -> T:
-        """A read that must see the caller's own writes (login after register)."""
+        async def when_applied(conn: asyncpg.Connection) -> tuple[bool, T | None]:
+            if not await conn.fetchval(consistency.APPLIED, position):
+                return False, None
+            return True, await query(conn)
+
+        while True:
+            applied, result = await self._run(self._read_plan, when_applied)
+            waited = time.monotonic() - started
+            if applied:
+                self._metrics.consistency_wait.observe(waited)
+                served_by = "replica_after_wait" if waited >= POLL else "replica"
+                self._metrics.reads.labels(served_by).inc()
+                return result  # type: ignore[return-value]
+            if time.monotonic() + POLL > deadline:
+                break
+            await asyncio.sleep(POLL)
+        self._metrics.consistency_wait.observe(time.monotonic() - started)
+        self._metrics.reads.labels("master_after_wait").inc()
         return await self._run(self._primary_plan, query)
 
-    async def write(self, query: Query[T]) -> T:
-        """A write; ``query`` must be safe to run twice (see the module docstring)."""
+    async def read_primary(self, query: Query[T], why: str = "master") -> T:
+        """A read that must see the caller's own writes (login after register), or
+        one asked again of the master (``why``: the reads metric's label)."""
+        self._metrics.reads.labels(why).inc()
         return await self._run(self._primary_plan, query)
+
+    async def write(self, query: Query[T]) -> tuple[T, str]:
+        """A write; ``query`` must be safe to run twice (see the module docstring).
+        With its result, the master's WAL position once it committed: what a read
+        must see to see it (consistency.py)."""
+
+        async def and_position(conn: asyncpg.Connection) -> tuple[T, str]:
+            result = await query(conn)
+            return result, await conn.fetchval(consistency.WRITE_POSITION)
+
+        return await self._run(self._primary_plan, and_position)
 
     async def _run(self, plan: tuple[Attempt, ...], query: Query[T]) -> T:
         failure: BaseException | None = None

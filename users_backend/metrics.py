@@ -34,6 +34,20 @@ class BackendMetrics:
             ["pool"],
             registry=registry,
         )
+        self.reads = Counter(
+            "users_backend_reads_total",
+            "Database reads, by where they were served: replica (at once, or after a wait"
+            " for a consistency token), master (a token the replica did not reach in time,"
+            " a miss on the replica asked again, or a read that must see its own writes)",
+            ["served_by"],
+            registry=registry,
+        )
+        self.consistency_wait = Histogram(
+            "users_backend_consistency_wait_seconds",
+            "Time a read with a consistency token waited for the replica to apply it",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=registry,
+        )
         self.db_unavailable = Counter(
             "users_backend_db_unavailable_total",
             "Requests answered 503 because the database stayed unreachable",
