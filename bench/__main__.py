@@ -3,7 +3,8 @@ python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy
 python -m bench pg --fuzz N [--seed S] [--out FILE]   (first packets: dbproxy against Postgres)
 python -m bench edge [--fuzz N [--seed S]] [--out FILE]   (hostile HTTP inputs: lb, nginx, HAProxy)
 python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)
-python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)"""
+python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)
+python -m bench ryw [--pairs N] [--out FILE]  (a user read back at once, both profiles)"""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from .pg import table as pg_table
 from .pgfuzz import run_pg_fuzz_stack
 from .pgfuzz import table as pgfuzz_table
 from .procs import BenchError
+from .ryw import run_ryw
+from .ryw import table as ryw_table
 from .surge import run_surge
 from .surge import table as surge_table
 
@@ -93,6 +96,10 @@ def main() -> int:
         "surge", help="4,096 keep-alive connections at once to two nginx upstreams, 5 runs"
     )
     surge.add_argument("--out", type=Path, help="JSON file (default bench/runs/surge-<time>.json)")
+    ryw = sub.add_parser("ryw", help="register, then read back at once, on each profile's stack")
+    ryw.add_argument("--pairs", type=int, default=2_000, help="pairs each way (default 2,000)")
+    ryw.add_argument("--profile", choices=PROFILES, help="one profile only (default: both)")
+    ryw.add_argument("--out", type=Path, help="JSON file (default bench/runs/ryw-<time>.json)")
     args = p.parse_args()
 
     def say(text: str) -> None:
@@ -123,6 +130,10 @@ def main() -> int:
         elif args.command == "gray":
             result = run_gray(say=say)
             shown = gray_table(result)
+        elif args.command == "ryw":
+            profiles = (args.profile,) if args.profile else PROFILES
+            result = run_ryw(args.pairs, profiles=profiles, say=say)
+            shown = ryw_table(result)
         elif args.command == "edge" and args.fuzz:
             result = run_fuzz(args.fuzz, seed=args.seed, say=say)
             shown = fuzz_table(result)
