@@ -17,6 +17,7 @@ from pathlib import Path
 from .compare import PROFILES, Plan, run_compare
 from .edge import run_edge
 from .edge import table as edge_table
+from .features import features_table, run_features
 from .fuzz import run_fuzz
 from .fuzz import table as fuzz_table
 from .gray import run_gray
@@ -66,6 +67,12 @@ def main() -> int:
         action="append",
         choices=PROXIES,
         help="only these (default: all; bare-relay is a reference point)",
+    )
+    http.add_argument(
+        "--only",
+        choices=("proxies", "features"),
+        help="proxies: the proxies at two sizes and two workers; features: lb's and nginx's "
+        "routes and access log against their own plain case (default: both)",
     )
     http.add_argument("--out", type=Path, help="JSON file (default bench/runs/http-<time>.json)")
     pg = sub.add_parser(
@@ -117,13 +124,20 @@ def main() -> int:
             print(f"\nwritten: {out_dir}/ (results.json, REPORT.md, charts)")
             return 0
         if args.command == "http":
-            result = run_http_suite(
-                seconds=args.seconds,
-                rounds=args.rounds,
-                proxies=tuple(args.proxy or PROXIES),
-                say=say,
-            )
-            shown = suite_table(result)
+            result, parts = {}, []
+            if args.only != "features":
+                result = run_http_suite(
+                    seconds=args.seconds,
+                    rounds=args.rounds,
+                    proxies=tuple(args.proxy or PROXIES),
+                    say=say,
+                )
+                parts.append(suite_table(result))
+            if args.only != "proxies":
+                features = run_features(seconds=args.seconds, rounds=args.rounds, say=say)
+                result = {**result, "features": features} if result else features
+                parts.append(features_table(features))
+            shown = "\n\n".join(parts)
         elif args.command == "surge":
             result = run_surge(say=say)
             shown = surge_table(result)

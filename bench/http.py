@@ -139,9 +139,23 @@ def measure(
     core, wrk on the other. More: nothing pinned, wrk shares the cores."""
     port = free_port()
     argv = proxy_argv(name, work, port, up1, up2, workers)
+    return measure_argv(name, argv, port, work, seconds, connections, workers)
+
+
+def measure_argv(
+    name: str,
+    argv: list[str],
+    port: int,
+    work: Path,
+    seconds: float,
+    connections: int,
+    workers: int = 1,
+    path: str = "/",
+) -> Measure:
+    """``measure`` for a proxy started by ``argv``, listening on ``port``; wrk asks for ``path``."""
     proxy_core, load_core = (PROXY_CORE, LOAD_CORE) if workers == 1 else (None, None)
     with running(argv, core=proxy_core, port=port, log=work / f"{name}.log") as proc:
-        url = f"http://127.0.0.1:{port}/"
+        url = f"http://127.0.0.1:{port}{path}"
         run(url, seconds=1, connections=connections, core=load_core)  # warm up: pools, caches
         before = cpu_seconds(proc.pid)
         result: WrkResult = run(url, seconds=seconds, connections=connections, core=load_core)

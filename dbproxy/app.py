@@ -309,6 +309,9 @@ class DbProxy:
         if self._supervisor is not None:
             await self._supervisor.workers.replace()
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: dbproxy writes no log file of its own (its log is stderr)."""
+
     def apply(self, new: DbProxyConfig) -> None:
         old = self.config
         if dict(new.listen) != dict(old.listen) or new.admin != old.admin:

@@ -20,7 +20,10 @@ def main() -> int:
         print(f"lb: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
-        print(f"lb: configuration OK ({len(config.servers)} server(s), listen {config.listen})")
+        print(
+            f"lb: configuration OK ({len(config.pools)} pool(s) of {len(config.servers)} "
+            f"server(s), {len(config.routes)} route(s), listen {config.listen})"
+        )
         return 0
     setup_logging("lb")
     if not config.access_log:

@@ -1,47 +1,51 @@
-"""The Balancer: listeners, servers, checks, admin, reload and graceful stop, wired
-together, in the role its process has (proxycore/lifecycle.py): one process for
-everything; a supervisor (the listening socket, checks, admin, the workers); or a
-worker (the hot path on the inherited socket)."""
+"""The Balancer: listeners, pools, routes, checks, the access log, admin, reload
+and graceful stop, wired together in the role its process has
+(proxycore/lifecycle.py): one process for everything; a supervisor (the
+listening socket, checks, admin, the workers); or a worker (the hot path on the
+inherited socket).
+
+The requests themselves never see it: a client connection gets the LbState
+(lb/state.py) the Balancer keeps current, an exchange its route and pool.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
-from proxycore.balancing import Policy, make_policy
 from proxycore.channel import Message
 from proxycore.compiled import hot_path, protocol_factory
 from proxycore.counters import add, snapshot, zero
-from proxycore.deadline import Expiries
-from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
-from proxycore.servers import TRAFFIC_FIELDS, Server, ServerSet
+from proxycore.servers import TRAFFIC_FIELDS, Server, ServerGroups
 from proxycore.workers import SupervisorSide, WorkersCollector, WorkerSide
 
-from .checks import http_probe
+from .accesslog import AccessLog
 from .client import ClientConnection
-from .config import LbConfig
-from .exchange import Exchange
+from .collector import LbCollector
 from .metrics import FIELDS as METRIC_FIELDS
-from .metrics import LbCollector, LbMetrics
-from .retry import RetryBudget
-from .upstream import UpstreamPool
+from .metrics import STATUS_CLASSES
+from .pools import Pool
+from .ratelimit import shared_path
+from .routes import Route, build_routes
+from .settings import LbConfig, PoolConfig, RouteConfig
+from .state import LbState
 
 log = logging.getLogger("lb")
 
-
-_METRICS = METRIC_FIELDS
 _BUDGET = ("active", "exhausted")
+# The pool of the routes that answer themselves, and of a request no route takes.
+ANSWERS = "-"
 
 
 class Balancer:
@@ -55,42 +59,55 @@ class Balancer:
         self.placement = placement or Placement()
         self._supervisor: SupervisorSide | None = None
         self._worker: WorkerSide | None = None
-        # Bound once: compiled code calls it without a method lookup per request.
-        self.clock: Callable[[], float] = loop.time
-        self.config = config
-        self.metrics = LbMetrics()
-        self.servers = ServerSet.of(config.servers, config.health)
-        self.budget = RetryBudget(config.retry_budget.percent, config.retry_budget.min_concurrency)
-        # Read per request: kept here, not looked up through the config each time.
-        self.hedge_after = config.hedge_after
-        self.max_connecting = config.queue.max_connecting
-        self.policy: Policy = make_policy(config.method)
-        self.pool = UpstreamPool(loop, config)
-        self.default_host = str(config.listen).encode()
-        self.clients: set[ClientConnection] = set()
-        self.draining = False
+        self.state = LbState(config, loop)
+        self.metrics = self.state.metrics
+        self.groups = ServerGroups()
+        self.pools: dict[str, Pool] = {}
+        for pc in config.pools:
+            self._add_pool(pc)
+        self._answers = Pool(PoolConfig(name=ANSWERS, timeouts=config.timeouts), loop, self.metrics)
+        self.routes: list[Route] = []
         self.started = time.time()
         self._server: asyncio.Server | None = None
         self._sock: socket.socket | None = None
         self._admin: web.AppRunner | None = None
-        self._checker: HealthChecker | None = None
         self._idle = asyncio.Event()
-        # Requests waiting for a slot on a server (every fitting one at max_conns),
-        # first come first served; each with its queue.timeout.
-        self.queue: collections.deque[Exchange] = collections.deque()
-        self.queue_limits = Expiries(loop, Exchange.queue_expired)
-        # Requests whose connect takes longer than hedge_after (Exchange.connect_slow).
-        self.slow_connects = Expiries(loop, Exchange.connect_slow)
-        self._wake_due = False
-        self._watch(self.servers)
+        self.state.client_closed = self._client_closed
+
+    @property
+    def config(self) -> LbConfig:
+        return self.state.config
+
+    @property
+    def clients(self) -> set[object]:
+        return self.state.clients
+
+    def _add_pool(self, pc: PoolConfig) -> Pool:
+        pool = Pool(pc, self.loop, self.metrics)
+        self.pools[pc.name] = pool
+        self.groups.set(pc.name, pool.servers)
+        for server in pool.servers:
+            server.on_change = self._server_changed
+        return pool
+
+    def _use_routes(self, config: LbConfig) -> None:
+        # Workers share each limit's buckets (in a file named for their supervisor).
+        shared_by = os.getppid() if self.placement.role == WORKER else 0
+        self.routes = build_routes(config, self.pools, self._answers, self.routes, shared_by)
+        unrouted = Route(RouteConfig(name=ANSWERS), self._answers, config, None, unrouted=True)
+        self.state.use_routes(config, self.routes, unrouted)
 
     async def start(self) -> None:
-        listen = self.config.listen
+        config = self.config
+        listen = config.listen
         placement = self.placement
+        if placement.role != SUPERVISOR and config.access_log:
+            self.state.access = AccessLog(config.access_log, config.access_log_format, self.loop)
+        self._use_routes(config)
         if placement.role == WORKER:
             assert placement.inherited is not None
             self._worker = WorkerSide(
-                placement.inherited, self.servers, self.counters, placement.stop
+                placement.inherited, self.groups, self.counters, placement.stop
             )
             await self._worker.start()
             self._sock = placement.inherited.listeners["http"]
@@ -108,44 +125,55 @@ class Balancer:
         self._sock = sock
         if placement.role == SUPERVISOR:
             sock.listen(4096)
-            self._supervisor = SupervisorSide(self.servers, {"http": sock}, placement.workers)
+            self._supervisor = SupervisorSide(self.groups, {"http": sock}, placement.workers)
         else:
             self._server = await self.loop.create_server(
                 self._client_factory, sock=sock, backlog=4096
             )
-        self._start_checks()
+        for pool in self.pools.values():
+            pool.start_checks()
         if self._supervisor is not None:
             # the workers serve before the admin API answers (one says the server is up)
             await self._supervisor.start()
-        if self.config.admin is not None:
+        if config.admin is not None:
             app = make_admin_app(
                 "lb",
                 self.status,
-                self.servers.get,
+                self.find_server,
                 [
-                    LbCollector(self.metrics, lambda: self.servers, lambda: self.budget),
+                    LbCollector(self.metrics, lambda: self.pools, lambda: self.routes),
                     WorkersCollector("lb", lambda: self._supervisor),
                 ],
                 refresh=self._totals if self._supervisor is not None else None,
             )
-            self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
+            self._admin = await start_admin(app, config.admin.host, config.admin.port)
         log.warning(
-            "lb listening on %s, %d server(s), %s, admin %s, %s, hot path %s",
+            "lb listening on %s, %d pool(s) of %d server(s), %d route(s), admin %s, %s, "
+            "hot path %s",
             listen,
-            len(self.servers),
-            self.config.method,
-            self.config.admin or "off",
+            len(self.pools),
+            sum(len(p.servers) for p in self.pools.values()),
+            len(self.routes),
+            config.admin or "off",
             f"{placement.workers} workers" if self._supervisor else "one process",
             hot_path(),
         )
+
+    def find_server(self, key: str) -> Server | None:
+        """A server by "pool/name", or by its name alone when one pool has it."""
+        if "/" in key:
+            return self.groups.get(key)
+        found = [s for s in self.groups if s.name == key]
+        return found[0] if len(found) == 1 else None
 
     # -- one server, several processes (proxycore/workers.py) -----------------------
     def counters(self) -> Message:
         """A worker's counters, for the supervisor to sum."""
         return {
-            "metrics": snapshot(self.metrics, _METRICS),
-            "budget": snapshot(self.budget, _BUDGET),
-            "servers": {s.name: snapshot(s, TRAFFIC_FIELDS) for s in self.servers},
+            "metrics": snapshot(self.metrics, METRIC_FIELDS),
+            "budget": {name: snapshot(p.budget, _BUDGET) for name, p in self.pools.items()},
+            "servers": {s.key: snapshot(s, TRAFFIC_FIELDS) for s in self.groups},
+            "routes": {r.name: [r.limited, *r.by_class] for r in self.routes},
         }
 
     async def _totals(self) -> None:
@@ -154,17 +182,30 @@ class Balancer:
         await self._supervisor.totals(self._sum)
 
     def _sum(self, answers: list[Message]) -> None:
-        zero(self.metrics, _METRICS)
-        zero(self.budget, _BUDGET)
-        for server in self.servers:
+        zero(self.metrics, METRIC_FIELDS)
+        for pool in self.pools.values():
+            zero(pool.budget, _BUDGET)
+        for server in self.groups:
             zero(server, TRAFFIC_FIELDS)
+        routes = {r.name: r for r in self.routes}
+        for route in self.routes:
+            route.limited = 0
+            route.by_class[:] = [0] * len(route.by_class)
         for answer in answers:
             add(self.metrics, answer["metrics"])
-            add(self.budget, answer["budget"])
-            for name, fields in answer["servers"].items():
-                known = self.servers.get(name)
+            for name, fields in answer["budget"].items():
+                if name in self.pools:
+                    add(self.pools[name].budget, fields)
+            for key, fields in answer["servers"].items():
+                known = self.groups.get(key)
                 if known is not None:
                     add(known, fields)
+            for name, counts in answer["routes"].items():
+                known_route = routes.get(name)
+                if known_route is not None:
+                    known_route.limited += counts[0]
+                    for i, n in enumerate(counts[1:]):
+                        known_route.by_class[i] += n
 
     async def new_generation(self) -> None:
         if self._supervisor is not None:
@@ -172,11 +213,8 @@ class Balancer:
 
     @property
     def _client_factory(self) -> Callable[[], asyncio.BaseProtocol]:
-        return protocol_factory(lambda: ClientConnection(self))
-
-    def _watch(self, servers: Iterable[Server]) -> None:
-        for server in servers:
-            server.on_change = self._server_changed
+        state = self.state
+        return protocol_factory(lambda: ClientConnection(state))
 
     def _server_changed(self, server: Server) -> None:
         """Marked down by the checks, or disabled: requests still waiting there for
@@ -187,114 +225,101 @@ class Balancer:
             return
         if server.healthy and server.admin != "disabled":
             return
-        self.pool.drop(server)
-        for client in list(self.clients):
+        pool = self.pools.get(server.key.partition("/")[0])
+        if pool is not None:
+            pool.conns.drop(server)
+        for client in list(self.state.clients):
+            assert isinstance(client, ClientConnection)
             for ex in list(client.queue):
                 ex.server_down(server)
 
-    # -- the queue: overload waits, it does not fail ---------------------------------
-    def has_room(self, server: Server) -> bool:
-        """Below its max_conns, and a new connection to it may start now (fewer
-        than max_connecting in progress) or an idle one waits in the pool."""
-        connecting = server.connecting
-        if server.active + connecting >= server.limit:
-            return False
-        return connecting < self.max_connecting or self.pool.has_idle(server)
-
-    def enqueue(self, ex: Exchange) -> None:
-        settings = self.config.queue
-        if len(self.queue) >= settings.max_queue:
-            self.metrics.queue_refused += 1
-            ex.fail(503, "queue_full", f"{settings.max_queue} requests wait already", retry_after=1)
-            return
-        ex.queued = True
-        self.metrics.queued += 1
-        now = self.clock()
-        ex.queued_at = now
-        self.queue.append(ex)
-        self.queue_limits.set(ex, now + settings.timeout)
-        self.slot_freed()  # a slot may be free already (the queue's head just went)
-
-    def left_queue(self, ex: Exchange) -> None:
-        """``ex`` stops waiting: served, timed out or gone (the deque drops it lazily)."""
-        if ex.queued:
-            ex.queued = False
-            self.metrics.queued -= 1
-            self.queue_limits.clear(ex)
-            self.metrics.queue_wait.observe(self.clock() - ex.queued_at)
-
-    def slot_freed(self) -> None:
-        """A server's request or connect ended: the queue's head may go. On the
-        loop's next turn, not inside the exchange whose end freed the slot."""
-        if self.queue and not self._wake_due:
-            self._wake_due = True
-            self.loop.call_soon(self._wake)
-
-    def _wake(self) -> None:
-        self._wake_due = False
-        queue = self.queue
-        while queue:
-            ex = queue[0]
-            if not ex.queued or ex.finished or ex.dequeue():
-                queue.popleft()
-            else:
-                return  # no room yet: first come, first served
-
-    def _start_checks(self) -> None:
-        if not self.config.check.enabled or self._worker is not None:
-            return  # a worker follows its supervisor's checks
-        if self._checker is None:
-            self._checker = HealthChecker(
-                self.servers, http_probe(self.config.check), self.config.check.timing
-            )
-        self._checker.sync()
-
+    # -- reload, and the access log's reopening ---------------------------------------
     def apply(self, new: LbConfig) -> None:
-        """SIGHUP: servers, weights, checks and limits change; connections stay."""
+        """SIGHUP: pools, servers, routes and limits change; connections stay, and
+        requests on their way keep the route and pool they took."""
         old = self.config
         if new.listen != old.listen or new.admin != old.admin:
             log.warning(
                 "reload: listen and admin addresses change only on restart; keeping %s", old.listen
             )
             new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
-        added, removed = self.servers.update(new.servers, new.health)
-        self._watch(added)
-        for server in removed:
-            self.pool.drop(server)
-            # its requests stay counted in lb_request_duration_seconds
-            self.metrics.latency.add(server.latency.to_json())
-        self.hedge_after = new.hedge_after
-        self.max_connecting = new.queue.max_connecting
-        self.budget.percent = new.retry_budget.percent
-        self.budget.min_concurrency = new.retry_budget.min_concurrency
-        if new.method != old.method:
-            self.policy = make_policy(new.method)
-        self.config = new
-        self.pool.config = new
-        if self._checker is not None and (new.check != old.check or not new.check.enabled):
-            self.loop.create_task(self._checker.stop())
-            self._checker = None
-        self._start_checks()
+        checks = self._worker is None  # a worker follows its supervisor's checks
+        added = removed = 0
+        for pc in new.pools:
+            pool = self.pools.get(pc.name)
+            if pool is None:
+                pool = self._add_pool(pc)
+                added += len(pool.servers)
+                if checks:
+                    pool.start_checks()
+                continue
+            gained, lost = pool.apply(pc, checks)
+            for server in gained:
+                server.on_change = self._server_changed
+            self.groups.set(pc.name, pool.servers)
+            added, removed = added + len(gained), removed + len(lost)
+        for name in [n for n in self.pools if all(pc.name != n for pc in new.pools)]:
+            pool = self.pools.pop(name)
+            self.groups.drop(name)
+            removed += len(pool.servers)
+            for server in pool.servers:
+                # its requests stay counted in lb_request_duration_seconds
+                self.metrics.latency.add(server.latency.to_json())
+            self.loop.create_task(self._retire(pool))
+        self._reopen_access(old, new)
+        self._use_routes(new)
         if self._supervisor is not None:
             self._supervisor.workers.signal(signal.SIGHUP)  # each reads the file again
             self._supervisor.broadcast_state()
         if self._worker is None:
-            log_reloaded(log, new.source, len(self.servers), len(added), len(removed))
+            servers = sum(len(p.servers) for p in self.pools.values())
+            log_reloaded(log, new.source, servers, added, removed)
 
+    async def _retire(self, pool: Pool) -> None:
+        """A pool the file no longer has: its checks stop and its idle connections
+        close; requests on their way finish on theirs (kept idle after, they
+        close at the pool's keep-alive timeout)."""
+        await pool.stop_checks()
+        pool.conns.close_all()
+
+    def _reopen_access(self, old: LbConfig, new: LbConfig) -> None:
+        if self._supervisor is not None:
+            return  # (its workers write the log)
+        same = (new.access_log, new.access_log_format) == (old.access_log, old.access_log_format)
+        if same:
+            return
+        if self.state.access is not None:
+            self.state.access.close()
+            self.state.access = None
+        if new.access_log:
+            self.state.access = AccessLog(new.access_log, new.access_log_format, self.loop)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (as nginx's): the access log is opened again, at its path, after
+        logrotate moved it away; a supervisor passes the signal to its workers."""
+        if self._supervisor is not None:
+            self._supervisor.workers.signal(signal.SIGUSR1)
+        elif self.state.access is not None:
+            self.state.access.reopen()
+        log.info("SIGUSR1: reopening the access log (pid %d)", os.getpid())
+
+    # -- /status ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         m = self.metrics
         return {
             "service": "lb",
             "hot_path": hot_path(),
             "listen": str(self.config.listen),
-            "method": self.config.method,
             "uptime_seconds": round(time.time() - self.started, 3),
             "client_connections": m.client_active,
             "in_flight": m.in_flight,
             "retries": m.retries,
             "hedges": m.hedges,
             "hedge_wins": m.hedge_wins,
-            "retry_budget": {"active": self.budget.active, "exhausted": self.budget.exhausted},
+            "retry_budget": {
+                name: {"active": p.budget.active, "exhausted": p.budget.exhausted}
+                for name, p in self.pools.items()
+            },
             "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "queue": {
                 "length": m.queued,
@@ -302,10 +327,13 @@ class Balancer:
                 "refused": m.queue_refused,
             },
             "no_server": m.no_server,
-            "draining": self.draining,
-            "pools": {"http": [s.status() for s in self.servers]},
+            "draining": self.state.draining,
+            "methods": {name: p.config.method for name, p in self.pools.items()},
+            "pools": {name: p.status() for name, p in self.pools.items()},
+            "routes": {r.name: route_status(r) for r in self.routes},
         }
 
+    # -- stopping -----------------------------------------------------------------------
     def _stop_listening(self) -> None:
         """Close the listener without resetting the connections the kernel has
         queued on it (closing a listening socket resets them): a duplicate keeps
@@ -331,52 +359,80 @@ class Balancer:
         finally:
             spare.close()
 
-    def client_closed(self) -> None:
-        if self.draining and not self.clients:
+    def _client_closed(self) -> None:
+        if self.state.draining and not self.state.clients:
             self._idle.set()
 
     async def shutdown(self) -> None:
         """SIGTERM: stop accepting, finish in-flight requests (up to timeouts.shutdown);
         every response from now on says Connection: close, and idle connections
         close after timeouts.shutdown_idle (see ClientConnection.drain)."""
-        self.draining = True
+        state = self.state
+        state.draining = True
         if self._supervisor is not None:
             await self._stop_supervising()
             return
         self._stop_listening()
-        for client in list(self.clients):
+        clients = [c for c in state.clients if isinstance(c, ClientConnection)]
+        for client in clients:
             client.drain()
-        if self.clients:
+        if state.clients:
             try:
                 await asyncio.wait_for(self._idle.wait(), self.config.timeouts.shutdown)
             except TimeoutError:
                 log.warning(
                     "shutdown: %d connection(s) still busy after %gs; closing them",
-                    len(self.clients),
+                    len(state.clients),
                     self.config.timeouts.shutdown,
                 )
-                for client in list(self.clients):
+                for client in [c for c in state.clients if isinstance(c, ClientConnection)]:
                     client.close()
-        if self._checker is not None:
-            await self._checker.stop()
-        self.queue_limits.close()
-        self.slow_connects.close()
-        self.pool.close_all()
+        await self._stop_pools()
+        if state.access is not None:
+            state.access.close()
         if self._admin is not None:
             await self._admin.cleanup()
         if self._worker is not None:
             self._worker.close()
         log.warning("lb stopped")
 
+    async def _stop_pools(self) -> None:
+        for pool in self.pools.values():
+            await pool.stop_checks()
+            pool.close()
+        for route in self.routes:
+            if route.limiter is not None:
+                route.limiter.close()
+
     async def _stop_supervising(self) -> None:
         """SIGTERM to a supervisor: its workers drain (each as one process would),
         then the checks, the admin API and the socket go."""
         assert self._supervisor is not None
         await self._supervisor.stop(self.config.timeouts.shutdown + 5)
-        if self._checker is not None:
-            await self._checker.stop()
+        await self._stop_pools()
         if self._admin is not None:
             await self._admin.cleanup()
         if self._sock is not None:
             self._sock.close()
+        for route in self.routes:
+            if route.limiter is not None:
+                shared_path(os.getpid(), route.name).unlink(missing_ok=True)
         log.warning("lb stopped")
+
+
+def route_status(route: Route) -> dict[str, Any]:
+    rc = route.config
+    match = {
+        "hosts": list(rc.hosts),
+        "path": f"{rc.path_kind} {rc.path}" if rc.path_kind else "",
+        "methods": sorted(rc.methods),
+        "headers": dict(rc.headers),
+    }
+    return {
+        "pool": route.pool.name if route.answer is None else None,
+        "answer": route.answer.status if route.answer is not None else None,
+        "match": {k: v for k, v in match.items() if v},
+        "responses": dict(zip(STATUS_CLASSES, route.by_class, strict=True)),
+        "limited": route.limited,
+        "limit": None if rc.limit is None else dataclasses.asdict(rc.limit),
+    }

@@ -1,123 +1,46 @@
-"""lb's configuration: frozen dataclasses built from TOML in one place, then flags on top.
+"""lb's configuration, read in one place: the TOML file (lb/settings.py's frozen
+dataclasses), then the flags over it.
 
-Every option has an nginx or HAProxy counterpart with the same default meaning;
-infra/balance/lb.toml lists them all with that counterpart beside each.
+A file of one pool keeps the shape it always had: top-level [[server]] tables
+and sections, one pool (named "http") and a catch-all route. A file of several
+names them: [[pool]] tables with their [[pool.server]]s and [[route]] tables.
+Either way the top-level sections ([health], [passive], [timeouts], [queue],
+[retry_budget], [upstream_keepalive]) and keys (method, tries, hedge_after) are
+the defaults of every pool, which a [[pool]] overrides key by key. Errors name
+the file, the line of the table and the key.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 from proxycore.balancing import POLICIES
-from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
+from proxycore.config import ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
 from proxycore.workers import count as worker_count
 
+from .routeconfig import read_route
+from .settings import (
+    UPSTREAM_TIMEOUTS,
+    ActiveCheck,
+    LbConfig,
+    Limits,
+    PoolConfig,
+    QueueSettings,
+    RetryBudgetSettings,
+    RouteConfig,
+    Timeouts,
+    UpstreamKeepalive,
+)
 
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 1.0  # proxy_connect_timeout
-    first_byte: float = 10.0  # proxy_read_timeout, until the response starts
-    upstream_idle: float = 60.0  # proxy_read_timeout, between reads of a response
-    client_header: float = 10.0  # client_header_timeout: the whole head, however it trickles in
-    client_body: float = 60.0  # client_body_timeout: between two reads of a request body
-    client_keepalive: float = 75.0  # keepalive_timeout
-    shutdown: float = 10.0  # how long SIGTERM waits for in-flight requests
-    # SIGTERM: a keep-alive connection idle this long is closed; a request on it
-    # meanwhile is answered, with Connection: close (closing an idle connection
-    # at once races the request its client may be sending on it)
-    shutdown_idle: float = 1.0
-    # After lb's own close mid-conversation (a refusal, Connection: close): what
-    # the client still sends is read and dropped this long, so that the close
-    # is no reset that costs the client its answer (nginx: lingering_timeout)
-    lingering: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_header_bytes: int = 16 * 1024  # large_client_header_buffers: past it, 431
-    max_headers: int = 100  # HAProxy: tune.http.maxhdr (101); past it, 431
-    max_body_bytes: int = 100 * 1024 * 1024  # client_max_body_size: past it, 413
-    max_client_connections: int = 10_000  # worker_connections
-    retry_body_buffer: int = 64 * 1024  # a request body up to this size is kept to replay on retry
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamKeepalive:
-    max_idle: int = 64  # keepalive (idle connections kept per server)
-    idle_timeout: float = 30.0  # keepalive_timeout of the upstream block
-
-
-@dataclass(frozen=True, slots=True)
-class ActiveCheck:
-    enabled: bool = True
-    path: str = "/health"
-    host: str = "localhost"
-    timing: CheckTiming = CheckTiming(interval=1.0, timeout=0.5)
-    expect_low: int = 200
-    expect_high: int = 399
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSettings:
-    """Overload is not failure: past a server's max_conns a request waits for a
-    slot (HAProxy: server maxconn + timeout queue; nginx: max_conns, its queue
-    is nginx Plus only) instead of piling onto the server."""
-
-    # Requests in flight per server, unless its [[server]] says otherwise. A users
-    # backend (aiohttp, 10 database connections per pool) serves fastest with a
-    # few dozen at once; more only wait inside it (asyncpg's acquire_timeout, 3 s,
-    # then 503). 0: no limit.
-    max_conns: int = 64
-    max_connecting: int = 16  # connects in progress per server; a burst waits for them
-    max_queue: int = 10_000  # requests waiting for a slot, in all; past it 503
-    timeout: float = 10.0  # HAProxy: timeout queue; past it 503 with Retry-After
-
-
-@dataclass(frozen=True, slots=True)
-class RetryBudgetSettings:
-    """Envoy's retry_budget: the extra attempts that may add load to a live
-    server (hedges, retries after a timeout or a configured status) in flight
-    at once are at most ``percent`` of the requests in flight, or
-    ``min_concurrency``, whichever is more."""
-
-    percent: int = 20  # budget_percent
-    min_concurrency: int = 3  # min_retry_concurrency
-
-
-@dataclass(frozen=True, slots=True)
-class LbConfig:
-    listen: Address = Address("127.0.0.1", 8080)
-    admin: Address | None = Address("127.0.0.1", 9101)
-    # Worker processes (nginx: worker_processes); 1: one process, no supervisor.
-    # "auto" in the file or on the command line is one per core.
-    workers: int = 1
-    method: str = "round_robin"
-    tries: int = 3  # proxy_next_upstream_tries / HAProxy retries + 1
-    # No response byte within this: an idempotent request goes to another server
-    # too, the first answer wins (Envoy: per_try_timeout with hedge_on_per_try_timeout);
-    # 0: never
-    hedge_after: float = 0.3
-    retry_budget: RetryBudgetSettings = RetryBudgetSettings()
-    queue: QueueSettings = QueueSettings()
-    servers: tuple[ServerSpec, ...] = ()
-    check: ActiveCheck = ActiveCheck()
-    health: HealthParams = HealthParams()
-    passive_statuses: frozenset[int] = frozenset()  # proxy_next_upstream http_502 ...
-    timeouts: Timeouts = Timeouts()
-    limits: Limits = Limits()
-    keepalive: UpstreamKeepalive = UpstreamKeepalive()
-    access_log: bool = False
-    # A client's X-Request-ID (visible ASCII, at most 200 bytes) is kept and sent
-    # on, so one id follows a request through every tier; off at an edge whose
-    # clients must not choose the ids in the logs (Envoy: preserve_external_request_id).
-    trust_request_id: bool = True
-    source: Path | None = field(default=None, compare=False)
+# The name of the pool a file of one pool makes (and what the flags configure).
+DEFAULT_POOL = "http"
+ACCESS_LOG_FORMATS = ("combined", "json")
 
 
 def _status_range(text: str, where: str) -> tuple[int, int]:
@@ -133,48 +56,46 @@ def _status_range(text: str, where: str) -> tuple[int, int]:
     return lo, hi
 
 
-def from_section(root: Section, source: Path | None) -> LbConfig:
-    d = LbConfig()
-    listen = root.address("listen", d.listen)
-    admin_raw = root.raw("admin")
-    if admin_raw is None:
-        admin = d.admin
+def _check(h: Section, d: ActiveCheck) -> ActiveCheck:
+    if h.has("expect_status"):
+        lo, hi = _status_range(h.string("expect_status", ""), h.where("expect_status"))
     else:
-        admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
-    method = root.string("method", d.method, POLICIES)
-    workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
-    tries = root.integer("tries", d.tries, minimum=1, maximum=100)
-    hedge_raw = root.raw("hedge_after")
-    hedge_after = 0.0 if hedge_raw == "off" else root.duration("hedge_after", d.hedge_after)
-    access_log = root.boolean("access_log", d.access_log)
-    trust_request_id = root.boolean("trust_request_id", d.trust_request_id)
-
-    h = root.section("health")
-    lo, hi = _status_range(h.string("expect_status", "200-399"), h.where("expect_status"))
-    path = h.string("path", d.check.path)
+        lo, hi = d.expect_low, d.expect_high
+    path = h.string("path", d.path)
     if not path.startswith("/"):
         raise ConfigError(f"{h.where('path')}: must start with '/'")
     check = ActiveCheck(
-        enabled=h.boolean("enabled", True),
+        enabled=h.boolean("enabled", d.enabled),
         path=path,
-        host=h.string("host", d.check.host),
+        host=h.string("host", d.host),
         timing=CheckTiming(
-            interval=h.duration("interval", d.check.timing.interval),
-            timeout=h.duration("timeout", d.check.timing.timeout),
+            interval=h.duration("interval", d.timing.interval),
+            timeout=h.duration("timeout", d.timing.timeout),
         ),
         expect_low=lo,
         expect_high=hi,
     )
     if check.timing.interval <= 0 or check.timing.timeout <= 0:
         raise ConfigError(f"{h.where('interval')}: interval and timeout must be above zero")
+    return check
+
+
+def _pool(s: Section, d: PoolConfig, timeouts: Timeouts | None = None) -> PoolConfig:
+    """A pool's settings read from ``s`` (the file's top level, or a [[pool]]),
+    each defaulting to ``d``'s; ``timeouts``: the top level's, read already."""
+    method = s.string("method", d.method, POLICIES)
+    tries = s.integer("tries", d.tries, minimum=1, maximum=100)
+    hedge_raw = s.raw("hedge_after")
+    hedge_after = 0.0 if hedge_raw == "off" else s.duration("hedge_after", d.hedge_after)
+    h = s.section("health")
+    check = _check(h, d.check)
     rise = h.integer("rise", d.health.rise, minimum=1)
     fall = h.integer("fall", d.health.fall, minimum=1)
     h.done()
-
-    p = root.section("passive")
-    statuses = p.raw("statuses", [])
+    p = s.section("passive")
+    statuses = p.raw("statuses", sorted(d.passive_statuses))
     if not isinstance(statuses, list) or not all(
-        isinstance(s, int) and 500 <= s <= 599 for s in statuses
+        isinstance(x, int) and 500 <= x <= 599 for x in statuses
     ):
         raise ConfigError(
             f"{p.where('statuses')}: expected a list of 5xx statuses, e.g. [502, 503, 504]"
@@ -188,6 +109,93 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         panic_threshold=p.integer("panic_threshold", d.health.panic_threshold, maximum=100),
     )
     p.done()
+    if timeouts is None:
+        t = s.section("timeouts")
+        timeouts = dataclasses.replace(
+            d.timeouts, **{k: t.duration(k, getattr(d.timeouts, k)) for k in UPSTREAM_TIMEOUTS}
+        )
+        t.done()
+    b = s.section("retry_budget")
+    budget = RetryBudgetSettings(
+        percent=b.integer("percent", d.retry_budget.percent, maximum=100),
+        min_concurrency=b.integer("min_concurrency", d.retry_budget.min_concurrency, minimum=0),
+    )
+    b.done()
+    q = s.section("queue")
+    queue = QueueSettings(
+        max_conns=q.integer("max_conns", d.queue.max_conns),
+        max_connecting=q.integer("max_connecting", d.queue.max_connecting, minimum=1),
+        max_queue=q.integer("max_queue", d.queue.max_queue),
+        timeout=q.duration("timeout", d.queue.timeout),
+    )
+    q.done()
+    k = s.section("upstream_keepalive")
+    keepalive = UpstreamKeepalive(
+        max_idle=k.integer("max_idle", d.keepalive.max_idle),
+        idle_timeout=k.duration("idle_timeout", d.keepalive.idle_timeout),
+    )
+    k.done()
+    return dataclasses.replace(
+        d,
+        method=method,
+        tries=tries,
+        hedge_after=hedge_after,
+        retry_budget=budget,
+        queue=queue,
+        check=check,
+        health=health,
+        passive_statuses=frozenset(statuses),
+        timeouts=timeouts,
+        keepalive=keepalive,
+    )
+
+
+def _servers(s: Section, max_conns: int) -> tuple[ServerSpec, ...]:
+    servers = []
+    for t in s.sections("server"):
+        address = t.server_address()
+        servers.append(
+            ServerSpec(
+                name=t.string("name", str(address)),
+                address=address,
+                weight=t.integer("weight", 1, minimum=1, maximum=1000),
+                backup=t.boolean("backup", False),
+                max_conns=t.integer("max_conns", max_conns),
+            )
+        )
+        t.done()
+    s.distinct_names("server", [x.name for x in servers])
+    return tuple(servers)
+
+
+def from_section(root: Section, source: Path | None) -> LbConfig:
+    d = LbConfig()
+    listen = root.address("listen", d.listen)
+    admin_raw = root.raw("admin")
+    if admin_raw is None:
+        admin = d.admin
+    else:
+        admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
+    workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
+    access_log = root.raw("access_log", "")
+    if access_log is True:
+        access_log = "-"  # (a file of before: `access_log = true`, to lb's log)
+    elif access_log is False:
+        access_log = ""
+    elif not isinstance(access_log, str):
+        raise ConfigError(f"{root.where('access_log')}: expected a path, '-' or false")
+    access_log_format = root.string("access_log_format", d.access_log_format, ACCESS_LOG_FORMATS)
+    trust_request_id = root.boolean("trust_request_id", d.trust_request_id)
+    trusted = root.raw("trusted_proxies", [])
+    if not isinstance(trusted, list) or not all(isinstance(x, str) for x in trusted):
+        raise ConfigError(f"{root.where('trusted_proxies')}: expected a list of networks")
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{root.where('trusted_proxies')}: not a network like '10.0.0.0/8': {network!r}"
+            ) from None
 
     t = root.section("timeouts")
     timeouts = t.durations(d.timeouts)
@@ -205,67 +213,54 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     if limits.max_header_bytes < 1024:
         raise ConfigError(f"{lim.where('max_header_bytes')}: must be at least 1k")
     lim.done()
-    b = root.section("retry_budget")
-    budget = RetryBudgetSettings(
-        percent=b.integer("percent", d.retry_budget.percent, maximum=100),
-        min_concurrency=b.integer("min_concurrency", d.retry_budget.min_concurrency, minimum=0),
-    )
-    b.done()
-    q = root.section("queue")
-    queue = QueueSettings(
-        max_conns=q.integer("max_conns", d.queue.max_conns),
-        max_connecting=q.integer("max_connecting", d.queue.max_connecting, minimum=1),
-        max_queue=q.integer("max_queue", d.queue.max_queue),
-        timeout=q.duration("timeout", d.queue.timeout),
-    )
-    q.done()
-    k = root.section("upstream_keepalive")
-    keepalive = UpstreamKeepalive(
-        max_idle=k.integer("max_idle", d.keepalive.max_idle),
-        idle_timeout=k.duration("idle_timeout", d.keepalive.idle_timeout),
-    )
-    k.done()
 
-    servers = []
-    for s in root.sections("server"):
-        address = s.server_address()
-        servers.append(
-            ServerSpec(
-                name=s.string("name", str(address)),
-                address=address,
-                weight=s.integer("weight", 1, minimum=1, maximum=1000),
-                backup=s.boolean("backup", False),
-                max_conns=s.integer("max_conns", queue.max_conns),
-            )
+    defaults = _pool(root, PoolConfig(timeouts=timeouts), timeouts)
+    pools = []
+    top_servers = _servers(root, defaults.queue.max_conns)
+    pool_sections = root.sections("pool")
+    if top_servers and pool_sections:
+        raise ConfigError(
+            f"{root.where('server')}: top-level [[server]] tables beside [[pool]] tables: "
+            "put the servers in a [[pool]] ([[pool.server]])"
         )
+    if top_servers:
+        pools.append(dataclasses.replace(defaults, name=DEFAULT_POOL, servers=top_servers))
+    for s in pool_sections:
+        if not s.has("name"):
+            raise ConfigError(f"{s.where('name')}: every [[pool]] needs a name")
+        pool = _pool(s, dataclasses.replace(defaults, name=s.string("name", "")))
+        pools.append(dataclasses.replace(pool, servers=_servers(s, pool.queue.max_conns)))
+        if not pool.name or "/" in pool.name:
+            raise ConfigError(f"{s.where('name')}: a pool's name is a word, got {pool.name!r}")
         s.done()
-    root.distinct_names("server", [s.name for s in servers])
+    root.distinct_names("pool", [p.name for p in pools])
+    names = [p.name for p in pools]
+    routes = [read_route(s, i, names) for i, s in enumerate(root.sections("route"))]
+    root.distinct_names("route", [r.name for r in routes])
+    if not routes and len(pools) > 1:
+        raise ConfigError(f"{root.where('route')}: several pools need [[route]] tables")
+    if not routes and pools:
+        routes = [RouteConfig(name="default", pool=pools[0].name)]
     root.done()
     return LbConfig(
         listen=listen,
         admin=admin,
         workers=workers,
-        method=method,
-        tries=tries,
-        hedge_after=hedge_after,
-        retry_budget=budget,
-        queue=queue,
-        servers=tuple(servers),
-        check=check,
-        health=health,
-        passive_statuses=frozenset(statuses),
+        pools=tuple(pools),
+        routes=tuple(routes),
         timeouts=timeouts,
         limits=limits,
-        keepalive=keepalive,
         access_log=access_log,
+        access_log_format=access_log_format,
         trust_request_id=trust_request_id,
+        trusted_proxies=tuple(trusted),
         source=source,
     )
 
 
 def load(path: Path) -> LbConfig:
     config = from_section(load_toml(path), path)
-    if not config.servers:
+    if not any(p.servers for p in config.pools):
         raise ConfigError(f"{path}: no [[server]] given")
     return config
 
@@ -279,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[NAME=]HOST:PORT",
-        help="an upstream; repeat for each; replaces the file's servers",
+        help="an upstream; repeat for each; replaces the servers of a file of one pool",
     )
     p.add_argument(
         "--admin", metavar="HOST:PORT|off", help="admin listener (default 127.0.0.1:9101)"
@@ -294,7 +289,12 @@ def parser() -> argparse.ArgumentParser:
         help="worker processes under a supervisor (default 1: one process; auto: one per core)",
     )
     p.add_argument(
-        "--access-log", action="store_true", default=None, help="one log line per request"
+        "--access-log",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="a line per request: to PATH, or to lb's log when no PATH is given",
     )
     p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
@@ -303,29 +303,40 @@ def parser() -> argparse.ArgumentParser:
 
 
 def from_args(args: argparse.Namespace) -> LbConfig:
-    """The file (if any), then the flags over it."""
+    """The file (if any), then the flags over it. The flags that name servers and
+    their checks are for a file of one pool (or none)."""
     config = load(args.config) if args.config else LbConfig()
     changes: dict[str, Any] = {}
     if args.listen:
         changes["listen"] = parse_address(args.listen, "--listen")
     if args.admin:
         changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
-    if args.server:
-        changes["servers"] = tuple(
-            _server_flag(text, config.queue.max_conns) for text in args.server
-        )
-    if args.health_path:
-        if not args.health_path.startswith("/"):
-            raise ConfigError("--health-path: must start with '/'")
-        changes["check"] = dataclasses.replace(config.check, path=args.health_path)
-    if args.method:
-        changes["method"] = args.method
     if args.workers:
         changes["workers"] = worker_count(args.workers, "--workers")
     if args.access_log:
-        changes["access_log"] = True
+        changes["access_log"] = args.access_log
+    pool_changes: dict[str, Any] = {}
+    pool = config.pools[0] if config.pools else PoolConfig(timeouts=config.timeouts)
+    if args.server:
+        max_conns = pool.queue.max_conns
+        pool_changes["servers"] = tuple(_server_flag(text, max_conns) for text in args.server)
+    if args.health_path:
+        if not args.health_path.startswith("/"):
+            raise ConfigError("--health-path: must start with '/'")
+        pool_changes["check"] = dataclasses.replace(pool.check, path=args.health_path)
+    if args.method:
+        pool_changes["method"] = args.method
+    if pool_changes:
+        if len(config.pools) > 1:
+            raise ConfigError(
+                "--server, --health-path and --method are for a file of one pool; "
+                f"{config.source} has {len(config.pools)}"
+            )
+        changes["pools"] = (dataclasses.replace(pool, **pool_changes),)
+        if not config.routes:
+            changes["routes"] = (RouteConfig(name="default", pool=pool.name),)
     config = dataclasses.replace(config, **changes)
-    if not config.servers:
+    if not any(p.servers for p in config.pools):
         raise ConfigError("no servers: give --server HOST:PORT or a --config file with [[server]]")
     return config
 

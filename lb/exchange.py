@@ -1,531 +1,114 @@
-"""One request and its response: server choice, retries, framing both ways.
+"""One request and its response: the Exchange, from the end of a request head
+until its response is written (or fails).
 
-An Exchange lives from the end of a request head until its response is written
-(or fails). It never buffers a body beyond what a retry may replay
-(``limits.retry_body_buffer``) plus one read while an upstream connects.
+It is built in layers, each a module with one concern: lb/attempts.py chooses
+and reaches a server and sends the request; lb/hedging.py races a second
+attempt against a slow one; this module admits the request (the route's fixed
+answer and rate limit), writes the response to the client, decides what a
+failure becomes (another try, or lb's own answer), finishes the exchange (its
+counters and its access-log line) and carries a tunnel after a 101. What the
+upstream connection, the pool and the client connection see of it are its
+bases' views (Receiver, Waiter) and Downstream: none of them imports it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final
 
-from proxycore.balancing import any_available, pick
+from proxycore.balancing import any_available
 from proxycore.flow import HIGH_WATER, HalfClose, Reason
 from proxycore.servers import Server
 
-from .heads import (
-    RequestInfo,
-    ResponseInfo,
-    client_response_head,
-    error_response,
-    new_request_id,
-    upstream_request_head,
-)
-from .retry import IDEMPOTENT, may_retry
+from .attempts import LAST_CHUNK, NOT_READ, frame_chunk
+from .heads import REASONS
+from .hedging import Hedging
+from .ratelimit import REFUSE
+from .response_head import ResponseInfo, client_response_head, error_response
+from .retry import may_retry
+from .routes import expand_location, forwarded_client
 from .upstream import UpstreamConnection
 
-if TYPE_CHECKING:
-    from .app import Balancer
-    from .client import ClientConnection
-
 log = logging.getLogger("lb")
-access_log = logging.getLogger("lb.access")
-
-CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-# "The caller has not read the clock": a plain float, not None, so that compiled
-# a time passed down stays a C double (an optional float is a boxed object,
-# allocated and freed per call).
-NOT_READ: Final = -1.0
-LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
-def frame_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-class Exchange:
-    # No __slots__: most attributes keep their class default for the whole of a
-    # plain request, so __init__ stores only what every request needs (measured:
-    # 32 stores per request were a tenth of lb's Python time).
-    upstream: UpstreamConnection | None = None
-    server: Server | None = None
-    reached_upstream = False
-    answered_client = False
-    sent_continue = False
-    connecting = False
-    finished = False
-    head: bytes | None = None
-    # What a retry must replay: the body sent so far, while it is within
-    # limits.retry_body_buffer (then ``replayable`` goes False for good).
-    sent_body: list[bytes] | None = None
-    sent_size = 0
-    replayable = True
-    pending: list[bytes] | None = None  # body that came while the upstream was connecting
-    body_received = 0
-    status = 0
-    chunked_to_client = False
-    response_until_close = False
-    tunnel_open = False
+class Exchange(Hedging):
+    # What the client sends after an upgrade request, before the upstream's
+    # answer: held, to go through the tunnel after a 101 or to be read as the
+    # next requests after a refusal; bounded.
     tunnel_buffer: list[bytes] | None = None
     tunnel_held = 0
-    # A second attempt racing the first (a hedge), or being connected; and
-    # whether this exchange holds a token of the retry budget.
-    hedge_conn: UpstreamConnection | None = None
-    hedging = False
-    budgeted = False
-    queued = False  # waiting in lb's queue for a slot on a server
-    dials = 0  # connects in flight for this request (a slow one gets a second)
-    queued_at = 0.0
     tunnel_ends: HalfClose | None = None
 
-    def __init__(
-        self,
-        client: ClientConnection,
-        method: bytes,
-        target: bytes,
-        info: RequestInfo,
-        http11: bool,
-    ) -> None:
-        self.client = client
-        self.lb: Balancer = client.lb
-        self.method = method
-        self.target = target
-        self.info = info
-        self.http11 = http11
-        self.request_id = (
-            info.request_id
-            if info.request_id is not None and self.lb.config.trust_request_id
-            else new_request_id()
-        )
-        # An upgrade the upstream refuses leaves an HTTP connection like any other.
-        self.client_keep_alive = not info.close
-        self.started = self.lb.clock()
-        self.tried: tuple[Server, ...] = ()  # a tuple: a request usually tries one
-        self.body_done = not info.chunked and not info.content_length and info.upgrade is None
-
-    # -- choosing and reaching a server --------------------------------------
-    def begin(self, now: float = NOT_READ) -> None:
-        """Choose a server and send; ``now``: the loop time when the caller has it
-        (a request begun as soon as its head is read), else it is read here. When
-        every fitting server is at its max_conns, wait in the queue for a slot."""
-        lb = self.lb
-        if lb.queue and not self.tried:
-            lb.enqueue(self)  # others wait already: behind them, first come first served
-            return
-        server = pick(lb.servers.order, lb.policy, self.tried)
-        if server is not None and not lb.has_room(server):
-            server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
-            if server is None:
-                lb.enqueue(self)
-                return
-        if server is None:
-            if not self.tried:
-                lb.metrics.no_server += 1
-                self.fail(503, "no_server", "no upstream server is available", retry_after=1)
-            else:
-                self.fail(
-                    502, "bad_gateway", f"no other server to try after {len(self.tried)} attempt(s)"
-                )
-            return
-        self._go(server, now)
-
-    def _go(self, server: Server, now: float) -> None:
-        """Send to ``server``, which has room: on a pooled connection, or a new one."""
-        lb = self.lb
-        tried = self.tried
-        # built, not added: compiled, tuple + tuple is a generic call
-        self.tried = (server,) if not tried else (*tried, server)
-        if (
-            self.info.expect_continue
-            and not self.body_done
-            and not self.sent_continue
-            and self.http11
-        ):
-            # Like nginx: lb asks for the body itself; the upstream never sees Expect.
-            self.sent_continue = True
-            self.client.write(CONTINUE)
-        conn = lb.pool.take(server)
-        if conn is not None:
-            self._attach(conn, lb.clock() if now == NOT_READ else now)
-            return
-        self.connecting = True
-        self.client.valve.pause(Reason.NO_PEER_YET)
-        self._dial(server)
-
-    def _dial(self, server: Server) -> None:
-        lb = self.lb
-        self.dials += 1
-        server.connecting += 1
-        if lb.hedge_after > 0 and self.dials == 1:
-            lb.slow_connects.set(self, lb.clock() + lb.hedge_after)
-        lb.loop.create_task(self._connect(server))
-
-    def connect_slow(self) -> None:
-        """A connect still not made after hedge_after (a frozen server's full
-        accept queue drops the SYN, and it would take timeouts.connect): another
-        server is dialled beside it, and the first connection made carries the
-        request. Nothing was sent yet, so this is safe for any method."""
-        lb = self.lb
-        if not self.connecting or self.finished or self.upstream is not None:
-            return
-        server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
-        if server is None or len(self.tried) >= lb.config.tries:
-            return
-        self.tried = (*self.tried, server)
-        lb.metrics.hedges += 1
-        log.info(
-            "connect to %s slow for %s; dialling %s too",
-            self.tried[0].name,
-            self.request_id.decode(),
-            server.name,
-        )
-        self._dial(server)
-
-    def dequeue(self) -> bool:
-        """At the head of the queue when a slot freed: go if a server has room
-        (True); False to keep waiting."""
-        lb = self.lb
-        server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
-        if server is None:
+    # -- admission: the route's own answer, its rate limit -------------------------
+    def _admit(self) -> bool:
+        """The route's own answer, or its rate limit: True when the request goes
+        on to a server now (False: answered, refused, or delayed to the rate)."""
+        self.admitted = True
+        route = self.route
+        if route.answer is not None:
+            self._answer_fixed()
             return False
-        lb.left_queue(self)
-        self._go(server, NOT_READ)
-        return True
-
-    def queue_expired(self) -> None:
-        """queue.timeout passed with no slot free on any fitting server."""
-        lb = self.lb
-        if not self.queued or self.finished:
-            return
-        lb.left_queue(self)
-        lb.metrics.queue_timeouts += 1
-        self.fail(
-            503,
-            "queue_timeout",
-            f"every server was busy for {lb.config.queue.timeout:g}s",
-            retry_after=1,
-        )
-
-    async def _connect(self, server: Server) -> None:
-        try:
-            conn = await self.lb.pool.connect(server)
-        except (OSError, TimeoutError) as exc:
-            self._connected(server)
-            server.connect_errors += 1
-            self._connect_failed(server, exc)
-            # another dial of this request may still make it (connect_slow)
-            if not self.finished and self.upstream is None and not self.connecting:
-                why = "connect timed out" if isinstance(exc, TimeoutError) else "connect failed"
-                self._after_failure(server, f"{why}: {exc}" if str(exc) else why, timeout=False)
-            return
-        self._connected(server)
-        if self.finished or self.upstream is not None:
-            # the client went away meanwhile, or another dial won: kept warm
-            self.lb.pool.give(conn, self.lb.clock())
-            return
-        if self.connecting:  # the other dial is a leftover now: the body goes on
-            self.connecting = False
-            self.lb.slow_connects.clear(self)
-            self.client.valve.resume(Reason.NO_PEER_YET)
-        try:
-            self._attach(conn, self.lb.clock())
-        except Exception:  # a bug must cost this request, not leave it hanging
-            log.exception("internal error while sending %s", self.request_id.decode())
-            conn.abort()
-            self.fail(502, "internal_error", "internal error in lb")
-
-    def _connected(self, server: Server) -> None:
-        """A connect is over, either way; with none left in flight the client is
-        read again (a retry, an error answer or the next pipelined request all
-        need that)."""
-        server.connecting -= 1
-        self.dials -= 1
-        if self.dials == 0:
-            self.connecting = False
-            self.lb.slow_connects.clear(self)
-            self.client.valve.resume(Reason.NO_PEER_YET)
-        self.lb.slot_freed()
-
-    @staticmethod
-    def _connect_failed(server: Server, exc: BaseException) -> None:
-        """Passive evidence from a failed connect: a refused one (nothing listens)
-        takes the server out at once; a timed-out one counts only when it was
-        the server's only connect in flight (with others it may be lb's own
-        burst, not a dead server: the checks settle that)."""
-        if isinstance(exc, ConnectionRefusedError):
-            server.record_failure(f"connect refused: {exc}", at_once=True)
-        elif not isinstance(exc, TimeoutError):
-            server.record_failure(f"connect failed: {exc}")
-        elif server.connecting == 0:
-            server.record_failure("connect timed out")
-
-    def _attach(self, conn: UpstreamConnection, now: float) -> None:
-        """Send the request on ``conn``, the attempt whose answer the client gets
-        (unless a hedge answers first); ``now``: the loop time, read by the caller."""
-        self.upstream = conn
-        self.server = conn.server
-        self._send_request(conn, now)
-        if self.pending:
-            pending, self.pending = self.pending, None
-            for chunk in pending:
-                self._send_body(chunk)
-        if self.body_done:
-            self._arm_hedge(conn, now)
-
-    def _send_request(self, conn: UpstreamConnection, now: float) -> None:
-        """The head and what there is of the body so far, on ``conn``."""
-        assert conn.transport is not None
-        server = conn.server
-        server.active += 1
-        server.total += 1
-        conn.start_exchange(self, now)
-        head = self.head
-        if head is None:
-            head = self.head = upstream_request_head(
-                self.method,
-                self.target,
-                self.info,
-                self.request_id,
-                self.client.client_ip,
-                self.lb.default_host,
+        if route.unrouted:
+            self.fail(404, "no_route", "no route takes this request")
+            return False
+        limiter = route.limiter
+        if limiter is None:
+            return True
+        key = self._limit_key()
+        if not key:
+            return True  # as nginx: a request without the key is not limited
+        verdict = limiter.admit(key)
+        if verdict == 0.0:
+            return True
+        if verdict == REFUSE:
+            route.limited += 1
+            wait = max(1, int(1 / limiter.config.rate + 0.999))
+            self.fail(
+                limiter.config.status,
+                "rate_limited",
+                f"over the rate of route {route.name}",
+                retry_after=wait,
             )
-        conn.send(head)
-        self.reached_upstream = True
-        server.bytes_out += len(head)
-        if self.sent_body:
-            conn.transport.writelines(self.sent_body)
-
-    def _let_go(self, conn: UpstreamConnection, reusable: bool, now: float = NOT_READ) -> None:
-        conn.server.active -= 1
-        lb = self.lb
-        if reusable:
-            conn.release(lb.clock() if now == NOT_READ else now)
-        else:
-            conn.abort()
-        if lb.queue:
-            lb.slot_freed()
-
-    def _detach(self, reusable: bool, now: float = NOT_READ) -> None:
-        """Let go of the upstream (and of a hedge racing it); a reusable one goes
-        back to the pool (``now``: the loop time when the caller has read it)."""
-        if self.hedge_conn is not None:
-            self._drop_hedge()
-        conn = self.upstream
-        if conn is None:
-            return
-        self.upstream = None
-        self._let_go(conn, reusable, now)
-
-    # -- hedging: a second attempt when the first is slow to answer -------------
-    def _arm_hedge(self, conn: UpstreamConnection, now: float) -> None:
-        after = self.lb.hedge_after
-        if (
-            after > 0
-            and self.replayable
-            and self.method in IDEMPOTENT
-            and self.info.upgrade is None
-            and not self.answered_client
-        ):
-            conn.hedge_timer.at(now + after)
-
-    def hedge_due(self, conn: UpstreamConnection) -> None:
-        """No response byte from ``conn`` within hedge_after: the request goes to
-        another server too, and the first to answer wins (``first_byte_from``).
-        Never a request that may not be sent twice (_arm_hedge), never past the
-        retry budget or the tries."""
-        lb = self.lb
-        if (
-            conn is not self.upstream
-            or self.finished
-            or self.answered_client
-            or self.hedge_conn is not None
-            or self.hedging
-            or len(self.tried) >= lb.config.tries
-        ):
-            return
-        server = pick(lb.servers.order, lb.policy, self.tried, lb.has_room)
-        if server is None:
-            # asked again a hedge_after later: a server may be back up (or have room)
-            conn.hedge_timer.at(lb.clock() + lb.config.hedge_after)
-            return
-        if not self._budget():
-            lb.budget.waiting.append(self._hedge_when_budget)  # as soon as a token is back
-            return
-        self.tried = (*self.tried, server)
-        lb.metrics.hedges += 1
-        pooled = lb.pool.take(server)
-        if pooled is not None:
-            self.hedge_conn = pooled
-            self._send_request(pooled, lb.clock())
-            return
-        self.hedging = True
-        server.connecting += 1
-        lb.loop.create_task(self._connect_hedge(server))
-
-    async def _connect_hedge(self, server: Server) -> None:
-        lb = self.lb
-        try:
-            conn = await lb.pool.connect(server)
-        except (OSError, TimeoutError) as exc:
-            self.hedging = False
-            server.connecting -= 1
-            lb.slot_freed()
-            server.connect_errors += 1
-            self._connect_failed(server, exc)
-            if self.upstream is None and not self.finished:
-                # the first attempt failed meanwhile and was waiting for this one
-                self._after_failure(server, f"hedge connect failed: {exc}", timeout=False)
-            return
-        self.hedging = False
-        server.connecting -= 1
-        lb.slot_freed()
-        first = self.upstream
-        if self.finished or self.answered_client or (first is not None and first.answering):
-            lb.pool.give(conn, lb.clock())  # too late: the first attempt is answering
-        elif first is None:
-            self._attach(conn, lb.clock())  # the first attempt failed meanwhile
-        else:
-            self.hedge_conn = conn
-            self._send_request(conn, lb.clock())
-
-    def _hedge_when_budget(self) -> bool:
-        """A budget token came back (RetryBudget.wake): hedge now if still due."""
-        conn = self.upstream
-        if conn is None or conn.answering or self.finished or self.hedge_conn is not None:
             return False
-        self.hedge_due(conn)
-        return self.budgeted
-
-    def first_byte_from(self, conn: UpstreamConnection) -> bool:
-        """The first response byte of ``conn`` while a hedge races (the caller
-        checked): the first to answer wins, the other attempt is abandoned and its
-        connection closed (its response is not wanted). False when ``conn`` lost."""
-        hedge = self.hedge_conn
-        self.hedge_conn = None
-        if conn is hedge:
-            loser = self.upstream
-            self.upstream = conn
-            self.server = conn.server
-            self.lb.metrics.hedge_wins += 1
-        elif conn is self.upstream:
-            loser = hedge
-        else:
-            return False
-        if loser is not None:
-            self._let_go(loser, reusable=False)
-        return True
-
-    def _drop_hedge(self) -> None:
-        hedge = self.hedge_conn
-        if hedge is not None:
-            self.hedge_conn = None
-            self._let_go(hedge, reusable=False)
-
-    def _hedge_carries_on(self, failed: UpstreamConnection) -> bool:
-        """The first attempt ``failed`` before answering: a hedge racing it, or
-        being connected, carries the request on alone. False when there is none."""
-        if self.answered_client:
-            return False
-        hedge = self.hedge_conn
-        if hedge is None and not self.hedging:
-            return False
-        self.upstream = None
-        self._let_go(failed, reusable=False)
-        if hedge is not None:
-            self.hedge_conn = None
-            self.upstream = hedge
-            self.server = hedge.server
-        # else: _connect_hedge attaches what it connects, or fails the request
-        return True
-
-    def _budget(self) -> bool:
-        """A token of the retry budget for an extra attempt that may add load to a
-        live server; one per exchange, given back when it ends."""
-        if self.budgeted:
-            return True
-        lb = self.lb
-        if lb.budget.take(lb.metrics.in_flight):
-            self.budgeted = True
-            return True
+        self.lb.loop.call_later(verdict, self._begin_delayed)  # nginx's delay to the rate
         return False
 
-    def _give_budget(self) -> None:
-        self.budgeted = False
-        budget = self.lb.budget
-        budget.give()
-        if budget.waiting:
-            # not from inside this exchange's own ending: on the loop's next turn
-            self.lb.loop.call_soon(budget.wake)
+    def _begin_delayed(self) -> None:
+        if not self.finished:
+            self.begin()
 
-    def server_down(self, server: Server) -> None:
-        """The checks marked ``server`` down: an attempt still waiting there for
-        its first byte moves on now, instead of waiting for its timeout."""
-        if self.finished or self.answered_client or self.tunnel_open:
-            return
-        hedge = self.hedge_conn
-        if hedge is not None and hedge.server is server and not hedge.answering:
-            self._drop_hedge()
-        conn = self.upstream
-        if conn is None or conn.server is not server or conn.answering:
-            return
-        if self._hedge_carries_on(conn):
-            return
-        if self._may_send_again():
-            self.lb.metrics.moved += 1
-            self._retry(server, "marked down by the checks")
+    def _limit_key(self) -> bytes:
+        route = self.route
+        assert route.limiter is not None
+        key = route.limiter.config.key
+        ip = self.client.client_ip
+        if key == "client":
+            return ip
+        if key == "forwarded":
+            return forwarded_client(ip, self.info.x_forwarded_for, self.lb.trusted)
+        return self.info.header(route.limiter.header) or b""
 
-    def _may_send_again(self) -> bool:
-        """Whether this request, sent to a server that has not answered the
-        client, may go to another (retry.may_retry's rule)."""
-        return may_retry(
-            method=self.method,
-            reached_upstream=True,
-            answered_client=False,
-            body_replayable=self.body_done and self.replayable,
-            tries_done=len(self.tried),
-            max_tries=self.lb.config.tries,
-        )
-
-    # -- the request body ------------------------------------------------------
-    def _send_body(self, chunk: bytes) -> None:
-        conn = self.upstream
-        if conn is None or self.connecting or conn.transport is None:
-            if self.pending is None:
-                self.pending = []
-            self.pending.append(chunk)
-            return
-        conn.send(chunk)
-        conn.server.bytes_out += len(chunk)
-        if self.replayable:
-            if self.sent_size + len(chunk) <= self.lb.config.limits.retry_body_buffer:
-                if self.sent_body is None:
-                    self.sent_body = []
-                self.sent_body.append(chunk)
-                self.sent_size += len(chunk)
-            else:
-                # too big to keep: once sent, this request cannot be retried
-                self.replayable = False
-                self.sent_body = None
-
-    def request_body(self, data: bytes) -> None:
-        if self.finished:
-            return
-        self.body_received += len(data)
-        if self.body_received > self.lb.config.limits.max_body_bytes:
-            self.client.refuse_body(self)
-            return
-        self._send_body(frame_chunk(data) if self.info.chunked else data)
-
-    def request_body_end(self) -> None:
-        if self.body_done:
-            return
-        self.body_done = True
-        if self.info.chunked and not self.finished:
-            self._send_body(LAST_CHUNK)
-        conn = self.upstream
-        if conn is not None and not conn.answering and not self.finished:
-            self._arm_hedge(conn, self.lb.clock())
+    def _answer_fixed(self) -> None:
+        """The route's fixed answer (nginx: return): a redirect, or a body."""
+        answer = self.route.answer
+        assert answer is not None
+        if not self.body_done:
+            self.client_keep_alive = False  # the body is not read: the connection ends
+        lines = [b"HTTP/1.1 %d %b\r\n" % (answer.status, REASONS.get(answer.status, b"OK"))]
+        if answer.location:
+            location = expand_location(answer.location, self.info.host, self.target)
+            lines.append(b"Location: " + location + b"\r\n")
+        body = answer.body.encode()
+        if body:
+            lines.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        lines.append(b"Content-Length: %d\r\nX-Request-ID: %b\r\n" % (len(body), self.request_id))
+        if not self.client_keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.client.write(b"".join(lines) + (b"" if self.method == b"HEAD" else body))
+        self.answered_client = True
+        self.body_bytes = len(body)
+        self._finish(answer.status)
 
     # -- the response ------------------------------------------------------------
     def on_interim_response(self, status: int, reason: bytes, info: ResponseInfo) -> None:
@@ -557,7 +140,7 @@ class Exchange:
         if self.tunnel_buffer and self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.writelines(self.tunnel_buffer)
         self.tunnel_buffer = None
-        self.client.start_tunnel(self)
+        self.client.start_tunnel()
         return True
 
     def on_response_head(
@@ -568,13 +151,17 @@ class Exchange:
         server = self.server
         if server is None:
             pass
-        elif status not in lb.config.passive_statuses:
+        elif status not in self.pool.config.passive_statuses:
             server.fails_in_a_row = 0  # an answer: failures are counted in a row
         else:
             server.record_failure(f"answered {status}")
             # Retried only when another server can answer; else this answer is
             # the best there is and goes through (as nginx's proxy_next_upstream).
-            if self._may_send_again() and any_available(lb.servers, self.tried) and self._budget():
+            if (
+                self._may_send_again()
+                and any_available(self.pool.servers, self.tried)
+                and self._budget()
+            ):
                 self._retry(server, f"answered {status}")
                 return False
         self.status = status
@@ -604,10 +191,13 @@ class Exchange:
         )
         self.answered_client = True
         self.client.write_parts(head)
+        if lb.access is not None:
+            self.first_byte_time = lb.clock() - self.started
         return is_head
 
     def on_response_body(self, data: bytes) -> None:
         if self.answered_client and not self.finished:
+            self.body_bytes += len(data)
             self.client.write(frame_chunk(data) if self.chunked_to_client else data)
 
     def on_response_complete(self, upstream_reusable: bool) -> None:
@@ -651,7 +241,7 @@ class Exchange:
 
     def upstream_timed_out(self, conn: UpstreamConnection, got_first_byte: bool) -> None:
         self.lb.metrics.timeouts += 1
-        timeouts = self.lb.config.timeouts
+        timeouts = self.timeouts
         if got_first_byte:
             why = f"no data for {timeouts.upstream_idle:g}s"
         else:
@@ -667,7 +257,7 @@ class Exchange:
             answered_client=self.answered_client,
             body_replayable=self.replayable,
             tries_done=len(self.tried),
-            max_tries=self.lb.config.tries,
+            max_tries=self.route.tries,
         ) and (not timeout or self._budget()):
             self._retry(server, why)
             return
@@ -676,18 +266,6 @@ class Exchange:
             self.fail(504, "gateway_timeout", f"{name}: {why}")
         else:
             self.fail(502, "bad_gateway", f"{name}: {why}")
-
-    def _retry(self, server: Server | None, why: str) -> None:
-        self._detach(reusable=False)
-        self.lb.metrics.retries += 1
-        log.info(
-            "retrying %s %s after %s: %s",
-            self.method.decode(),
-            self.target[:200].decode("latin-1"),
-            server.name if server else "?",
-            why,
-        )
-        self.begin()
 
     def fail(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
         """Answer with our own error, unless the response has already begun."""
@@ -727,30 +305,46 @@ class Exchange:
         if self.budgeted:
             self._give_budget()
         if self.queued:
-            lb.left_queue(self)
+            self.pool.left_queue(self)
         server = self.server
         if now == NOT_READ:
             now = lb.clock()
         elapsed = now - self.started
+        status_class = status // 100 if 100 <= status < 600 else 0
+        self.route.by_class[status_class] += 1
         if server is not None:
-            server.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+            server.by_class[status_class] += 1
             # one histogram per request: lb's own is the servers' summed at scrape time
             server.latency.observe(elapsed)
         else:
             lb.metrics.latency.observe(elapsed)  # answered by lb itself
-        if lb.config.access_log:
-            access_log.info(
-                '%s "%s %s" %d %.3f %s tries=%d id=%s',
-                self.client.client_ip.decode(),
-                self.method.decode(),
-                self.target.decode("latin-1"),
-                status,
-                elapsed,
-                server.name if server else "-",
-                len(self.tried),
-                self.request_id.decode(),
-            )
+        if lb.access is not None:
+            self._log(status, elapsed)
         self.client.exchange_finished(self, self.client_keep_alive and not abort, abort, now)
+
+    def _log(self, status: int, elapsed: float) -> None:
+        access = self.lb.access
+        assert access is not None
+        info = self.info
+        access.request(
+            client_ip=self.client.client_ip,
+            method=self.method,
+            target=self.target,
+            http11=self.http11,
+            status=status,
+            body_bytes=self.body_bytes,
+            referer=info.header(b"referer") or b"-",
+            user_agent=info.header(b"user-agent") or b"-",
+            request_time=elapsed,
+            request_id=self.request_id,
+            route=self.route.name_bytes,
+            pool=self.route.pool_name,
+            server=self.server.name.encode() if self.server is not None else b"-",
+            tries=len(self.tried),
+            connect_time=self.connect_time,
+            first_byte_time=self.first_byte_time,
+            hedged=self.hedged,
+        )
 
     def client_gone(self) -> None:
         """The client connection closed: stop, and do not keep a half-used upstream."""
@@ -762,7 +356,7 @@ class Exchange:
         if self.budgeted:
             self._give_budget()
         if self.queued:
-            self.lb.left_queue(self)
+            self.pool.left_queue(self)
         self._detach(reusable=False)
 
     # -- the tunnel after 101 ------------------------------------------------------

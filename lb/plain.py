@@ -22,7 +22,8 @@ from typing import Final
 
 from mypy_extensions import i64
 
-from .heads import HOP_BY_HOP, ResponseInfo, watched_name
+from .heads import HOP_BY_HOP, watched_name
+from .response_head import ResponseInfo
 
 _PREFIX: Final = b"HTTP/1.1 "
 # Byte classes (RFC 9110 5.6.2, 5.5): 1 = tchar (may be in a name; and in a

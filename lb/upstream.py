@@ -1,10 +1,11 @@
-"""Connections to upstream servers: the response-side protocol and the keep-alive pool."""
+"""Connections to upstream servers: the response-side protocol, what it sees of
+the exchange it carries (Receiver), and the keep-alive pool."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 import httptools
 
@@ -14,17 +15,72 @@ from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 from proxycore.servers import Server
 
 from . import plain
-from .config import LbConfig
-from .heads import ResponseInfo
+from .downstream import Downstream
 from .plain import scan
-
-if TYPE_CHECKING:
-    from .exchange import Exchange
+from .response_head import ResponseInfo
+from .settings import PoolConfig, Timeouts
 
 # lb.plain's byte loop pays only compiled; interpreted, llhttp (C) reads a
 # response faster (scripts/lb_cost.py, interpreted: 16.7 µs a request with the
 # scan, 12.0 without).
 SCAN_PLAIN: Final = is_compiled(plain)
+
+
+class Receiver:
+    """What an upstream connection sees of the exchange it carries: the calls a
+    response makes (its head, its body, its end, a failure, a timeout, a hedge
+    due), and the client it is written to. The Exchange (lb/exchange.py) is the
+    one subclass: the connection never imports it."""
+
+    client: Downstream
+    method: bytes
+    timeouts: Timeouts
+    # the attempt whose answer the client gets, and a second one racing it
+    upstream: UpstreamConnection | None = None
+    hedge_conn: UpstreamConnection | None = None
+    response_until_close = False  # its body ends when the upstream closes
+
+    def on_interim_response(self, status: int, reason: bytes, info: ResponseInfo) -> None:
+        raise NotImplementedError
+
+    def on_switching_protocols(
+        self, conn: UpstreamConnection, reason: bytes, info: ResponseInfo
+    ) -> bool:
+        raise NotImplementedError
+
+    def on_response_head(
+        self, status: int, reason: bytes, info: ResponseInfo, upstream_keep_alive: bool
+    ) -> bool:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_complete(self, upstream_reusable: bool) -> None:
+        raise NotImplementedError
+
+    def upstream_failed(
+        self, conn: UpstreamConnection, why: str, *, failure: bool, timeout: bool = False
+    ) -> None:
+        raise NotImplementedError
+
+    def upstream_timed_out(self, conn: UpstreamConnection, got_first_byte: bool) -> None:
+        raise NotImplementedError
+
+    def hedge_due(self, conn: UpstreamConnection) -> None:
+        raise NotImplementedError
+
+    def first_byte_from(self, conn: UpstreamConnection) -> bool:
+        raise NotImplementedError
+
+    def tunnel_to_client(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def tunnel_eof_from_upstream(self) -> bool:
+        raise NotImplementedError
+
+    def tunnel_closed_by_upstream(self) -> None:
+        raise NotImplementedError
 
 
 class UpstreamConnection:
@@ -35,7 +91,7 @@ class UpstreamConnection:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.valve: Valve | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Receiver | None = None
         self.closed = False
         self.tunnel = False
         self._new_parser()
@@ -104,7 +160,7 @@ class UpstreamConnection:
                 else:
                     # More of the response is due: upstream_idle between its reads.
                     # (A response read whole, the usual case, arms nothing.)
-                    self.idle_timer.after(self.pool.config.timeouts.upstream_idle)
+                    self.idle_timer.after(ex.timeouts.upstream_idle)
         finally:
             client.uncork()
 
@@ -178,7 +234,7 @@ class UpstreamConnection:
         if not self._interim:
             self._done = True
 
-    def _plain_response(self, ex: Exchange, data: bytes, body_start: int) -> None:
+    def _plain_response(self, ex: Receiver, data: bytes, body_start: int) -> None:
         """A whole response read by lb.plain into self._head: what the parser's
         callbacks do, in one go."""
         client = ex.client
@@ -195,7 +251,7 @@ class UpstreamConnection:
             client.uncork()
 
     # -- life of the connection ------------------------------------------------
-    def _response_done(self, ex: Exchange) -> None:
+    def _response_done(self, ex: Receiver) -> None:
         self.idle_timer.cancel()  # (first_byte_timer was cancelled by the first byte)
         self._done = False
         self._first_byte = False
@@ -215,11 +271,11 @@ class UpstreamConnection:
         """A byte of the response to the exchange it carries has come."""
         return self._first_byte
 
-    def start_exchange(self, ex: Exchange, now: float) -> None:
+    def start_exchange(self, ex: Receiver, now: float) -> None:
         self.exchange = ex
         self._first_byte = False
         self._done = False
-        self.first_byte_timer.at(now + self.pool.config.timeouts.first_byte)
+        self.first_byte_timer.at(now + ex.timeouts.first_byte)
 
     def release(self, now: float) -> None:
         """The exchange is over and the connection can carry another: back to the
@@ -272,7 +328,7 @@ class UpstreamConnection:
 class UpstreamPool:
     """Idle keep-alive connections per server, newest first (they are the warmest)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, config: LbConfig) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, config: PoolConfig) -> None:
         self.loop = loop
         self.config = config
         self._idle: dict[Server, list[UpstreamConnection]] = {}
@@ -305,7 +361,7 @@ class UpstreamPool:
         if idle and conn in idle:
             idle.remove(conn)
 
-    async def connect(self, server: Server) -> UpstreamConnection:
+    async def connect(self, server: Server, timeout: float) -> UpstreamConnection:
         address = server.spec.address
         _, protocol = await asyncio.wait_for(
             self.loop.create_connection(
@@ -313,7 +369,7 @@ class UpstreamPool:
                 address.host,
                 address.port,
             ),
-            self.config.timeouts.connect,
+            timeout,
         )
         return cast(UpstreamConnection, protocol)
 

@@ -57,6 +57,9 @@ def make_admin_app(
 
     async def change(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
+        pool = request.match_info.get("pool")
+        if pool is not None:
+            name = f"{pool}/{name}"  # a server of that pool (names repeat across pools)
         if action not in ACTIONS:
             return _error(404, f"unknown action {action!r}; use {', '.join(ACTIONS)}")
         server = find_server(name)
@@ -74,6 +77,7 @@ def make_admin_app(
     app.router.add_get("/status.html", status_html)
     app.router.add_get("/", status_html)
     app.router.add_post("/servers/{name}/{action}", change)
+    app.router.add_post("/pools/{pool}/servers/{name}/{action}", change)
     return app
 
 

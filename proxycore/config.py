@@ -77,17 +77,29 @@ class Section:
     ``done()`` refuses keys nobody read, so a typo is an error, not a silent default.
     """
 
-    def __init__(self, data: Mapping[str, Any], path: str, source: str) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        path: str,
+        source: str,
+        text: str = "",
+        line: int = 0,
+        key_path: str = "",
+    ) -> None:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: [{path}] must be a table")
         self._data = data
         self._path = path
         self._source = source
         self._read: set[str] = set()
+        self._text = text  # the file, to find where an array's tables begin
+        self.line = line  # the line of this table's header, when known
+        self._key_path = key_path  # "pool.server" for [[pool.server]] (no indices)
 
     def where(self, key: str) -> str:
         table = f"[{self._path}] " if self._path else ""
-        return f"{self._source}: {table}{key}"
+        at = f"{self._source}:{self.line}" if self.line else self._source
+        return f"{at}: {table}{key}"
 
     def _get(self, key: str) -> Any:
         self._read.add(key)
@@ -173,16 +185,61 @@ class Section:
     def section(self, key: str) -> Section:
         value = self._get(key)
         path = f"{self._path}.{key}" if self._path else key
-        return Section({} if value is None else value, path, self._source)
+        key_path = f"{self._key_path}.{key}" if self._key_path else key
+        # its own [key_path] header's line, when it has one (not an inline table)
+        lines = self._header_lines(key_path, array=False)
+        return Section(
+            {} if value is None else value,
+            path,
+            self._source,
+            self._text,
+            lines[0] if lines else self.line,
+            key_path,
+        )
 
     def sections(self, key: str) -> list[Section]:
-        """An array of tables, [[key]]."""
+        """An array of tables, [[key]], each knowing the line of its header."""
         value = self._get(key)
         if value is None:
             return []
         if not isinstance(value, list):
             raise ConfigError(f"{self.where(key)}: expected [[{key}]] tables")
-        return [Section(item, f"{key}[{i}]", self._source) for i, item in enumerate(value)]
+        key_path = f"{self._key_path}.{key}" if self._key_path else key
+        lines = self._header_lines(key_path)
+        return [
+            Section(
+                item,
+                f"{self._path}.{key}[{i}]" if self._path else f"{key}[{i}]",
+                self._source,
+                self._text,
+                lines[i] if i < len(lines) else 0,
+                key_path,
+            )
+            for i, item in enumerate(value)
+        ]
+
+    def _header_lines(self, key_path: str, array: bool = True) -> list[int]:
+        """The lines of this table's [[key_path]] headers (``array``) or its
+        [key_path] header: those after its own header and before the next header
+        of its own kind."""
+        if not self._text:
+            return []
+        pattern = (
+            rf"\[\[\s*{re.escape(key_path)}\s*\]\]"
+            if array
+            else rf"\[\s*{re.escape(key_path)}\s*\]"
+        )
+        header = re.compile(rf"^\s*{pattern}")
+        own = re.compile(rf"^\s*\[\[\s*{re.escape(self._key_path)}\s*\]\]")
+        found = []
+        for number, text in enumerate(self._text.splitlines(), start=1):
+            if number <= self.line:
+                continue
+            if self.line and self._key_path and own.match(text):
+                break  # the next table of this one's kind: its arrays are its own
+            if header.match(text):
+                found.append(number)
+        return found
 
     def done(self) -> None:
         unknown = sorted(set(self._data) - self._read)
@@ -192,10 +249,10 @@ class Section:
 
 def load_toml(path: Path) -> Section:
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        text = path.read_text()
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return Section(data, "", str(path))
+    return Section(data, "", str(path), text)

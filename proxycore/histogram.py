@@ -45,11 +45,18 @@ class Histogram:
         self.count += 1
 
     def family(self, name: str, text: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(name, text, buckets=self._buckets(), sum_value=self.total)
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        """This histogram as ``family``'s sample of ``labels``."""
+        family.add_metric(labels, self._buckets(), self.total)
+
+    def _buckets(self) -> list[tuple[str, float]]:
         cumulative, buckets = 0, []
         for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
             cumulative += count
-            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-        return HistogramMetricFamily(name, text, buckets=buckets, sum_value=self.total)
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", float(cumulative)))
+        return buckets
 
     def to_json(self) -> dict[str, object]:
         return {"counts": list(self.counts), "total": self.total, "count": self.count}

@@ -11,7 +11,8 @@ three roles (proxycore/workers.py):
 SIGTERM / SIGINT: stop accepting and let in-flight work finish, then exit 0.
 SIGHUP: read the configuration again; a file that does not validate is refused
 with one log line and the running configuration stays (a supervisor passes
-SIGHUP on to its workers). SIGUSR2 (a supervisor): a new generation of workers.
+SIGHUP on to its workers). SIGUSR1: reopen the log files (after logrotate moved
+them; nginx's). SIGUSR2 (a supervisor): a new generation of workers.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Service(Protocol[C_contra]):
     def apply(self, config: C_contra) -> None: ...
     async def shutdown(self) -> None: ...
     async def new_generation(self) -> None: ...
+    def reopen_logs(self) -> None: ...
 
 
 class Runner(Generic[C]):
@@ -104,6 +106,7 @@ class Runner(Generic[C]):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._reload(service))
+        loop.add_signal_handler(signal.SIGUSR1, service.reopen_logs)
         loop.add_signal_handler(
             signal.SIGUSR2, lambda: loop.create_task(self._new_generation(service, placement))
         )

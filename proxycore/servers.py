@@ -125,6 +125,9 @@ class Server:
         self.rr_current = 0
         # Told of every change of state (dbproxy closes a down server's sessions).
         self.on_change: Callable[[Server], None] | None = None
+        # How the supervisor and its workers name it: its name, or "pool/name"
+        # when several pools' servers travel together (ServerGroups).
+        self.key = spec.name
 
     @property
     def name(self) -> str:
@@ -392,3 +395,46 @@ class ServerSet:
             return True
         left = sum(1 for s in primaries if s is not server and s.takes_traffic())
         return left * 100 >= len(primaries) * self.params.panic_threshold
+
+
+class ServerGroups:
+    """Several pools' server sets, seen by a supervisor and its workers as one:
+    each server by its key, "pool/name" (a name is unique within its pool only).
+    The same calls as a ServerSet's (shared, adopt, get, report_to)."""
+
+    def __init__(self) -> None:
+        self.sets: dict[str, ServerSet] = {}
+        self.report: Callable[[Server, str], None] | None = None
+
+    def set(self, pool: str, servers: ServerSet) -> None:
+        """``servers`` are ``pool``'s (again, after a reload changed them)."""
+        self.sets[pool] = servers
+        for server in servers:
+            server.key = f"{pool}/{server.name}"
+        if self.report is not None:
+            servers.report_to(self.report)
+
+    def drop(self, pool: str) -> None:
+        self.sets.pop(pool, None)
+
+    def __iter__(self) -> Iterator[Server]:
+        return (server for servers in self.sets.values() for server in servers)
+
+    def shared(self) -> dict[str, dict[str, Any]]:
+        return {server.key: server.shared() for server in self}
+
+    def adopt(self, states: dict[str, dict[str, Any]]) -> None:
+        for key, state in states.items():
+            server = self.get(key)
+            if server is not None:  # one this worker does not know yet: its reload is due
+                server.adopt(state)
+
+    def get(self, key: str) -> Server | None:
+        pool, _, name = key.partition("/")
+        servers = self.sets.get(pool)
+        return None if servers is None else servers.get(name)
+
+    def report_to(self, report: Callable[[Server, str], None]) -> None:
+        self.report = report
+        for servers in self.sets.values():
+            servers.report_to(report)

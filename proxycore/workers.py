@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .channel import Channel, Message
-from .servers import Server, ServerSet
+from .servers import Server, ServerGroups, ServerSet
 
 log = logging.getLogger("balance.workers")
 
@@ -343,7 +343,7 @@ class SupervisorSide:
 
     def __init__(
         self,
-        servers: ServerSet,
+        servers: ServerSet | ServerGroups,
         listeners: dict[str, socket.socket],
         size: int,
         handler: WorkerHandler | None = None,
@@ -394,7 +394,7 @@ class WorkerSide:
     def __init__(
         self,
         inherited: Inherited,
-        servers: ServerSet,
+        servers: ServerSet | ServerGroups,
         counters: Callable[[], Message],
         stop: Callable[[], None],
         handler: Callable[[Message], Any] | None = None,
@@ -421,7 +421,7 @@ class WorkerSide:
 
     def _report(self, server: Server, why: str) -> None:
         if self.channel is not None:
-            self.channel.send({"op": "eject", "server": server.name, "why": why})
+            self.channel.send({"op": "eject", "server": server.key, "why": why})
 
     def _gone(self) -> None:
         if not self._closing:

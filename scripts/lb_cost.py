@@ -1,6 +1,6 @@
 """lb's own CPU per request, without sockets: a developer's yardstick for the hot path.
 
-    .venv/bin/python scripts/lb_cost.py [--requests 300000]
+    .venv/bin/python scripts/lb_cost.py [--requests 300000] [--config lb.toml] [--target /path]
 
 Drives lb's real classes (ClientConnection, Exchange, UpstreamConnection, the
 pool, the balancer and its metrics) with a GET and a small keep-alive response,
@@ -26,13 +26,14 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.upstream import response
+from lb.accesslog import AccessLog
 from lb.app import Balancer
 from lb.client import ClientConnection
 from lb.config import from_args, parser
 from lb.upstream import UpstreamConnection
 from proxycore.compiled import hot_path
 
-REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+REQUEST = b"GET %b HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 # What bench's upstreams answer (its Content-Length counts the newline).
 RESPONSE = response("up1")
 
@@ -74,26 +75,32 @@ class KeptWrites:
     abort = close
 
 
-async def measure(requests: int) -> float:
+async def measure(requests: int, config: Path | None, target: bytes) -> float:
+    """``config``: a file of one pool (its first) with routes, an access log ...
+    instead of the flags' two servers; ``target``: what the request asks for."""
     loop = asyncio.get_running_loop()
-    args = parser().parse_args(
-        ["--listen", "127.0.0.1:1", "--server", "a=127.0.0.1:2", "--server", "b=127.0.0.1:3"]
-    )
+    flags = ["--listen", "127.0.0.1:1", "--server", "a=127.0.0.1:2", "--server", "b=127.0.0.1:3"]
+    args = parser().parse_args(["--config", str(config)] if config else flags)
     lb = Balancer(from_args(args), loop)
+    if lb.config.access_log:
+        lb.state.access = AccessLog(lb.config.access_log, lb.config.access_log_format, loop)
+    lb._use_routes(lb.config)  # what start() does before it listens
+    pool = next(iter(lb.pools.values()))
+    request = REQUEST % target
     upstreams: list[tuple[UpstreamConnection, KeptWrites]] = []
-    for server in lb.servers:
+    for server in pool.servers:
         for _ in range(2):
-            conn = UpstreamConnection(server, lb.pool)
+            conn = UpstreamConnection(server, pool.conns)
             transport = KeptWrites()
             conn.connection_made(transport)  # type: ignore[arg-type]
-            lb.pool.give(conn, loop.time())
+            pool.conns.give(conn, loop.time())
             upstreams.append((conn, transport))
-    client = ClientConnection(lb)
+    client = ClientConnection(lb.state)
     client_transport = KeptWrites()
     client.connection_made(client_transport)  # type: ignore[arg-type]
 
     def one() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         for conn, transport in upstreams:
             if transport.out:
                 transport.out.clear()
@@ -117,9 +124,11 @@ async def measure(requests: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(prog="scripts/lb_cost.py")
     p.add_argument("--requests", type=int, default=300_000)
+    p.add_argument("--config", type=Path, help="an lb file to run instead of two servers")
+    p.add_argument("--target", default="/", help="the request's target (default /)")
     args = p.parse_args()
     started = time.perf_counter()
-    us = uvloop.run(measure(args.requests))
+    us = uvloop.run(measure(args.requests, args.config, args.target.encode()))
     print(
         f"lb, hot path {hot_path()}: {us:.2f} µs of CPU per request "
         f"({args.requests} requests in {time.perf_counter() - started:.1f} s)"

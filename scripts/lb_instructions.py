@@ -1,6 +1,6 @@
 """lb's own work per request as a count of instructions: the steady yardstick.
 
-    .venv/bin/python scripts/lb_instructions.py [--profile]
+    .venv/bin/python scripts/lb_instructions.py [--profile] [-- --config lb.toml --target /path]
 
 Runs scripts/lb_cost.py under valgrind's cachegrind at two lengths and divides
 the difference by the extra requests, so start-up and imports fall out. The
@@ -32,7 +32,7 @@ COUNTS = {"I   refs": "instructions", "I1  misses": "I1 misses", "D1  misses": "
 LINE = re.compile(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S+?)(?:'\d+)? \[(.*)\]\s*$")
 
 
-def valgrind(tool: str, requests: int, out: Path) -> str:
+def valgrind(tool: str, requests: int, out: Path, cost_args: list[str]) -> str:
     argv = [
         "valgrind",
         f"--tool={tool}",
@@ -42,15 +42,16 @@ def valgrind(tool: str, requests: int, out: Path) -> str:
         str(COST),
         "--requests",
         str(requests),
+        *cost_args,
     ]
     return subprocess.run(argv, capture_output=True, text=True, check=True).stderr
 
 
-def counts() -> dict[str, float]:
+def counts(cost_args: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         runs = []
         for n in (SHORT, LONG):
-            text = valgrind("cachegrind", n, Path(tmp) / f"cg-{n}")
+            text = valgrind("cachegrind", n, Path(tmp) / f"cg-{n}", cost_args)
             found = {}
             for key, name in COUNTS.items():
                 match = re.search(re.escape(key) + r":\s+([\d,]+)", text)
@@ -81,11 +82,11 @@ def by_function(out: Path, inclusive: bool) -> collections.Counter[str]:
     return found
 
 
-def profile(top: int) -> None:
+def profile(top: int, cost_args: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         outs = {n: Path(tmp) / f"callgrind-{n}" for n in (SHORT, LONG)}
         for n, out in outs.items():
-            valgrind("callgrind", n, out)
+            valgrind("callgrind", n, out, cost_args)
         for inclusive, title in ((False, "self"), (True, "with what it calls (lb's own)")):
             short, long = (by_function(outs[n], inclusive) for n in (SHORT, LONG))
             rows = {f: (long[f] - short.get(f, 0)) / (LONG - SHORT) for f in long}
@@ -100,13 +101,16 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="scripts/lb_instructions.py")
     p.add_argument("--profile", action="store_true", help="by function, with callgrind")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument(
+        "cost_args", nargs="*", help="after --: scripts/lb_cost.py's --config FILE --target PATH"
+    )
     args = p.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind: apt-get install valgrind")
-    for name, value in counts().items():
+    for name, value in counts(args.cost_args).items():
         print(f"{name} per request: {value:,.0f}")
     if args.profile:
-        profile(args.top)
+        profile(args.top, args.cost_args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The classic profile's configs: infra/balance/nginx.conf and haproxy.cfg with local addresses.
+"""infra/balance's configs with local addresses: nginx.conf, haproxy.cfg and lb.toml.
 
 The files are written for docker-compose-balance.yml (service names, container
 ports, 0.0.0.0). The local stack changes only the addresses, so what runs here
@@ -24,6 +24,8 @@ COMPOSE_ADDRESSES: Mapping[str, str] = {
     "lb_admin": "0.0.0.0:9101",
     "backend_1": "users-backend-1:8081",
     "backend_2": "users-backend-2:8082",
+    "hello_1": "hello-1:8083",
+    "hello_2": "hello-2:8084",
     "db_rw": "0.0.0.0:6432",
     "db_ro": "0.0.0.0:6433",
     "db_any": "0.0.0.0:6434",

@@ -22,6 +22,8 @@ Profile = Literal["none", "python", "classic"]
 MASTER = "service-db"
 REPLICA = "service-db-replica"
 BACKENDS = ("users-backend-1", "users-backend-2")
+# The second service behind the entry proxy (/hello/), its own pool.
+HELLO = ("hello-1", "hello-2")
 LB = "lb"
 DBPROXY = "dbproxy"
 NGINX = "nginx"
@@ -49,6 +51,8 @@ class Ports:
     entry: int = 8080
     backend_1: int = 8081
     backend_2: int = 8082
+    hello_1: int = 8083
+    hello_2: int = 8084
     master: int = 15432
     replica: int = 15433
     db_rw: int = 6432
@@ -146,7 +150,9 @@ class Topology:
         """The services in start order, by tier: each tier needs the ones before it."""
         db_proxies, http_proxies = PROXIES[self.proxies]
         exporters = (NGINX_EXPORTER,) if NGINX in http_proxies else ()
-        tiers = [(MASTER, REPLICA), db_proxies, BACKENDS, http_proxies, exporters, (PROMETHEUS,)]
+        # the second service only where an entry proxy routes to it
+        backends = (*BACKENDS, *HELLO) if http_proxies else BACKENDS
+        tiers = [(MASTER, REPLICA), db_proxies, backends, http_proxies, exporters, (PROMETHEUS,)]
         return [t for t in tiers if t]
 
     def services(self) -> list[str]:
@@ -223,22 +229,21 @@ class Topology:
                 log=log,
                 address=f"127.0.0.1:{port}",
             )
-        if name == LB and name in self.services():
-            backends = [
-                f"--server={b}=127.0.0.1:{self.ports.backend(i)}" for i, b in enumerate(BACKENDS)
-            ]
-            argv = (
-                sys.executable,
-                "-m",
-                "lb",
-                "--config",
-                str(BALANCE_CONFIG / "lb.toml"),
-                "--listen",
-                f"127.0.0.1:{self.ports.entry}",
-                "--admin",
-                f"127.0.0.1:{self.ports.lb_admin}",
-                *backends,
+        if name in HELLO:
+            port = (self.ports.hello_1, self.ports.hello_2)[HELLO.index(name)]
+            argv = (sys.executable, "-m", "hello_backend", "--port", str(port), "--instance", name)
+            return ServiceSpec(
+                name=name,
+                argv=argv,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                listens=(port,),
+                ready=(Readiness("http", port),),
+                log=log,
+                address=f"127.0.0.1:{port}",
             )
+        if name == LB and name in self.services():
+            conf = self.state_dir / LB / "lb.toml"
+            argv = (sys.executable, "-m", "lb", "--config", str(conf))
             return ServiceSpec(
                 name=name,
                 argv=argv,
@@ -250,6 +255,7 @@ class Topology:
                 ),
                 log=log,
                 address=f"127.0.0.1:{self.ports.entry} (admin :{self.ports.lb_admin})",
+                before_start=partial(self._render_config, BALANCE_CONFIG / "lb.toml", conf),
             )
         if name == DBPROXY and name in self.services():
             p = self.ports

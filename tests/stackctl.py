@@ -172,3 +172,14 @@ async def prometheus_scrapes(port: int, counter: str, within: float = 30.0) -> d
                 return health
             assert time.monotonic() < deadline, (health, counter, series)
             await asyncio.sleep(1)
+
+
+async def hello_instances(http: aiohttp.ClientSession, entry: str, name: str) -> set[str]:
+    """The second service through the entry proxy's route (/hello/): the
+    instances that answered four requests, each greeting ``name``."""
+    instances = set()
+    for _ in range(4):
+        async with http.get(f"{entry}/hello/{name}") as r:
+            assert r.status == 200 and (await r.json())["hello"] == name
+            instances.add(r.headers["X-Instance"])
+    return instances

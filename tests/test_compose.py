@@ -22,11 +22,12 @@ import asyncpg
 import pytest
 import yaml
 
+from lb.config import load as load_lb
 from stack import metrics, postgres, processes
 from stack.classic import COMPOSE_ADDRESSES
 from stack.control import pg_root_for
 from stack.readiness import wait_ready
-from stack.topology import BACKENDS, MASTER, REPLICA, Ports, Topology
+from stack.topology import BACKENDS, HELLO, MASTER, REPLICA, Ports, Topology
 from tests.stackctl import REPO, random_ports
 
 COMPOSE = REPO / "docker-compose-balance.yml"
@@ -122,10 +123,18 @@ def test_backends_reach_the_db_proxy_by_alias_on_its_ports(
 
 def test_python_proxies_servers_are_the_compose_addresses() -> None:
     services = compose_config("python")["services"]
-    lb = services["lb"]["command"]
     dbproxy = services["dbproxy"]["command"]
-    for i, backend in enumerate(BACKENDS, start=1):
-        assert f"--server={backend}={COMPOSE_ADDRESSES[f'backend_{i}']}" in lb
+    assert services["lb"]["command"][-1] == "--config=/etc/balance/lb.toml"
+    lb = load_lb(REPO / "infra/balance/lb.toml")
+    servers = {p.name: {s.name: f"{s.address}" for s in p.servers} for p in lb.pools}
+    assert servers == {
+        "users": {b: COMPOSE_ADDRESSES[f"backend_{i}"] for i, b in enumerate(BACKENDS, start=1)},
+        "hello": {h: COMPOSE_ADDRESSES[f"hello_{i}"] for i, h in enumerate(HELLO, start=1)},
+    }
+    assert (str(lb.listen), str(lb.admin)) == (
+        COMPOSE_ADDRESSES["entry"],
+        COMPOSE_ADDRESSES["lb_admin"],
+    )
     assert f"--server={MASTER}={COMPOSE_ADDRESSES['master']}" in dbproxy
     assert f"--server={REPLICA}={COMPOSE_ADDRESSES['replica']}" in dbproxy
 

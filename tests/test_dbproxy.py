@@ -724,7 +724,7 @@ def test_check_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[ro]\nmax_lag = "1s"\n[[server]]\naddress = "127.0.0.1:1"\n')
     result = run("--config", str(bad), "--check-config")
-    assert result.returncode == 2 and f"{bad}: [ro] max_lag: unknown key" in result.stderr
+    assert result.returncode == 2 and f"{bad}:1: [ro] max_lag: unknown key" in result.stderr
 
 
 async def wait_until(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]

@@ -82,7 +82,7 @@ async def keepalive_clients(port: int, clients: int, seconds: float, path: str =
 def metric(lb: Lb, name: str) -> float:
     with urllib.request.urlopen(lb.admin + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
@@ -172,8 +172,8 @@ def test_the_retry_budget_holds_hedges_back_when_every_server_is_slow(tmp_path: 
         assert load.failed == 0
         hedges = metric(lb, "lb_hedges_total")
         assert 0 < hedges < len(load.statuses)  # one hedge at a time, at most
-        assert metric(lb, "lb_retry_budget_exhausted_total") > 0
-        assert metric(lb, "lb_retry_budget_active") == 0
+        assert metric(lb, 'lb_retry_budget_exhausted_total{pool="http"}') > 0
+        assert metric(lb, 'lb_retry_budget_active{pool="http"}') == 0
 
 
 def test_sigterm_under_load_answers_every_request_sent(tmp_path: Path) -> None:

@@ -63,11 +63,12 @@ async def test_metrics_status_and_page(tmp_path: Path) -> None:
             async with http.get(lb.admin + "/metrics") as r:
                 text = await r.text()
             for needle in (
-                'lb_responses_total{class="2xx",server="a"} 2.0',
+                'lb_responses_total{class="2xx",pool="http",server="a"} 2.0',
+                'lb_route_responses_total{class="2xx",pool="http",route="default"} 4.0',
                 "lb_request_duration_seconds_bucket",
                 "lb_retries_total",
-                'lb_server_up{server="a",state="UP"} 1.0',
-                'lb_checks_total{result="ok",server="a"}',
+                'lb_server_up{pool="http",server="a",state="UP"} 1.0',
+                'lb_checks_total{pool="http",result="ok",server="a"}',
                 "lb_check_duration_seconds",
                 "lb_in_flight",
                 "lb_server_passive_failures_total",
@@ -162,7 +163,7 @@ def test_check_config(tmp_path: Path) -> None:
     bad.write_text('[[server]]\naddress = "127.0.0.1:1"\n[health]\nintervall = "1s"\n')
     result = run_lb("--config", str(bad), "--check-config")
     assert result.returncode == 2
-    assert f"{bad}: [health] intervall: unknown key" in result.stderr
+    assert f"{bad}:3: [health] intervall: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_lb("--config", str(good), "--listen", "127.0.0.1:1234", "--check-config")
     assert "listen 127.0.0.1:1234" in result.stdout  # flags override the file
@@ -197,7 +198,7 @@ async def test_quick_flags_and_access_log(tmp_path: Path) -> None:
         ):
             assert r.status == 200
         await asyncio.sleep(0.2)
-        assert '"GET /echo/logged" 200' in log.read_text()
+        assert '"GET /echo/logged HTTP/1.1" 200' in log.read_text()
     finally:
         stop(proc)
         upstream.kill()

@@ -17,8 +17,8 @@ from pathlib import Path
 import httptools
 import pytest
 
-from lb.heads import ResponseInfo
 from lb.plain import scan
+from lb.response_head import ResponseInfo
 from tests.lbctl import Lb, Upstream, write_config
 from tests.rawhttp import get, read_response
 from tests.stackctl import free_ports

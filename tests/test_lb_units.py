@@ -12,17 +12,15 @@ import pytest
 
 from lb.config import from_section, load
 from lb.framing import ChunkedBody, head_end
-from lb.heads import (
-    BadRequest,
+from lb.heads import BadRequest, rule_name
+from lb.request_head import (
     RequestInfo,
-    ResponseInfo,
     as_http11,
-    client_response_head,
     origin_form,
-    rule_name,
     upstream_request_head,
     valid_host,
 )
+from lb.response_head import ResponseInfo, client_response_head
 from lb.retry import RetryBudget, may_retry
 from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
 from proxycore.config import Address, ConfigError, Section, parse_duration, parse_size
@@ -190,7 +188,7 @@ def test_bad_values_name_the_key(tmp_path: Path) -> None:
     path.write_text(
         'listen = "127.0.0.1:1"\n[timeouts]\nconect = "1s"\n[[server]]\naddress = "127.0.0.1:2"\n'
     )
-    with pytest.raises(ConfigError, match=rf"{path}: \[timeouts\] conect: unknown key"):
+    with pytest.raises(ConfigError, match=rf"{path}:2: \[timeouts\] conect: unknown key"):
         load(path)
     path.write_text('[[server]]\naddress = "nowhere"\n')
     with pytest.raises(ConfigError, match=r"\[server\[0\]\] address: expected 'HOST:PORT'"):
@@ -281,7 +279,9 @@ def test_forwarded_head_drops_hop_by_hop_and_adds_forwarding() -> None:
 
 
 def test_rule_name_finds_every_watched_name_in_any_case_and_no_other() -> None:
-    from lb.heads import _REBUILT_REQUEST, _WATCHED_NAMES, REBUILT_RESPONSE
+    from lb.heads import _WATCHED_NAMES
+    from lb.request_head import _REBUILT_REQUEST
+    from lb.response_head import REBUILT_RESPONSE
 
     watched = _REBUILT_REQUEST | REBUILT_RESPONSE | {b"host"}
     assert {n.lower() for n in _WATCHED_NAMES} == watched
@@ -339,7 +339,7 @@ def test_request_head_gathered_header_by_header() -> None:
 
 
 def test_escape_request_line_only_touches_the_first_line() -> None:
-    from lb.heads import escape_request_line
+    from lb.request_head import escape_request_line
 
     raw = "GET /s?n=Ив HTTP/1.1\r\nX-Name: Иван\r\n\r\n".encode()
     escaped = escape_request_line(raw)
@@ -350,7 +350,7 @@ def test_escape_request_line_only_touches_the_first_line() -> None:
 def test_request_ids_are_32_hex_digits_and_unique_across_the_counters_carry() -> None:
     import re
 
-    from lb.heads import _RequestIds
+    from lb.request_head import _RequestIds
 
     ids = _RequestIds()
     made = [ids.next() for _ in range(1000)]  # at least three carries into the formatted digits

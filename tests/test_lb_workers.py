@@ -51,16 +51,17 @@ def test_one_metrics_for_the_whole_server(
     sent = len(load.statuses)
     assert load.failed == 0 and sent > 100
     text = scrape(lb)
-    assert value(text, "lb_request_duration_seconds_count") == sent
+    assert value(text, 'lb_request_duration_seconds_count{pool="http"}') == sent
     answered = sum(
-        value(text, f'lb_responses_total{{class="2xx",server="{name}"}}') for name in ("a", "b")
+        value(text, f'lb_responses_total{{class="2xx",pool="http",server="{name}"}}')
+        for name in ("a", "b")
     )
     assert answered == sent
     # both workers served (each answers for its own counters)
     served = [s["total"] for s in lb.status()["pools"]["http"]]
     assert sum(served) == sent
     # the state is the supervisor's, once: not summed over the workers
-    assert value(text, 'lb_server_up{server="a",state="UP"}') == 1
+    assert value(text, 'lb_server_up{pool="http",server="a",state="UP"}') == 1
 
 
 def test_a_killed_worker_is_replaced_and_the_others_keep_serving(

@@ -12,7 +12,14 @@ from stack.classic import COMPOSE_ADDRESSES, compose_addresses_in, render
 from stack.errors import StackError
 from stack.postgres import connect
 from stack.topology import BALANCE_CONFIG, Topology
-from tests.stackctl import StackHandle, profile_stack, prometheus_scrapes, random_ports, scrape
+from tests.stackctl import (
+    StackHandle,
+    hello_instances,
+    profile_stack,
+    prometheus_scrapes,
+    random_ports,
+    scrape,
+)
 from tests.test_compose import dashboard_metrics
 
 NGINX_CONF, HAPROXY_CFG = BALANCE_CONFIG / "nginx.conf", BALANCE_CONFIG / "haproxy.cfg"
@@ -29,7 +36,11 @@ def test_each_file_uses_only_stack_addresses_and_all_of_its_own() -> None:
     nginx = set(compose_addresses_in(NGINX_CONF.read_text()))
     haproxy = set(compose_addresses_in(HAPROXY_CFG.read_text()))
     assert nginx | haproxy <= known
-    assert nginx == {COMPOSE_ADDRESSES[k] for k in ("entry", "lb_admin", "backend_1", "backend_2")}
+    entry = {"entry", "lb_admin", "backend_1", "backend_2", "hello_1", "hello_2"}
+    assert nginx == {COMPOSE_ADDRESSES[k] for k in entry}
+    # like for like: lb.toml reaches the same servers (and is rendered the same way)
+    lb = set(compose_addresses_in((NGINX_CONF.parent / "lb.toml").read_text()))
+    assert lb == nginx
     assert haproxy == {
         COMPOSE_ADDRESSES[k]
         for k in ("db_rw", "db_ro", "db_any", "dbproxy_admin", "master", "replica")
@@ -85,6 +96,8 @@ async def test_entry_serves_through_nginx_reads_and_writes(classic_stack: StackH
             assert r.status == 200, await r.text()
         async with http.get(f"http://127.0.0.1:{classic_stack.ports.lb_admin}/status") as r:
             assert "Active connections" in await r.text()
+        # the second service, by its route
+        assert await hello_instances(http, entry, "classic") == {"hello-1", "hello-2"}
     status = classic_stack.cli("status").stdout
     assert "nginx" in status and "haproxy" in status and "lb" not in status.split()
 

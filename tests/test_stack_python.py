@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 
 from stack.postgres import connect
-from tests.stackctl import StackHandle, profile_stack, prometheus_scrapes, scrape
+from tests.stackctl import StackHandle, hello_instances, profile_stack, prometheus_scrapes, scrape
 from tests.test_compose import dashboard_metrics
 from tests.test_lb_failover import Load
 
@@ -22,8 +22,11 @@ async def test_entry_serves_through_lb(python_stack: StackHandle) -> None:
         ) as r:
             assert r.status == 200 and isinstance(await r.json(), list)
         async with http.get(f"http://127.0.0.1:{python_stack.ports.lb_admin}/status") as r:
-            names = [s["name"] for s in (await r.json())["pools"]["http"]]
-        assert names == ["users-backend-1", "users-backend-2"]
+            pools = (await r.json())["pools"]
+        assert [s["name"] for s in pools["users"]] == ["users-backend-1", "users-backend-2"]
+        assert [s["name"] for s in pools["hello"]] == ["hello-1", "hello-2"]
+        # the second service, by its route (infra/balance/lb.toml)
+        assert await hello_instances(http, entry, "python") == {"hello-1", "hello-2"}
     assert "lb" in python_stack.cli("status").stdout
 
 

@@ -1,0 +1,331 @@
+"""Reading requests off a client connection: the first layer of ClientConnection
+(lb/client.py), over Downstream (its writing half).
+
+Requests are parsed with httptools (llhttp), fed a part at a time so that lb
+knows where each request starts and ends before llhttp does (see ``_read``):
+a pipelined request's version read as 1.1, a chunk's size refused before its
+bytes arrive, a request begun only once its whole head has been read. Every
+wait on the client has a limit: the head (slowloris), the body, keep-alive idle.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import httptools
+
+from proxycore.deadline import Deadline
+
+from .downstream import Downstream
+from .exchange import Exchange
+from .framing import ChunkedBody, head_end
+from .heads import BadRequest
+from .request_head import RequestInfo, as_http11, escape_request_line, new_request_id
+from .response_head import error_response
+from .state import LbState
+
+log = logging.getLogger("lb")
+
+
+class RequestReader(Downstream):
+    def __init__(self, lb: LbState) -> None:
+        super().__init__(lb.loop, lb.config.timeouts.lingering)
+        self.lb = lb
+        self._new_parser()
+        # One timer per kind of wait: each only ever moves later, so re-arming it
+        # costs a float store (see proxycore/deadline.py).
+        self._head_timer = Deadline(lb.loop, self._head_timeout)
+        self._body_timer = Deadline(lb.loop, self._body_timeout)
+        self._idle_timer = Deadline(lb.loop, self._idle_timeout)
+        # the requests read and not yet answered, in order; the one tunnelling
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.tunnel: Exchange | None = None
+        self._current: Exchange | None = None  # the request whose body is being read
+        self._in_head = False
+        self._reading_body = False
+        self._url = b""
+        self._request = RequestInfo(
+            watch=lb.watch
+        )  # the head being read, gathered header by header
+        self._head_size = 0
+        self._headers = 0  # header lines of the head being read
+        self._rejected: bytes | None = None  # an error answer waiting for the response before it
+        self._at_start = True  # the next byte the parser sees begins a request
+        self._line = b""  # the first bytes of a request line not yet whole
+        # Where the request being read ends (see _read): the bytes of its
+        # Content-Length body still to come, or its chunked framing; the last
+        # bytes of a head not yet ended (its blank line may straddle reads).
+        self._body_left = 0
+        self._chunks: ChunkedBody | None = None
+        self._head_tail = b""
+        self._starting: Exchange | None = None  # its head is read; it begins once checked
+        self._last = False  # a request that ends the connection has been read
+
+    def _reject(self, exc: BadRequest) -> None:
+        """Refuse the request being read with ``exc`` (ClientConnection's)."""
+        raise NotImplementedError
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_from_client(data)
+            return
+        if self._rejected is not None or self.closed or (self._last and self._at_start):
+            return  # (after a request that ends the connection, nothing more is read)
+        if self._reading_body:
+            self._body_timer.after(self.lb.config.timeouts.client_body)
+        if self._line:
+            data = self._line + data
+            self._line = b""
+        try:
+            self._read(data)
+        except BadRequest as refused:
+            self._reject(refused)
+        except httptools.HttpParserError as malformed:
+            # httptools wraps what a callback raised: our own refusals come out as the cause
+            cause = malformed.__cause__ or malformed.__context__
+            if isinstance(cause, BadRequest):
+                self._reject(cause)
+            else:
+                self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
+        if self._in_head and not self.closed and not self.queue and not self._head_timer.armed:
+            # From its first byte the whole head must come within client_header.
+            self._head_timer.after(self.lb.config.timeouts.client_header)
+
+    def _read(self, data: bytes) -> None:
+        """Feed llhttp ``data`` a part at a time: a head up to its blank line,
+        then its body up to where its framing ends it, then the next head.
+        Each turn of the loop consumes bytes or ends the loop: nothing is fed
+        again but one request line made HTTP/1.1 (``_feed_head``), and nothing
+        here recurses. Knowing where each request starts is what lets a
+        pipelined request's version be read as 1.1, a chunk's size be refused
+        before its bytes arrive, and a request begin only once llhttp has read
+        its whole head (it objects to some heads only at their end)."""
+        n = len(data)
+        pos = 0
+        while pos < n:
+            if self.tunnel is not None:
+                self.tunnel.tunnel_from_client(data[pos:])
+                return
+            if self._rejected is not None or self.closed or (self._last and self._at_start):
+                return
+            chunks = self._chunks
+            if chunks is not None:
+                stop = chunks.scan(data, pos)
+                ends = chunks.done
+            elif self._body_left > 0:
+                stop = pos + min(self._body_left, n - pos)
+                self._body_left -= stop - pos
+                ends = self._body_left == 0
+            else:
+                pos = self._read_head(data, pos, n)
+                continue
+            # The request whose head came last begins once its body's framing
+            # has been found sound as far as this read goes.
+            self._begin_next()
+            self._feed(data if pos == 0 and stop == n else data[pos:stop])
+            if ends:
+                self._chunks = None
+                if not self._at_start and not self.closed:
+                    # llhttp did not end the message where its framing did
+                    raise BadRequest(400, "bad_request", "the request body's framing is ambiguous")
+            pos = stop
+        self._begin_next()
+
+    def _read_head(self, data: bytes, pos: int, n: int) -> int:
+        """Feed the head part of ``data`` from ``pos``: up to the end of the head
+        when it is in this read, else all of it (a request line not whole yet is
+        held instead). Returns where the part ended."""
+        start = self._at_start  # a request line begins at pos (or blank lines before one)
+        tail, self._head_tail = self._head_tail, b""
+        end = self._head_end(data, pos, tail)
+        if end < 0:
+            if start and data.find(b"\n", pos) < 0:
+                self._hold_line(data[pos:] if pos else data)
+                return n
+            stop = n
+        else:
+            stop = end
+        part = data if pos == 0 and stop == n else data[pos:stop]
+        if start and not part.isascii():
+            part = escape_request_line(part)
+        try:
+            part = self._feed_head(part, start)
+        except httptools.HttpParserUpgrade as upgrade:
+            ex = self.queue[-1] if self.queue else None
+            if ex is None or ex.info.upgrade is None:
+                raise BadRequest(400, "bad_request", "an upgrade lb was not asked for") from None
+            # From here on the client's bytes belong to the tunnel; they wait in
+            # the exchange until the upstream agrees to switch (101), or are read
+            # as the next requests if it refuses.
+            self._begin_next()
+            self.tunnel = ex
+            self._stop_timers(for_good=False)
+            tail = part[upgrade.args[0] :] + data[stop:]
+            if tail:
+                ex.tunnel_from_client(tail)
+            return n
+        if end < 0:
+            self._head_tail = (tail + part)[-3:]
+            if self._in_head and self._no_version(part):
+                raise BadRequest(400, "bad_request", "HTTP/0.9 (a request line without a version)")
+        elif self._chunks is None and self._body_left == 0:
+            self._begin_next()  # no body to look at first
+        return stop
+
+    @staticmethod
+    def _head_end(data: bytes, pos: int, tail: bytes) -> int:
+        """The index just past the blank line that ends the head being read, or
+        -1 when it is not in this read (framing.head_end); the blank line may
+        have begun in the reads before, whose last bytes are ``tail``."""
+        if tail and pos == 0:
+            at = head_end(tail + data[:3], 0)
+            if at >= 0:
+                return at - len(tail)
+        return head_end(data, pos)
+
+    def _feed_head(self, part: bytes, start: bool) -> bytes:
+        """Feed a head part; what llhttp read is returned: ``part``, or ``part``
+        with its request line's version made HTTP/1.1 (llhttp knows 1.0 and 1.1
+        only; RFC 9112 2.3: a higher 1.x is 1.1), fed once more to a fresh
+        parser. A second failure is the client's; nothing is fed a third time."""
+        try:
+            self._feed(part)
+            return part
+        except httptools.HttpParserError as malformed:
+            if not start or "HTTP version" not in str(malformed) or malformed.__context__:
+                raise
+            again = as_http11(part.lstrip(b"\r\n"))  # BadRequest for another major
+            if again is None:
+                raise
+        self._restart_head()
+        self._feed(again)
+        return again
+
+    def _hold_line(self, line: bytes) -> None:
+        """A request line not whole at the end of a read: held until it is (its
+        raw UTF-8 is escaped and its version read as a whole line)."""
+        if len(line) > self.lb.config.limits.max_header_bytes:
+            raise BadRequest(414, "uri_too_long", "the request line is too long")
+        self._line = line
+        if not self._in_head:
+            self._in_head = True  # a head has begun: client_header runs from now
+            if not self.queue:
+                self._idle_timer.cancel()
+                self._head_timer.after(self.lb.config.timeouts.client_header)
+
+    def _begin_next(self) -> None:
+        """Begin the request whose head was read last, when it is first in line."""
+        ex = self._starting
+        if ex is not None:
+            self._starting = None
+            if not ex.finished:
+                ex.begin(ex.started)
+
+    def _no_version(self, data: bytes) -> bool:
+        """Whether the head being read is an HTTP/0.9 request line (no version):
+        llhttp takes one and waits for headers that never come. Only its request
+        line has been read (no header yet) and the read ends with that line, which
+        ends with the target where a version should be."""
+        url = self._url
+        return (
+            bool(url)
+            and self._head_size == len(url)
+            and data.endswith(b"\n")
+            and data.rstrip(b"\r\n").endswith(b" " + url)
+        )
+
+    def _new_parser(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        # Bound once per parser, not looked up per call (compiled: a direct call).
+        self._feed = self.parser.feed_data
+
+    def _restart_head(self) -> None:
+        """Read the next bytes as the start of a request, with a fresh parser."""
+        self._new_parser()
+        self._at_start = True
+        self._in_head = False
+        self._url = b""
+        self._request = RequestInfo(watch=self.lb.watch)
+        self._head_tail = b""
+        self._body_left = 0
+        self._chunks = None
+
+    # -- httptools callbacks ---------------------------------------------------------
+    # No on_message_begin: every request has a target, so the first on_url marks
+    # the start of a head, and httptools skips a callback it is not given.
+    def on_url(self, url: bytes) -> None:
+        if self._at_start:
+            if self._body_left or self._chunks is not None:
+                # llhttp ended a body before its framing did (see _read)
+                raise BadRequest(400, "bad_request", "the request body's framing is ambiguous")
+            # A head has begun. The keep-alive idle timer is left armed: when it
+            # fires it finds a head or a request in progress and does nothing.
+            self._at_start = False
+            self._in_head = True
+            self._head_size = 0
+            self._headers = 0
+        # a target split over reads comes in pieces; compiled, `+=` on bytes is a
+        # generic call where this is a direct one
+        self._url = url if not self._url else self._url + url
+        self._head_size += len(url)
+        if self._head_size > self.lb.config.limits.max_header_bytes:
+            raise BadRequest(414, "uri_too_long", "the request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._chunks is not None:
+            return  # a trailer field: dropped, as nginx does (ChunkedBody bounds their size)
+        limits = self.lb.config.limits
+        self._head_size += len(name) + len(value) + 4
+        self._headers += 1
+        if self._head_size > limits.max_header_bytes:
+            raise BadRequest(
+                431, "header_too_large", f"request head over {limits.max_header_bytes} bytes"
+            )
+        if self._headers > limits.max_headers:
+            raise BadRequest(
+                431, "header_too_large", f"more than {limits.max_headers} header lines"
+            )
+        self._request.add(name, value)
+
+    # -- the limits on waiting for the client ------------------------------------------
+    def _stop_timers(self, for_good: bool) -> None:
+        for timer in (self._head_timer, self._body_timer, self._idle_timer):
+            if for_good:
+                timer.stop()
+            else:
+                timer.cancel()
+        if for_good and self._linger is not None:
+            self._linger.stop()
+
+    def _head_timeout(self) -> None:
+        if self._in_head and not self.closed:
+            self._timed_out("request head")
+
+    def _body_timeout(self) -> None:
+        if self._reading_body and not self.closed:
+            self._timed_out("request body")
+
+    def _idle_timeout(self) -> None:
+        if not self.queue and not self._in_head and self.tunnel is None:
+            self.close(linger=False)  # keep-alive idle: nothing unread, nothing to answer
+
+    def _timed_out(self, what: str) -> None:
+        log.info("closing %s: %s not received in time", self.client_ip.decode(), what)
+        if self.queue and self.queue[0].answered_client:
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        if self.queue:
+            self.queue[0].fail(408, "request_timeout", f"the {what} did not arrive in time")
+        else:
+            self.write(
+                error_response(
+                    408,
+                    "request_timeout",
+                    f"the {what} did not arrive in time",
+                    new_request_id(),
+                    close=True,
+                )
+            )
+        self.close()
