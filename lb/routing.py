@@ -83,6 +83,35 @@ def _plain_end(target: bytes) -> i64:
     return len(target)
 
 
+_META: Final = frozenset(b".^$*+?{}[]\\|()")
+_QUANTIFIERS: Final = frozenset(b"*+?{")
+
+
+def required_prefix(pattern: bytes) -> bytes:
+    """What every match of ``pattern`` starts with (b"" when it cannot tell):
+    the plain characters right after a leading "^", up to one a quantifier
+    follows; nothing when an alternation may be at the top (``^/a|b``) or an
+    inline flag may change what matches (``(?i)``). b"/bench/" for
+    ``^/bench/[0-9]+$``: a path that does not start so is not searched."""
+    if not pattern.startswith(b"^") or b"|" in pattern or b"(?" in pattern:
+        return b""
+    prefix = bytearray()
+    i, size = 1, len(pattern)
+    while i < size:
+        c = pattern[i]
+        if c == 0x5C and i + 1 < size and not chr(pattern[i + 1]).isalnum():
+            c = pattern[i + 1]  # an escaped punctuation is that character
+            i += 2
+        elif c in _META or c == 0x5C:
+            break
+        else:
+            i += 1
+        if i < size and pattern[i] in _QUANTIFIERS:
+            break  # (this character may be absent or repeated)
+        prefix.append(c)
+    return bytes(prefix)
+
+
 class _Candidate:
     __slots__ = ("headers", "index", "kind", "methods", "path", "regex")
 
@@ -130,7 +159,9 @@ class _Plan:
         self.prefixes = [c.path for c in by_length]
         self.prefix_index = [c.index for c in by_length]
         self.prefix_first = [c.kind == "prefix_first" for c in by_length]
-        self.regexes = [(c.regex, c.index) for c in candidates if c.regex is not None]
+        self.regexes = [
+            (c.regex, required_prefix(c.path), c.index) for c in candidates if c.regex is not None
+        ]
 
     def choose(self, path: bytes, method: bytes, headers: Mapping[bytes, bytes]) -> int:
         if self.narrowed:
@@ -146,7 +177,9 @@ class _Plan:
                 break
         if longest >= 0 and self.prefix_first[longest]:
             return self.prefix_index[longest]
-        for regex, at in self.regexes:
+        for regex, prefix, at in self.regexes:
+            if not path.startswith(prefix):
+                continue  # a startswith is a tenth of a search
             if regex.search(path) is not None:
                 return at
         return NO_ROUTE if longest < 0 else self.prefix_index[longest]

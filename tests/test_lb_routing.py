@@ -5,15 +5,18 @@ route from being walked around, and the limit's leaky bucket."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lb.config import load
 from lb.ratelimit import PASS, REFUSE, Limiter
 from lb.routes import expand_location, forwarded_client
-from lb.routing import BAD_PATH, NO_ROUTE, Router, normalize_path
+from lb.routing import BAD_PATH, NO_ROUTE, Router, normalize_path, required_prefix
 from lb.settings import LimitConfig, RouteConfig
 from proxycore.config import ConfigError
 
@@ -389,3 +392,42 @@ def test_redirect_location() -> None:
         b"https://old.example.com/a?b=1"
     )
     assert expand_location("https://x/", b"h", b"/a") == b"https://x/"
+
+
+# -- a regex's required prefix: a startswith before the search --------------------
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        (r"^/bench/[0-9]+$", b"/bench/"),
+        (r"^/download/.*\.zip$", b"/download/"),
+        (r"^/a\.b\-c", b"/a.b-c"),  # escaped punctuation is that character
+        (r"^/ab?c", b"/a"),  # the character before a quantifier is not required
+        (r"^/a{2}b", b"/"),
+        (r"^/x\d+y", b"/x"),
+        (r"^/[ab]c", b"/"),
+        (r"\.(png|jpg|gif)$", b""),  # not anchored
+        (r"^/a|/b", b""),  # an alternation may be at the top
+        (r"(?i)^/ADMIN", b""),  # a flag: matches need not have the letters as written
+        (r"^/(?:a)b", b""),  # any "(?": not read
+    ],
+)
+def test_the_prefix_every_match_has(pattern: str, prefix: bytes) -> None:
+    assert required_prefix(pattern.encode()) == prefix
+
+
+PATTERNS = [
+    rb"^/bench/[0-9]+$",
+    rb"^/a.*\.zip$",
+    rb"^/ab?c",
+    rb"^/x{2,3}y?z",
+    rb"^/[]a-]+b\.",
+    rb"^(ab)*c\d",
+    rb"^/a\\b",
+]
+
+
+@given(st.lists(st.sampled_from(list(b"/ab.xyzcjsonpgizd0123\\]-")), max_size=20).map(bytes))
+def test_a_path_without_the_prefix_has_no_match(path: bytes) -> None:
+    for pattern in PATTERNS:
+        if re.search(pattern, path):
+            assert path.startswith(required_prefix(pattern)), (pattern, path)
