@@ -36,7 +36,7 @@ from .collector import LbCollector
 from .metrics import FIELDS as METRIC_FIELDS
 from .metrics import STATUS_CLASSES
 from .pools import Pool
-from .ratelimit import shared_path
+from .ratelimit import remove_stale, shared_path
 from .routes import Route, build_routes
 from .settings import LbConfig, PoolConfig, RouteConfig
 from .state import LbState
@@ -124,6 +124,9 @@ class Balancer:
         sock.bind((listen.host, listen.port))
         self._sock = sock
         if placement.role == SUPERVISOR:
+            stale = remove_stale()  # the limits' files of supervisors killed before
+            if stale:
+                log.info("removed %d rate-limit file(s) of lb supervisors that are gone", stale)
             sock.listen(4096)
             self._supervisor = SupervisorSide(self.groups, {"http": sock}, placement.workers)
         else:

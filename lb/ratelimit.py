@@ -111,8 +111,32 @@ class Limiter:
             self._fd = -1
 
 
+def _shared_dir() -> Path:
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
 def shared_path(supervisor_pid: int, route: str) -> Path:
-    """Where a supervisor's workers share a route's buckets."""
+    """Where a supervisor's workers share a route's buckets (removed when it
+    stops; after a crash or SIGKILL, by the next supervisor's start)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in route)
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-    return base / f"balance-lb-{supervisor_pid}-{safe}.limit"
+    return _shared_dir() / f"balance-lb-{supervisor_pid}-{safe}.limit"
+
+
+def remove_stale() -> int:
+    """Remove the bucket files of supervisors that are gone (killed without their
+    shutdown); returns how many. A live process of that PID keeps its files."""
+    removed = 0
+    for path in _shared_dir().glob("balance-lb-*-*.limit"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed

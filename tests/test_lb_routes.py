@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from lb.ratelimit import shared_path
 from tests.lbctl import Lb, Upstream
 from tests.rawhttp import Response, send
 from tests.stackctl import REPO, free_ports
@@ -178,6 +179,19 @@ def running(tmp: Path, text: str, upstreams: dict[str, Upstream]) -> Iterator[Lb
         lb.stop()
         for u in upstreams.values():
             u.kill()
+
+
+@contextlib.contextmanager
+def removed_after(lb: Lb) -> Iterator[None]:
+    """The limits' files of ``lb``'s supervisor, removed once it is stopped (a
+    SIGKILL skips its own clean-up)."""
+    try:
+        yield
+    finally:
+        lb.stop()
+        assert lb.proc is not None
+        for route in ("limited", "free"):
+            shared_path(lb.proc.pid, route).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +423,7 @@ def test_a_rate_limit_holds_across_two_workers(tmp_path: Path) -> None:
         + '[route.limit]\nrate = "50r/s"\nburst = 10\nnodelay = true\n'
         + '[[route]]\nname = "free"\npool = "http"\n'
     )
-    with running(tmp_path, text, ups) as lb:
+    with running(tmp_path, text, ups) as lb, removed_after(lb):
         seconds = 4.0
         load = asyncio.run(keepalive_clients(lb.port, 8, seconds, "/echo/limited"))
         passed = load.statuses.count(200)

@@ -5,7 +5,9 @@ route from being walked around, and the limit's leaky bucket."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lb.config import load
-from lb.ratelimit import PASS, REFUSE, Limiter
+from lb.ratelimit import PASS, REFUSE, Limiter, remove_stale, shared_path
 from lb.routes import expand_location, forwarded_client
 from lb.routing import BAD_PATH, NO_ROUTE, Router, normalize_path, required_prefix
 from lb.settings import LimitConfig, RouteConfig
@@ -376,6 +378,20 @@ def test_workers_share_one_bucket(tmp_path: Path) -> None:
     assert [one.admit(b"k", 0), two.admit(b"k", 0), one.admit(b"k", 0)] == [PASS, PASS, REFUSE]
     one.close()
     two.close()
+
+
+def test_the_files_of_supervisors_that_are_gone_are_removed() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale, live = shared_path(gone.pid, "t"), shared_path(os.getpid(), "t")
+    try:
+        for path in (stale, live):
+            path.write_bytes(b"")
+        assert remove_stale() >= 1
+        assert not stale.exists() and live.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
 
 
 def test_forwarded_client_only_past_trusted_proxies() -> None:
