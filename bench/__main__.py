@@ -2,7 +2,7 @@
 python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
 python -m bench pg --fuzz N [--seed S] [--out FILE]   (first packets: dbproxy against Postgres)
 python -m bench edge [--fuzz N [--seed S]] [--out FILE]   (hostile HTTP inputs: lb, nginx, HAProxy)
-python -m bench gray [--out FILE]   (an upstream frozen under load: lb, nginx, HAProxy)
+python -m bench gray [--scenario S] [--proxy P] [--out FILE]   (gray failures, a crowd)
 python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)
 python -m bench ryw [--pairs N] [--out FILE]  (a user read back at once, both profiles)"""
 
@@ -20,6 +20,8 @@ from .edge import table as edge_table
 from .features import features_table, run_features
 from .fuzz import run_fuzz
 from .fuzz import table as fuzz_table
+from .gray import PROXIES as GRAY_PROXIES
+from .gray import SCENARIOS as GRAY_SCENARIOS
 from .gray import run_gray
 from .gray import table as gray_table
 from .http import PROXIES, run_http_suite, suite_table
@@ -96,8 +98,15 @@ def main() -> int:
     _fuzz_arguments(edge, "mutations of request framing instead of the 48 inputs (bench/fuzz.py)")
     edge.add_argument("--out", type=Path, help="JSON file (default bench/runs/edge-<time>.json)")
     gray = sub.add_parser(
-        "gray", help="one of two upstreams frozen (SIGSTOP) for 6 s under keep-alive load"
+        "gray", help="gray failures (frozen, slow, failing fast upstreams) and a crowd of 4,096"
     )
+    gray.add_argument(
+        "--scenario",
+        action="append",
+        choices=[s.name for s in GRAY_SCENARIOS],
+        help="only this scenario (repeatable; default: all)",
+    )
+    gray.add_argument("--proxy", action="append", choices=GRAY_PROXIES, help="only this proxy")
     gray.add_argument("--out", type=Path, help="JSON file (default bench/runs/gray-<time>.json)")
     surge = sub.add_parser(
         "surge", help="4,096 keep-alive connections at once to two nginx upstreams, 5 runs"
@@ -142,7 +151,11 @@ def main() -> int:
             result = run_surge(say=say)
             shown = surge_table(result)
         elif args.command == "gray":
-            result = run_gray(say=say)
+            result = run_gray(
+                scenarios=tuple(args.scenario or ()),
+                proxies=tuple(args.proxy or GRAY_PROXIES),
+                say=say,
+            )
             shown = gray_table(result)
         elif args.command == "ryw":
             profiles = (args.profile,) if args.profile else PROFILES

@@ -82,7 +82,16 @@ class Measure:
     errors: int
 
 
-def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int, workers: int = 1) -> list[str]:
+def proxy_argv(
+    name: str,
+    work: Path,
+    port: int,
+    up1: int,
+    up2: int,
+    workers: int = 1,
+    admin: int | None = None,
+) -> list[str]:
+    """How each proxy is started; ``admin``: lb's admin port (default: any free one)."""
     if name == "nginx":
         conf = work / "nginx.conf"
         conf.write_text(
@@ -105,7 +114,7 @@ def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int, workers: in
             "--server",
             f"up2=127.0.0.1:{up2}",
             "--admin",
-            f"127.0.0.1:{free_port()}",
+            f"127.0.0.1:{admin or free_port()}",
             "--health-path",
             "/health",
             "--workers",

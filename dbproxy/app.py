@@ -27,12 +27,13 @@ from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import TRAFFIC_FIELDS, CheckRecord, Server, ServerSet
+from proxycore.silence import StallWatch
 from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
 
 from . import routing
 from .checks import pg_probe
 from .config import LISTENERS, DbProxyConfig
-from .liveness import Silence, postmaster_answers
+from .liveness import postmaster_answers
 from .metrics import DbProxyCollector, WaitHistogram
 from .pgwire import CancelRequest, cancel_request
 from .session import ClientSession
@@ -97,6 +98,7 @@ _COUNTERS = (
     "queued",
     "queue_timeouts",
     "queue_refused",
+    "queue_abandoned",
     "queue_wait",
 )
 _LISTENER_COUNTERS = ("active", "total", "queued")
@@ -143,11 +145,18 @@ class DbProxy:
         self.queued = 0  # sessions waiting in the listeners' queues
         self.queue_timeouts = 0
         self.queue_refused = 0
+        self.queue_abandoned = 0  # sessions whose client left while they waited
         self.queue_wait = WaitHistogram()
         self._wake_due = False
-        self._silence = Silence(config.timeouts.stall)
-        self._asking: set[Server] = set()  # servers being asked whether they live
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._stalls = StallWatch(
+            loop,
+            lambda: self.servers,
+            config.timeouts.stall,
+            postmaster_answers,
+            "sessions",
+            config.check.timing.timeout,
+            "an SSLRequest",
+        )
         self._watch(self.servers)
 
     @property
@@ -174,7 +183,8 @@ class DbProxy:
                     sock=placement.inherited.listeners[name],
                     backlog=1024,
                 )
-            self._sweep()
+            self._stalls.tell_supervisor = self._tell_supervisor
+            self._stalls.start()
             self._worker.ready()
             log.info("worker serving %s", ", ".join(self.listeners))
             return
@@ -196,7 +206,7 @@ class DbProxy:
                 self.servers, sockets, placement.workers, self._from_worker
             )
         else:
-            self._sweep()
+            self._stalls.start()
         if self._supervisor is not None:
             # the workers serve before the admin API answers (one says the server is up)
             await self._supervisor.start()
@@ -216,6 +226,7 @@ class DbProxy:
                             self.queue_lengths(),
                             self.queue_timeouts,
                             self.queue_refused,
+                            self.queue_abandoned,
                             self.queue_wait,
                         ),
                     ),
@@ -273,7 +284,7 @@ class DbProxy:
         op = message.get("op")
         server = self.servers.get(message.get("server", ""))
         if op == "suspect" and server is not None:
-            self._ask(server, message["why"])
+            self._stalls.ask(server, message["why"])
         elif op == "cancel":
             return self._cancel_anywhere(message["pid"], message["key"])
         return None
@@ -325,7 +336,8 @@ class DbProxy:
                 session.abort()
         if new.method != old.method:
             self.policy = make_policy(new.method)
-        self._silence.after = new.timeouts.stall
+        self._stalls.after = new.timeouts.stall
+        self._stalls.check_timeout = new.check.timing.timeout
         self.config = new
         if self._worker is not None:
             return  # a worker follows its supervisor's checks; it logs nothing of its own
@@ -355,8 +367,7 @@ class DbProxy:
         for session in list(self.sessions):
             session.close()
         await self._checker.stop()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._stalls.stop()
         self.first_packet_limits.close()
         self.connect_limits.close()
         self.startup_limits.close()
@@ -558,36 +569,14 @@ class DbProxy:
                 server.limit = max(1, room - AUTO_SESSION_MARGIN)
         self._return_to_replica()
         if record.timed_out and server.healthy:
-            self._ask(server, f"a check got no answer ({record.detail})")
+            self._stalls.ask(server, f"a check got no answer ({record.detail})")
 
-    # -- gray failures (dbproxy/liveness.py) -------------------------------------------
-    def _sweep(self) -> None:
-        stall = self.config.timeouts.stall
-        if stall > 0:
-            for server in self._silence.suspects(self.servers, self.loop.time()):
-                self._ask(server, f"sessions waited {stall:g}s with no byte from it")
-        self._sweeper = self.loop.call_later(0.1, self._sweep)
-
-    def _ask(self, server: Server, why: str) -> None:
-        if self._worker is not None and self._worker.channel is not None:
-            # the supervisor asks the server, and marks it down for every worker alike
+    # -- gray failures (proxycore/silence.py) -----------------------------------------
+    def _tell_supervisor(self, server: Server, why: str) -> None:
+        """A worker's suspicion: the supervisor asks, and marks down for every worker."""
+        assert self._worker is not None
+        if self._worker.channel is not None:
             self._worker.channel.send({"op": "suspect", "server": server.name, "why": why})
-            return
-        if server not in self._asking:
-            self._asking.add(server)
-            self.loop.create_task(self._confirm(server, why))
-
-    async def _confirm(self, server: Server, why: str) -> None:
-        """A suspicion of a frozen server, settled by an SSLRequest it must answer."""
-        wait = self.config.timeouts.stall or self.config.check.timing.timeout
-        try:
-            alive = await postmaster_answers(server.spec.address, wait)
-        finally:
-            self._asking.discard(server)
-        if alive:
-            self._silence.cleared(server, self.loop.time())
-        else:
-            server.mark_down(f"{why}, and no answer to an SSLRequest within {wait:g}s")
 
     def _return_to_replica(self) -> None:
         """Close the ro sessions parked on the primary once a replica fits ro again."""
@@ -655,6 +644,7 @@ class DbProxy:
                 "waiting": self.queue_lengths(),
                 "timeouts": self.queue_timeouts,
                 "refused": self.queue_refused,
+                "abandoned": self.queue_abandoned,
             },
             "ssl_requests_forwarded": self.ssl_forwarded,
             "ssl_requests_answered_for_server": self.ssl_answered_for_server,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxycore.balancing import POLICIES
+from proxycore.balancing import SESSION_POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
@@ -110,7 +110,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         admin = d.admin
     else:
         admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
-    method = root.string("method", d.method, POLICIES)
+    method = root.string("method", d.method, SESSION_POLICIES)
     workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
     ssl = root.string("ssl", d.ssl, ("passthrough", "refuse"))
     ssl_refusal_memory = root.duration("ssl_refusal_memory", d.ssl_refusal_memory)

@@ -26,7 +26,7 @@ class DbProxyCollector(Collector):
         cancels: Callable[[], tuple[int, int]],
         ssl_requests: Callable[[], tuple[int, int]],
         redials: Callable[[], int],
-        queue: Callable[[], tuple[dict[str, int], int, int, Histogram]],
+        queue: Callable[[], tuple[dict[str, int], int, int, int, Histogram]],
     ) -> None:
         self._listeners = listeners
         self._servers = servers
@@ -149,7 +149,7 @@ class DbProxyCollector(Collector):
             "Sessions sent on to another server: the first said nothing to the first packet",
             value=self._redials(),
         )
-        waiting, timeouts, refused, wait = self._queue()
+        waiting, timeouts, refused, abandoned, wait = self._queue()
         length = GaugeMetricFamily(
             "dbproxy_queue_length",
             "Sessions waiting for a slot (every fitting server at max_sessions)",
@@ -168,4 +168,9 @@ class DbProxyCollector(Collector):
             "dbproxy_queue_refused",
             "Sessions refused with 53300: the queue was full",
             value=refused,
+        )
+        yield CounterMetricFamily(
+            "dbproxy_queue_abandoned",
+            "Sessions that left the queue because their client closed",
+            value=abandoned,
         )

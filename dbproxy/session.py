@@ -121,6 +121,13 @@ class ClientSession:
         self._first_packet()
 
     def eof_received(self) -> bool | None:
+        if self.queued and not self.closed:
+            # Its client left while it waited for a slot: nothing was sent to a
+            # server, so nothing is owed; it leaves the queue now.
+            self.proxy.queue_abandoned += 1
+            self.proxy.left_queue(self)
+            self.close()
+            return None
         if self._out is None and self._connecting and not self.closed:
             # The client ended its side while what it sent waits on the server
             # (an SSLRequest's answer, a connect): it is answered first, as the
@@ -242,6 +249,11 @@ class ClientSession:
         self.valve.pause(Reason.NO_PEER_YET)
         if self._dial is None and not self._dial_next():
             self._no_server()
+        elif self.queued:
+            # Waiting for a slot: read on, so that a client that leaves is seen
+            # leaving (and its place given up) at once; what it sends is held,
+            # to one read, as while connecting.
+            self.valve.resume(Reason.NO_PEER_YET)
 
     def _to_server(self, side: ServerSide, data: bytes, probe: bool) -> None:
         # The server must answer within timeouts.startup (see startup_late).

@@ -25,25 +25,24 @@ from aiohttp import web
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.channel import Message
 from proxycore.compiled import hot_path, protocol_factory
-from proxycore.counters import add, snapshot, zero
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
-from proxycore.servers import TRAFFIC_FIELDS, Server, ServerGroups
+from proxycore.servers import Server, ServerGroups
+from proxycore.silence import StallWatch
 from proxycore.workers import SupervisorSide, WorkersCollector, WorkerSide
 
 from .accesslog import AccessLog
+from .checks import http_answers
 from .client import ClientConnection
 from .collector import LbCollector
-from .metrics import FIELDS as METRIC_FIELDS
-from .metrics import STATUS_CLASSES
 from .pools import Pool
 from .ratelimit import remove_stale, shared_path
 from .routes import Route, build_routes
 from .settings import LbConfig, PoolConfig, RouteConfig
 from .state import LbState
+from .totals import add_up, worker_counters
 
 log = logging.getLogger("lb")
 
-_BUDGET = ("active", "exhausted")
 # The pool of the routes that answer themselves, and of a request no route takes.
 ANSWERS = "-"
 
@@ -73,6 +72,15 @@ class Balancer:
         self._admin: web.AppRunner | None = None
         self._idle = asyncio.Event()
         self.state.client_closed = self._client_closed
+        self._stalls = StallWatch(
+            loop,
+            lambda: self.groups,
+            config.timeouts.stall,
+            self._still_answers,
+            "requests",
+            config.check.timing.timeout,
+            "its check",
+        )
 
     @property
     def config(self) -> LbConfig:
@@ -110,6 +118,8 @@ class Balancer:
                 placement.inherited, self.groups, self.counters, placement.stop
             )
             await self._worker.start()
+            self._stalls.tell_supervisor = self._tell_supervisor
+            self._stalls.start()
             self._sock = placement.inherited.listeners["http"]
             self._server = await self.loop.create_server(
                 self._client_factory, sock=self._sock, backlog=4096
@@ -128,11 +138,14 @@ class Balancer:
             if stale:
                 log.info("removed %d rate-limit file(s) of lb supervisors that are gone", stale)
             sock.listen(4096)
-            self._supervisor = SupervisorSide(self.groups, {"http": sock}, placement.workers)
+            self._supervisor = SupervisorSide(
+                self.groups, {"http": sock}, placement.workers, self._from_worker
+            )
         else:
             self._server = await self.loop.create_server(
                 self._client_factory, sock=sock, backlog=4096
             )
+            self._stalls.start()
         for pool in self.pools.values():
             pool.start_checks()
         if self._supervisor is not None:
@@ -169,15 +182,28 @@ class Balancer:
         found = [s for s in self.groups if s.name == key]
         return found[0] if len(found) == 1 else None
 
+    # -- gray failures (proxycore/silence.py) -----------------------------------------
+    async def _still_answers(self, server: Server, timeout: float) -> bool:
+        """Whether ``server`` answers its pool's check within ``timeout``, at all."""
+        pool = self.pools.get(server.key.partition("/")[0])
+        return pool is not None and await http_answers(pool.config.check, server, timeout)
+
+    def _tell_supervisor(self, server: Server, why: str) -> None:
+        """A worker's suspicion: the supervisor asks, and marks down for every worker."""
+        assert self._worker is not None
+        if self._worker.channel is not None:
+            self._worker.channel.send({"op": "suspect", "server": server.key, "why": why})
+
+    def _from_worker(self, worker: object, message: Message) -> Any:
+        server = self.groups.get(message.get("server", ""))
+        if message.get("op") == "suspect" and server is not None:
+            self._stalls.ask(server, message["why"])
+        return None
+
     # -- one server, several processes (proxycore/workers.py) -----------------------
     def counters(self) -> Message:
-        """A worker's counters, for the supervisor to sum."""
-        return {
-            "metrics": snapshot(self.metrics, METRIC_FIELDS),
-            "budget": {name: snapshot(p.budget, _BUDGET) for name, p in self.pools.items()},
-            "servers": {s.key: snapshot(s, TRAFFIC_FIELDS) for s in self.groups},
-            "routes": {r.name: [r.limited, *r.by_class] for r in self.routes},
-        }
+        """A worker's counters, for the supervisor to sum (lb/totals.py)."""
+        return worker_counters(self.metrics, self.pools, self.groups, self.routes)
 
     async def _totals(self) -> None:
         """The supervisor's counters become the sum of its workers' (before a scrape)."""
@@ -185,30 +211,7 @@ class Balancer:
         await self._supervisor.totals(self._sum)
 
     def _sum(self, answers: list[Message]) -> None:
-        zero(self.metrics, METRIC_FIELDS)
-        for pool in self.pools.values():
-            zero(pool.budget, _BUDGET)
-        for server in self.groups:
-            zero(server, TRAFFIC_FIELDS)
-        routes = {r.name: r for r in self.routes}
-        for route in self.routes:
-            route.limited = 0
-            route.by_class[:] = [0] * len(route.by_class)
-        for answer in answers:
-            add(self.metrics, answer["metrics"])
-            for name, fields in answer["budget"].items():
-                if name in self.pools:
-                    add(self.pools[name].budget, fields)
-            for key, fields in answer["servers"].items():
-                known = self.groups.get(key)
-                if known is not None:
-                    add(known, fields)
-            for name, counts in answer["routes"].items():
-                known_route = routes.get(name)
-                if known_route is not None:
-                    known_route.limited += counts[0]
-                    for i, n in enumerate(counts[1:]):
-                        known_route.by_class[i] += n
+        add_up(answers, self.metrics, self.pools, self.groups, self.routes)
 
     async def new_generation(self) -> None:
         if self._supervisor is not None:
@@ -269,6 +272,8 @@ class Balancer:
                 # its requests stay counted in lb_request_duration_seconds
                 self.metrics.latency.add(server.latency.to_json())
             self.loop.create_task(self._retire(pool))
+        self._stalls.after = new.timeouts.stall
+        self._stalls.check_timeout = new.check.timing.timeout
         self._reopen_access(old, new)
         self._use_routes(new)
         if self._supervisor is not None:
@@ -283,6 +288,7 @@ class Balancer:
         close; requests on their way finish on theirs (kept idle after, they
         close at the pool's keep-alive timeout)."""
         await pool.stop_checks()
+        pool.stop_ticking()
         pool.conns.close_all()
 
     def _reopen_access(self, old: LbConfig, new: LbConfig) -> None:
@@ -319,10 +325,8 @@ class Balancer:
             "retries": m.retries,
             "hedges": m.hedges,
             "hedge_wins": m.hedge_wins,
-            "retry_budget": {
-                name: {"active": p.budget.active, "exhausted": p.budget.exhausted}
-                for name, p in self.pools.items()
-            },
+            "retry_budget": {name: p.budget_status() for name, p in self.pools.items()},
+            "hedging": {name: p.hedging_status() for name, p in self.pools.items()},
             "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "queue": {
                 "length": m.queued,
@@ -333,7 +337,7 @@ class Balancer:
             "draining": self.state.draining,
             "methods": {name: p.config.method for name, p in self.pools.items()},
             "pools": {name: p.status() for name, p in self.pools.items()},
-            "routes": {r.name: route_status(r) for r in self.routes},
+            "routes": {r.name: r.status() for r in self.routes},
         }
 
     # -- stopping -----------------------------------------------------------------------
@@ -390,6 +394,7 @@ class Balancer:
                 )
                 for client in [c for c in state.clients if isinstance(c, ClientConnection)]:
                     client.close()
+        self._stalls.stop()
         await self._stop_pools()
         if state.access is not None:
             state.access.close()
@@ -403,6 +408,7 @@ class Balancer:
         for pool in self.pools.values():
             await pool.stop_checks()
             pool.close()
+        self._answers.close()
         for route in self.routes:
             if route.limiter is not None:
                 route.limiter.close()
@@ -421,21 +427,3 @@ class Balancer:
             if route.limiter is not None:
                 shared_path(os.getpid(), route.name).unlink(missing_ok=True)
         log.warning("lb stopped")
-
-
-def route_status(route: Route) -> dict[str, Any]:
-    rc = route.config
-    match = {
-        "hosts": list(rc.hosts),
-        "path": f"{rc.path_kind} {rc.path}" if rc.path_kind else "",
-        "methods": sorted(rc.methods),
-        "headers": dict(rc.headers),
-    }
-    return {
-        "pool": route.pool.name if route.answer is None else None,
-        "answer": route.answer.status if route.answer is not None else None,
-        "match": {k: v for k, v in match.items() if v},
-        "responses": dict(zip(STATUS_CLASSES, route.by_class, strict=True)),
-        "limited": route.limited,
-        "limit": None if rc.limit is None else dataclasses.asdict(rc.limit),
-    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+from proxycore.balancing import failed, observe
 from proxycore.flow import Reason
 from proxycore.servers import Server
 
@@ -83,7 +84,9 @@ class Attempts(Waiter):
         self.client = client
         self.lb = lb
         self.route = route
-        self.pool: Pool = route.pool
+        pool: Pool = route.pool
+        self.pool = pool
+        pool.budget.requests += 1  # the retry budget's share is of these
         self.timeouts = route.timeouts
         self.method = method
         self.target = target
@@ -249,12 +252,13 @@ class Attempts(Waiter):
             self.client.valve.resume(Reason.NO_PEER_YET)
         self.pool.slot_freed()
 
-    @staticmethod
-    def _connect_failed(server: Server, exc: BaseException) -> None:
+    def _connect_failed(self, server: Server, exc: BaseException) -> None:
         """Passive evidence from a failed connect: a refused one (nothing listens)
         takes the server out at once; a timed-out one counts only when it was
         the server's only connect in flight (with others it may be lb's own
-        burst, not a dead server: the checks settle that)."""
+        burst, not a dead server: the checks settle that). Each costs the
+        server in the balancing (a failure counts as slow)."""
+        failed(server, self.lb.clock())
         if isinstance(exc, ConnectionRefusedError):
             server.record_failure(f"connect refused: {exc}", at_once=True)
         elif not isinstance(exc, TimeoutError):
@@ -284,6 +288,7 @@ class Attempts(Waiter):
         conn.start_exchange(self, now)
         head = self.head
         if head is None:
+            self.lb.metrics.dispatch_wait.observe(now - self.started)
             head = self.head = upstream_request_head(
                 self.method,
                 self.target,
@@ -299,10 +304,18 @@ class Attempts(Waiter):
             conn.transport.writelines(self.sent_body)
 
     def _let_go(self, conn: UpstreamConnection, reusable: bool, now: float = NOT_READ) -> None:
-        conn.server.active -= 1
-        lb = self.lb
+        server = conn.server
+        server.active -= 1
+        if now == NOT_READ:
+            now = self.lb.clock()
+        sent = conn.sent_at
+        if sent >= 0:
+            # answered, or given up on (a hedge won, the client left): either
+            # way the server took this long at least
+            conn.sent_at = -1.0
+            observe(server, now - sent, now)
         if reusable:
-            conn.release(lb.clock() if now == NOT_READ else now)
+            conn.release(now)
         else:
             conn.abort()
         if self.pool.queue:
@@ -318,6 +331,13 @@ class Attempts(Waiter):
             return
         self.upstream = None
         self._let_go(conn, reusable, now)
+
+    def _attempt_failed(self, conn: UpstreamConnection) -> None:
+        """The attempt on ``conn`` failed (no answer, or a 5xx): it counts as slow
+        in the balancing, instead of as the time it took."""
+        if conn.sent_at >= 0:
+            conn.sent_at = -1.0
+            failed(conn.server, self.lb.clock())
 
     def _budget(self) -> bool:
         """A token of the retry budget for an extra attempt that may add load to a

@@ -33,3 +33,16 @@ def http_probe(check: ActiveCheck):  # type: ignore[no-untyped-def]
         return f"{check.path} answered {status}"
 
     return probe
+
+
+async def http_answers(check: ActiveCheck, server: Server, timeout: float) -> bool:
+    """Whether ``server`` answers ``check``'s request within ``timeout`` at all (a
+    failing answer is an answer: a live process; a frozen one says nothing)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await http_probe(check)(server, timeout)
+    except CheckFailed:
+        return True
+    except (OSError, TimeoutError, ValueError):
+        return False
+    return True

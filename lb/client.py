@@ -63,6 +63,15 @@ class ClientConnection(RequestReader):
         # (as HAProxy does; nginx drops it): the connection closes after the
         # last response. A body cut short can never be whole: refused.
         self.done_sending = True
+        if self.queue and self.queue[0].queued:
+            # Its request still waits in its pool's queue, never sent: the client
+            # has given up on it (wrk and browsers close; nginx's 499), so it leaves
+            # the queue now instead of taking a server's slot to answer no one.
+            self.lb.metrics.gone_queued += 1
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()  # connection_lost takes its requests away
+            return None
         if self._reading_body:
             self._reject(BadRequest(400, "bad_request", "the client ended before the request body"))
         return True if self.queue and not self.closed else None

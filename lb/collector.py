@@ -119,8 +119,24 @@ class LbCollector(Collector):
         )
         exhausted = CounterMetricFamily(
             "lb_retry_budget_exhausted",
-            "Hedges and retries not made: the pool's retry budget was spent",
+            "Hedges and retries not made: the pool's retry budget was spent (concurrency: "
+            "too many in flight; window: the last window's share)",
+            labels=["pool", "reason"],
+        )
+        hedges = CounterMetricFamily(
+            "lb_pool_hedges",
+            "The pool's hedges: sent, won (answered first), suppressed (paused: hedges "
+            "were not winning)",
+            labels=["pool", "outcome"],
+        )
+        delay = GaugeMetricFamily(
+            "lb_hedge_delay_seconds",
+            "How long a request waits for its first byte before a hedge: the pool's recent "
+            "latency at hedge_percentile, hedge_after the least",
             labels=["pool"],
+        )
+        paused = GaugeMetricFamily(
+            "lb_hedging_paused", "1 while the pool's hedges are not winning", labels=["pool"]
         )
         active = GaugeMetricFamily(
             "lb_retry_budget_active", "Budget tokens held by requests in flight", labels=["pool"]
@@ -131,9 +147,15 @@ class LbCollector(Collector):
             for server in pool.servers:
                 every.add(server.latency.to_json())
             every.add_to(duration, [name])
-            exhausted.add_metric([name], pool.budget.exhausted)
+            exhausted.add_metric([name, "concurrency"], pool.budget.exhausted)
+            exhausted.add_metric([name, "window"], pool.budget.spent)
             active.add_metric([name], pool.budget.active)
-        yield from (duration, exhausted, active)
+            h = pool.hedges
+            for outcome, n in (("sent", h.sent), ("won", h.won), ("suppressed", h.suppressed)):
+                hedges.add_metric([name, outcome], n)
+            delay.add_metric([name], h.after(pool.config.hedge_after))
+            paused.add_metric([name], 1.0 if h.paused else 0.0)
+        yield from (duration, exhausted, active, hedges, delay, paused)
 
     @staticmethod
     def _routes_families(routes: Sequence[Route]) -> Iterator[Metric]:
@@ -160,6 +182,11 @@ class LbCollector(Collector):
             "lb_queue_wait_seconds",
             "How long requests waited for a slot on a server (those that waited)",
         )
+        yield m.dispatch_wait.family(
+            "lb_dispatch_wait_seconds",
+            "From a request's head read to its first attempt sent: its turn, the rate "
+            "limit's delay, the queue, a connect",
+        )
         gauges = (
             ("lb_queue_length", "Requests waiting for a slot now", m.queued),
             ("lb_in_flight", "Requests in flight", m.in_flight),
@@ -177,6 +204,11 @@ class LbCollector(Collector):
                 "lb_queue_refused",
                 "Requests answered 503: the queue was full (queue.max_queue)",
                 m.queue_refused,
+            ),
+            (
+                "lb_queue_abandoned",
+                "Requests dropped from the queue: their client closed before a slot freed",
+                m.gone_queued,
             ),
             ("lb_retries", "Requests sent again to another server", m.retries),
             (

@@ -87,6 +87,8 @@ def _pool(s: Section, d: PoolConfig, timeouts: Timeouts | None = None) -> PoolCo
     tries = s.integer("tries", d.tries, minimum=1, maximum=100)
     hedge_raw = s.raw("hedge_after")
     hedge_after = 0.0 if hedge_raw == "off" else s.duration("hedge_after", d.hedge_after)
+    hedge_percentile = s.integer("hedge_percentile", d.hedge_percentile, maximum=99)
+    hedge_min_wins = s.integer("hedge_min_wins", d.hedge_min_wins, maximum=100)
     h = s.section("health")
     check = _check(h, d.check)
     rise = h.integer("rise", d.health.rise, minimum=1)
@@ -119,7 +121,12 @@ def _pool(s: Section, d: PoolConfig, timeouts: Timeouts | None = None) -> PoolCo
     budget = RetryBudgetSettings(
         percent=b.integer("percent", d.retry_budget.percent, maximum=100),
         min_concurrency=b.integer("min_concurrency", d.retry_budget.min_concurrency, minimum=0),
+        window_percent=b.integer("window_percent", d.retry_budget.window_percent, maximum=100),
+        min_per_second=b.number("min_per_second", d.retry_budget.min_per_second),
+        window=b.duration("window", d.retry_budget.window),
     )
+    if budget.window <= 0:
+        raise ConfigError(f"{b.where('window')}: must be above zero")
     b.done()
     q = s.section("queue")
     queue = QueueSettings(
@@ -140,6 +147,8 @@ def _pool(s: Section, d: PoolConfig, timeouts: Timeouts | None = None) -> PoolCo
         method=method,
         tries=tries,
         hedge_after=hedge_after,
+        hedge_percentile=hedge_percentile,
+        hedge_min_wins=hedge_min_wins,
         retry_budget=budget,
         queue=queue,
         check=check,

@@ -149,6 +149,9 @@ class Exchange(Hedging):
         """Write the head to the client; True when the response has no body to wait for (HEAD)."""
         lb = self.lb
         server = self.server
+        if status >= 500 and status != 501 and status != 505 and self.upstream is not None:
+            # the server failed (501 and 505 are about the request, not the server)
+            self._attempt_failed(self.upstream)
         if server is None:
             pass
         elif status not in self.pool.config.passive_statuses:
@@ -218,6 +221,7 @@ class Exchange(Hedging):
         server = conn.server
         if failure:
             server.record_failure(why)
+            self._attempt_failed(conn)
         if conn is self.hedge_conn:
             self._drop_hedge()  # the first attempt carries on
             return

@@ -2,12 +2,13 @@
 slow to answer (Envoy's hedge_on_per_try_timeout), and a request moved off a
 server the checks marked down before it answered.
 
-A hedge goes out after the route's hedge_after without a response byte, only
-for a request that may be sent twice (idempotent, its body replayable), within
-the route's tries and the pool's retry budget: the budget caps the extra
-attempts in flight at a share of the requests in flight, so a slow pool is
-never sent twice its load. The first attempt to answer wins; the other is
-closed.
+A hedge goes out when the first attempt has had no response byte for the
+pool's hedge delay (its recent p95, the route's hedge_after the least:
+lb/hedgepolicy.py), only for a request that may be sent twice (idempotent, its
+body replayable), within the route's tries, while the pool's hedges still win,
+and within the pool's retry budget (a share of the requests in flight, and of
+the requests of the last seconds: lb/retry.py), so a slow pool is never sent
+twice its load. The first attempt to answer wins; the other is closed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Hedging(Attempts):
             and self.info.upgrade is None
             and not self.answered_client
         ):
-            conn.hedge_timer.at(now + after)
+            conn.hedge_timer.at(now + self.pool.hedges.after(after))
 
     def hedge_due(self, conn: UpstreamConnection) -> None:
         """No response byte from ``conn`` within hedge_after: the request goes to
@@ -52,11 +53,14 @@ class Hedging(Attempts):
             # asked again a hedge_after later: a server may be back up (or have room)
             conn.hedge_timer.at(lb.clock() + self.route.hedge_after)
             return
+        if not pool.hedges.may_hedge(lb.clock()):
+            return  # hedges stopped winning: this request waits for its first attempt
         if not self._budget():
             pool.budget.waiting.append(self._hedge_when_budget)  # as soon as a token is back
             return
         self.tried = (*self.tried, server)
         lb.metrics.hedges += 1
+        pool.hedges.sent += 1
         self.hedged = True
         pooled = pool.conns.take(server)
         if pooled is not None:
@@ -112,6 +116,7 @@ class Hedging(Attempts):
             self.upstream = conn
             self.server = conn.server
             self.lb.metrics.hedge_wins += 1
+            self.pool.hedges.won += 1
         elif conn is self.upstream:
             loser = hedge
         else:

@@ -17,6 +17,8 @@ FIELDS: Final = (
     "client_active",
     "client_refused",
     "client_total",
+    "dispatch_wait",
+    "gone_queued",
     "hedge_wins",
     "hedges",
     "in_flight",
@@ -54,3 +56,8 @@ class LbMetrics:
         self.queue_refused = 0
         self.queued = 0  # requests waiting in the queue now
         self.queue_wait = Histogram()
+        # From a request's head read to its first attempt sent (or given up):
+        # every wait of lb's own (its turn on the connection, the rate limit's
+        # delay, the queue, a connect), the time no server's histogram has.
+        self.dispatch_wait = Histogram()
+        self.gone_queued = 0  # requests dropped from the queue: their client closed

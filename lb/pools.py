@@ -17,15 +17,19 @@ import logging
 from proxycore.balancing import Policy, make_policy, pick
 from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
+from proxycore.histogram import BUCKETS
 from proxycore.servers import Server, ServerSet
 
 from .checks import http_probe
+from .hedgepolicy import HedgePolicy
 from .metrics import LbMetrics
 from .retry import RetryBudget
 from .settings import PoolConfig
 from .upstream import Receiver, UpstreamPool
 
 log = logging.getLogger("lb")
+
+TICK = 1.0  # seconds between two marks of the budget's window and the hedge delay
 
 
 class Waiter(Receiver):
@@ -60,9 +64,12 @@ class Pool:
         self.metrics = metrics
         self.clock = loop.time
         self.servers = ServerSet.of(config.servers, config.health)
-        self.policy: Policy = make_policy(config.method)
+        self.policy: Policy = make_policy(config.method, loop.time)
         self.conns = UpstreamPool(loop, config)
-        self.budget = RetryBudget(config.retry_budget.percent, config.retry_budget.min_concurrency)
+        self.budget = RetryBudget(config.retry_budget, loop.time())
+        self.hedges = HedgePolicy(
+            config.hedge_percentile, config.hedge_min_wins, config.retry_budget.window, loop.time()
+        )
         # Read per request: kept here, not looked up through the config each time.
         self.max_connecting = config.queue.max_connecting
         # Requests waiting for a slot on a server (every fitting one at max_conns),
@@ -73,6 +80,19 @@ class Pool:
         self.slow_connects = Expiries(loop, _connect_slow)
         self._wake_due = False
         self._checker: HealthChecker | None = None
+        self._ticker = loop.call_later(TICK, self._tick)
+
+    def _tick(self) -> None:
+        """Once a second: the budget's window moves on, the hedge delay follows
+        the latency of the last window."""
+        now = self.clock()
+        self.budget.tick(now)
+        counts = [0] * (len(BUCKETS) + 1)
+        for server in self.servers:
+            for i, n in enumerate(server.latency.counts):
+                counts[i] += n
+        self.hedges.tick(now, counts)
+        self._ticker = self.loop.call_later(TICK, self._tick)
 
     def pick(self, tried: tuple[Server, ...], room: bool = False) -> Server | None:
         """The next server for a request that has been to ``tried``; with ``room``,
@@ -154,10 +174,12 @@ class Pool:
             # its requests stay counted in lb_request_duration_seconds
             self.metrics.latency.add(server.latency.to_json())
         self.max_connecting = new.queue.max_connecting
-        self.budget.percent = new.retry_budget.percent
-        self.budget.min_concurrency = new.retry_budget.min_concurrency
+        self.budget.configure(new.retry_budget)
+        self.hedges.percentile = new.hedge_percentile
+        self.hedges.min_wins = new.hedge_min_wins
+        self.hedges.window = new.retry_budget.window
         if new.method != old.method:
-            self.policy = make_policy(new.method)
+            self.policy = make_policy(new.method, self.loop.time)
         self.config = new
         self.conns.config = new
         if self._checker is not None and (new.check != old.check or not new.check.enabled):
@@ -167,13 +189,37 @@ class Pool:
             self.start_checks()
         return added, removed
 
+    def stop_ticking(self) -> None:
+        self._ticker.cancel()
+
     def close(self) -> None:
+        self._ticker.cancel()
         self.queue_limits.close()
         self.slow_connects.close()
         self.conns.close_all()
 
     def status(self) -> list[dict[str, object]]:
         return [s.status() for s in self.servers]
+
+    def budget_status(self) -> dict[str, object]:
+        budget = self.budget
+        return {
+            "active": budget.active,
+            "exhausted": budget.exhausted,
+            "spent": budget.spent,
+            "requests": budget.requests,
+            "extra_attempts": budget.extras,
+        }
+
+    def hedging_status(self) -> dict[str, object]:
+        hedges = self.hedges
+        return {
+            "delay_ms": round(1000 * hedges.after(self.config.hedge_after), 1),
+            "paused": hedges.paused,
+            "sent": hedges.sent,
+            "won": hedges.won,
+            "suppressed": hedges.suppressed,
+        }
 
 
 def _queue_expired(ex: Waiter) -> None:

@@ -9,7 +9,9 @@ import dataclasses
 import ipaddress
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from .metrics import STATUS_CLASSES
 from .pools import Pool
 from .ratelimit import Limiter, shared_path
 from .settings import LbConfig, RouteConfig, Timeouts
@@ -58,6 +60,24 @@ class Route:
         self.limiter = limiter
         self.by_class = [0, 0, 0, 0, 0, 0]  # answers by status // 100; 0: none
         self.limited = 0  # requests refused by the limit
+
+    def status(self) -> dict[str, Any]:
+        """For /status and its page."""
+        rc = self.config
+        match = {
+            "hosts": list(rc.hosts),
+            "path": f"{rc.path_kind} {rc.path}" if rc.path_kind else "",
+            "methods": sorted(rc.methods),
+            "headers": dict(rc.headers),
+        }
+        return {
+            "pool": self.pool.name if self.answer is None else None,
+            "answer": self.answer.status if self.answer is not None else None,
+            "match": {k: v for k, v in match.items() if v},
+            "responses": dict(zip(STATUS_CLASSES, self.by_class, strict=True)),
+            "limited": self.limited,
+            "limit": None if rc.limit is None else dataclasses.asdict(rc.limit),
+        }
 
 
 def build_routes(

@@ -36,6 +36,10 @@ class Timeouts:
     # the client still sends is read and dropped this long, so that the close
     # is no reset that costs the client its answer (nginx: lingering_timeout)
     lingering: float = 5.0
+    # A server owed a response with no byte from it this long is asked (its
+    # pool's check GET) and, silent still as long again, marked down
+    # (proxycore/silence.py; dbproxy: timeouts.stall); 0: off
+    stall: float = 0.2
 
 
 # The timeouts towards the servers: a pool's, and a route's overrides of them.
@@ -85,13 +89,19 @@ class QueueSettings:
 
 @dataclass(frozen=True, slots=True)
 class RetryBudgetSettings:
-    """Envoy's retry_budget: the extra attempts that may add load to a live
-    server (hedges, retries after a timeout or a configured status) in flight
-    at once are at most ``percent`` of the requests in flight, or
-    ``min_concurrency``, whichever is more."""
+    """What the extra attempts that may add load to a live server (hedges,
+    retries after a timeout or a configured status) may cost, two ways:
+    in flight at once, at most ``percent`` of the requests in flight or
+    ``min_concurrency``, whichever is more (Envoy's retry_budget); and over
+    the last ``window`` seconds, at most ``window_percent`` of that window's
+    requests plus ``min_per_second`` a second (Finagle's RetryBudget), so that
+    short-lived hedges cannot add up to a second load either."""
 
     percent: int = 20  # budget_percent
     min_concurrency: int = 3  # min_retry_concurrency
+    window_percent: int = 10  # Finagle: percentCanRetry
+    min_per_second: float = 2.0  # Finagle: minRetriesPerSec
+    window: float = 10.0  # Finagle: ttl
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +109,21 @@ class PoolConfig:
     """A pool of servers (nginx: upstream; HAProxy: backend; Envoy: cluster)."""
 
     name: str = "http"
-    method: str = "round_robin"
+    # peak_ewma: the power of two choices over latency and requests in flight
+    # (Finagle, Linkerd); round_robin and least_conn as nginx's
+    method: str = "peak_ewma"
     tries: int = 3  # proxy_next_upstream_tries / HAProxy retries + 1
     # No response byte within this: an idempotent request goes to another server
     # too, the first answer wins (Envoy: per_try_timeout with hedge_on_per_try_timeout);
     # 0: never
     hedge_after: float = 0.3
+    # Hedge after the pool's own recent latency at this percentile ("The Tail at
+    # Scale"), hedge_after being the least; 0: after hedge_after always
+    hedge_percentile: int = 95
+    # Hedges pause while fewer than this percent of the last window's won (a
+    # pool slow all over gains nothing from them): one a second still goes, to
+    # see whether they win again; 0: never paused
+    hedge_min_wins: int = 10
     retry_budget: RetryBudgetSettings = RetryBudgetSettings()
     queue: QueueSettings = QueueSettings()
     servers: tuple[ServerSpec, ...] = ()

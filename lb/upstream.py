@@ -102,6 +102,9 @@ class UpstreamConnection:
         self.pool_timer = Deadline(pool.loop, self._pool_timeout)
         self.hedge_timer = Deadline(pool.loop, self._hedge_timeout)
         self._reason = b""
+        # When the exchange it carries was sent (loop time), for the server's
+        # latency (balancing.observe); -1 once that attempt's time is counted.
+        self.sent_at = -1.0
         self._head = ResponseInfo()  # the response head being read
         self._done = False
         self._head_only = False
@@ -275,6 +278,7 @@ class UpstreamConnection:
         self.exchange = ex
         self._first_byte = False
         self._done = False
+        self.sent_at = now
         self.first_byte_timer.at(now + ex.timeouts.first_byte)
 
     def release(self, now: float) -> None:

@@ -48,6 +48,7 @@ HOT_MODULES = (
     "lb.plain",
     "lb.framing",
     "lb.retry",
+    "lb.hedgepolicy",
     "lb.upstream",
     "lb.downstream",
     "lb.reading",

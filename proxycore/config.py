@@ -143,6 +143,14 @@ class Section:
             raise ConfigError(f"{self.where(key)}: expected true or false, got {value!r}")
         return value
 
+    def number(self, key: str, default: float, minimum: float = 0.0) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise ConfigError(f"{self.where(key)}: expected a number >= {minimum:g}, got {value!r}")
+        return float(value)
+
     def duration(self, key: str, default: float) -> float:
         value = self._get(key)
         return default if value is None else parse_duration(value, self.where(key))

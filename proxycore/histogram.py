@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from prometheus_client.core import HistogramMetricFamily
@@ -22,6 +23,27 @@ BUCKETS: Final[tuple[float, ...]] = (
     5.0,
     10.0,
 )
+
+
+def quantile(counts: Sequence[int], q: float) -> float:
+    """The ``q`` quantile (0 < q < 1) of counts by BUCKETS (the last one: above
+    them all), interpolated within its bucket as Prometheus's
+    histogram_quantile is; 0.0 when there are none."""
+    total = sum(counts)
+    if total <= 0:
+        return 0.0
+    rank = q * total
+    seen = 0
+    low = 0.0
+    for i, n in enumerate(counts):
+        if i == len(BUCKETS):
+            return low  # above the last bound: that bound is all that is known
+        high = BUCKETS[i]
+        if n > 0 and seen + n >= rank:
+            return low + (high - low) * (rank - seen) / n
+        seen += n
+        low = high
+    return low
 
 
 class Histogram:

@@ -121,8 +121,11 @@ class Server:
         # lb: the time of each request it answered (the status page's p99 of the
         # last seconds comes from the difference of two readings)
         self.latency = Histogram()
-        # balancing state
+        # balancing state: round robin's; the peak-EWMA latency of its attempts
+        # (seconds) and when it last moved (proxycore/balancing.py observe)
         self.rr_current = 0
+        self.ewma = 0.0
+        self.ewma_at = 0.0
         # Told of every change of state (dbproxy closes a down server's sessions).
         self.on_change: Callable[[Server], None] | None = None
         # How the supervisor and its workers name it: its name, or "pool/name"
@@ -141,7 +144,12 @@ class Server:
         self._refresh()
 
     def _refresh(self) -> None:
+        was_open = self.open
         self.open = self.admin == "enabled" and self.healthy and not self.passive_out
+        if self.open and not was_open:
+            # Back in rotation: what it cost before it went out (a failure's peak,
+            # a freeze) says nothing of it now; it starts again as a new server.
+            self.ewma = 0.0
 
     def takes_traffic(self, now: float | None = None) -> bool:
         if self.admin != "enabled" or not self.healthy:

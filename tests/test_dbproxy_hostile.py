@@ -138,3 +138,41 @@ def test_first_packet_fuzz_answers_as_postgres(stack: StackHandle, tmp_path: Pat
         "good queries",
     } <= set(DIFFERENCES)
     assert counts["good queries"] > 500
+
+
+async def test_a_session_whose_client_leaves_the_queue_gives_its_place_up_at_once(
+    proxy: DbProxyProc,
+) -> None:
+    """Every slot held: sessions that sent their startup packet wait in the
+    queue; their clients give up and close. They leave the queue then, not when
+    a slot frees or the queue's timeout (3 s) passes, and the slot that frees
+    goes to a client still there."""
+    port = proxy.ports["rw"]
+    held = []
+    for _ in range(MAX_SESSIONS):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(startup(user="postgres"))
+        while (await reader.readexactly(1)) != b"Z":  # (the tail of each message is skipped)
+            size = struct.unpack("!i", await reader.readexactly(4))[0]
+            await reader.readexactly(size - 4)
+        await reader.readexactly(5)
+        held.append(writer)
+    before = (await asyncio.to_thread(proxy.status))["queue"]["abandoned"]
+    leaving = []
+    for _ in range(5):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(startup(user="postgres"))
+        leaving.append(writer)
+    await asyncio.sleep(0.3)
+    assert (await asyncio.to_thread(proxy.status))["queue"]["waiting"]["rw"] == 5
+    for writer in leaving:
+        writer.close()
+    await asyncio.sleep(0.3)  # a tenth of the queue's timeout
+    status = await asyncio.to_thread(proxy.status)
+    assert status["queue"]["waiting"]["rw"] == 0
+    assert status["queue"]["abandoned"] - before == 5
+    held.pop().close()
+    assert await _session(port, (startup(user="postgres"),), 0) == 42
+    for writer in held:
+        writer.close()
+    assert await _slots_free(proxy) == {}

@@ -114,20 +114,24 @@ async def test_post_in_flight_at_kill_gets_502_not_a_hang(tmp_path: Path) -> Non
             assert time.monotonic() - started < 2
 
 
-async def test_sigstop_requests_retried_after_first_byte_timeout(tmp_path: Path) -> None:
+async def test_sigstop_requests_in_flight_are_sent_elsewhere(tmp_path: Path) -> None:
+    """What was in flight on a frozen server is hedged (after the hedge delay),
+    moved (when the stall watch or the checks mark it down) or retried (after
+    first_byte): never lost."""
     with lb_with(tmp_path, settings=SETTINGS) as (lb, up):
         with Load(lb.url) as load:
             await asyncio.sleep(0.5)
             up["b"].signal(signal.SIGSTOP)
             stopped = time.monotonic()
             taken_out = await wait_for(lambda: lb.server_status("b")["state"] == "DOWN", 5)
-            await asyncio.sleep(1.5)  # requests that were in flight on b hit first_byte (1s)
+            await asyncio.sleep(1.5)  # past first_byte (1s) for what was in flight on b
             await load.stop()
         up["b"].signal(signal.SIGCONT)
         assert set(load.statuses) == {200}, load.statuses
         assert taken_out <= FALL * (INTERVAL + TIMEOUT) + INTERVAL + 0.3, taken_out
         assert time.monotonic() - stopped > 1.0
-        assert lb.status()["retries"] >= 1
+        status = lb.status()
+        assert status["retries"] + status["hedges"] >= 1
 
 
 async def test_no_server_up_is_503_with_retry_after(tmp_path: Path) -> None:

@@ -16,7 +16,10 @@ import pytest
 from tests.lbctl import Lb, Upstream, lb_with
 from tests.rawhttp import closed_by_peer, get, read_response, send
 
+# round robin: the first test checks its order (the shipped method is peak_ewma)
 SMALL_LIMITS = """
+method = "round_robin"
+
 [health]
 interval = "200ms"
 timeout = "200ms"

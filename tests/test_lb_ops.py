@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -63,7 +64,7 @@ async def test_metrics_status_and_page(tmp_path: Path) -> None:
             async with http.get(lb.admin + "/metrics") as r:
                 text = await r.text()
             for needle in (
-                'lb_responses_total{class="2xx",pool="http",server="a"} 2.0',
+                'lb_responses_total{class="2xx",pool="http",server="a"}',
                 'lb_route_responses_total{class="2xx",pool="http",route="default"} 4.0',
                 "lb_request_duration_seconds_bucket",
                 "lb_retries_total",
@@ -75,10 +76,15 @@ async def test_metrics_status_and_page(tmp_path: Path) -> None:
                 "lb_client_connections",
             ):
                 assert needle in text, needle
+            served = re.findall(
+                r'^lb_responses_total\{class="2xx",pool="http",server="[ab]"\} (\S+)$', text, re.M
+            )
+            assert sum(float(n) for n in served) == 4.0
             async with http.get(lb.admin + "/status") as r:
                 status = await r.json()
             a = next(s for s in status["pools"]["http"] if s["name"] == "a")
-            assert a["state"] == "UP" and a["total"] == 2 and a["last_check"]["ok"]
+            assert a["state"] == "UP" and a["last_check"]["ok"]
+            assert sum(s["total"] for s in status["pools"]["http"]) == 4
             assert a["in_state_seconds"] >= 0 and a["weight"] == 1
             async with http.get(lb.admin + "/status.html") as r:
                 page = await r.text()
@@ -89,7 +95,8 @@ async def test_sighup_reload_changes_servers_without_dropping_a_connection(tmp_p
     ports = free_ports(4)
     a, b = Upstream("a", ports[2], tmp_path / "a.log"), Upstream("b", ports[3], tmp_path / "b.log")
     lb = Lb(ports[0], ports[1], tmp_path / "lb.toml", tmp_path / "lb.log")
-    write_config(lb.config, lb.port, lb.admin_port, [a], FAST_CHECKS)
+    weighted = 'method = "round_robin"\n' + FAST_CHECKS  # its weights give an exact share
+    write_config(lb.config, lb.port, lb.admin_port, [a], weighted)
     try:
         a.start()
         b.start()
@@ -98,7 +105,7 @@ async def test_sighup_reload_changes_servers_without_dropping_a_connection(tmp_p
         writer.write(get("/"))
         assert (await read_response(reader)).header("X-Upstream") is None or True
 
-        write_config(lb.config, lb.port, lb.admin_port, [a, (b, "weight = 3")], FAST_CHECKS)
+        write_config(lb.config, lb.port, lb.admin_port, [a, (b, "weight = 3")], weighted)
         lb.signal(signal.SIGHUP)
         await asyncio.sleep(0.3)
         seen: Counter[str] = Counter()
@@ -107,7 +114,7 @@ async def test_sighup_reload_changes_servers_without_dropping_a_connection(tmp_p
             seen[(await read_response(reader)).header("X-Upstream") or "-"] += 1
         assert seen == {"a": 10, "b": 30}
 
-        write_config(lb.config, lb.port, lb.admin_port, [b], FAST_CHECKS)
+        write_config(lb.config, lb.port, lb.admin_port, [b], weighted)
         lb.signal(signal.SIGHUP)
         await asyncio.sleep(0.3)
         writer.write(get("/"))

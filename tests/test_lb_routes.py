@@ -22,9 +22,9 @@ import pytest
 
 from lb.ratelimit import shared_path
 from tests.lbctl import Lb, Upstream
+from tests.lbload import keepalive_clients
 from tests.rawhttp import Response, send
 from tests.stackctl import REPO, free_ports
-from tests.test_lb_gray import keepalive_clients
 
 HEALTH = """
 [health]

@@ -22,6 +22,7 @@ from lb.request_head import (
 )
 from lb.response_head import ResponseInfo, client_response_head
 from lb.retry import RetryBudget, may_retry
+from lb.settings import RetryBudgetSettings
 from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
 from proxycore.config import Address, ConfigError, Section, parse_duration, parse_size
 from proxycore.servers import CheckRecord, HealthParams, Server, ServerSet, ServerSpec
@@ -194,7 +195,9 @@ def test_bad_values_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[server\[0\]\] address: expected 'HOST:PORT'"):
         load(path)
     path.write_text('method = "random"\n[[server]]\naddress = "127.0.0.1:2"\n')
-    with pytest.raises(ConfigError, match="method: expected one of round_robin, least_conn"):
+    with pytest.raises(
+        ConfigError, match="method: expected one of round_robin, least_conn, peak_ewma"
+    ):
         load(path)
 
 
@@ -430,7 +433,7 @@ def test_higher_minor_versions_read_as_http11() -> None:
 
 
 def test_retry_budget_is_a_share_of_the_requests_in_flight_with_a_floor() -> None:
-    budget = RetryBudget(percent=20, min_concurrency=2)
+    budget = RetryBudget(RetryBudgetSettings(percent=20, min_concurrency=2), now=0.0)
     assert budget.take(in_flight=5) and budget.take(in_flight=5)
     assert not budget.take(in_flight=5)  # 20% of 5 is 1: the floor of 2 holds
     assert budget.take(in_flight=20) and budget.take(in_flight=20)  # 20% of 20 is 4
@@ -439,7 +442,7 @@ def test_retry_budget_is_a_share_of_the_requests_in_flight_with_a_floor() -> Non
 
 
 def test_a_token_given_back_wakes_the_first_waiter_that_still_wants_one() -> None:
-    budget = RetryBudget(percent=0, min_concurrency=1)
+    budget = RetryBudget(RetryBudgetSettings(percent=0, min_concurrency=1), now=0.0)
     assert budget.take(in_flight=1)
     asked: list[str] = []
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.lbctl import Lb, Upstream, lb_with
-from tests.test_lb_gray import keepalive_clients
+from tests.lbload import keepalive_clients
 
 WORKERS = 'workers = 2\n\n[health]\ninterval = "200ms"\ntimeout = "200ms"\n'
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.browser import page_text, screenshot
 from tests.lbctl import lb_with
-from tests.test_lb_gray import keepalive_clients
+from tests.lbload import keepalive_clients
 
 
 def test_lbs_page_shows_each_server_with_its_rate_and_p99(tmp_path: Path) -> None:
@@ -30,4 +30,5 @@ def test_lbs_page_shows_each_server_with_its_rate_and_p99(tmp_path: Path) -> Non
     assert re.search(r"[1-9][0-9.]* req/s", row_a.group()), row_a.group()  # it serves
     assert re.search(r"≤ [0-9.]+ (ms|s)", row_a.group()), row_a.group()  # its p99
     assert re.search(r" b 127\.0\.0\.1:\d+ DOWN ", text), text
+    assert re.search(r"hedges after [0-9.]+ ms; \d+ of \d+ won", text), text  # the pool's hedging
     assert (tmp_path / "lb-status.png").stat().st_size > 10_000

@@ -39,6 +39,18 @@ def make_app(name: str) -> web.Application:
         await asyncio.sleep(float(request.query.get("s", "1")))
         return web.Response(text=f"slow from {name}", headers={"X-Upstream": name})
 
+    async def shaped(request: web.Request) -> web.Response:
+        """As the query names this upstream: ``slow=a,b&s=S`` answers after S
+        seconds, ``fail=a`` answers 503 at once; else at once (a gray failure of
+        one server, its /health untouched)."""
+        seen.append({"path": request.raw_path, "method": request.method})
+        query = request.query
+        if name in query.get("fail", "").split(","):
+            return web.Response(status=503, text="failing", headers={"X-Upstream": name})
+        if name in query.get("slow", "").split(","):
+            await asyncio.sleep(float(query.get("s", "1")))
+        return web.Response(text=f"shaped from {name}", headers={"X-Upstream": name})
+
     async def status(request: web.Request) -> web.Response:
         return web.Response(
             status=int(request.match_info["code"]), text=name, headers={"X-Upstream": name}
@@ -98,6 +110,7 @@ def make_app(name: str) -> web.Application:
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_route("*", "/slow", slow)
+    app.router.add_get("/shaped", shaped)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/download", download)
     app.router.add_route("*", "/upload", upload)
