@@ -4,11 +4,23 @@ login gave away (dbproxy/scram.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 from dbproxy.scram import ClientExchange, ScramError, Secret, ServerExchange
+from stack import postgres as pg
+from stack.control import pg_root_for
+from tests.stackctl import free_ports
 
 # RFC 7677, section 3
 SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
@@ -76,3 +88,105 @@ def test_malformed_messages_are_refused_not_crashed_on() -> None:
     for bad in (b"c=biws,r=abc", b"c=biws,r=wrong,p=AAAA", b"c=biws,r=abc" + b"x,p=!!"):
         with pytest.raises(ScramError):
             server.final(bad)
+
+
+# -- against a real PostgreSQL 15 -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A throwaway cluster of the stack's settings (SCRAM for all but the superuser)."""
+    bindir, user = pg.find_bindir(), pg.run_as()
+    root = pg_root_for(tmp_path_factory.mktemp("scram"))
+    datadir = root / "data"
+    pg.initdb(bindir, datadir, user)
+    port = free_ports(1)[0]
+    pg.configure(datadir, port, publisher=False)
+    argv = pg.server_argv(bindir, datadir)
+    proc = subprocess.Popen(
+        argv if user is None else ["runuser", "-u", user, "--", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                asyncio.run(_sql(port, "SELECT 1"))
+                break
+            except (OSError, asyncpg.PostgresError):
+                assert time.monotonic() < deadline and proc.poll() is None, "postgres did not start"
+                time.sleep(0.2)
+        asyncio.run(_sql(port, "CREATE ROLE app LOGIN PASSWORD 's3cret'"))
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _sql(port: int, query: str) -> object:
+    conn = await pg.connect(port)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+async def _read(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    kind = await reader.readexactly(1)
+    size = struct.unpack("!i", await reader.readexactly(4))[0]
+    return kind, await reader.readexactly(size - 4)
+
+
+async def _log_in(port: int, exchange: ClientExchange) -> bytes:
+    """A login by SCRAM on a raw connection; the kind of the message after it
+    (Z: ready for a query; E: refused)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        body = b"user\0app\0database\0postgres\0\0"
+        writer.write(struct.pack("!ii", len(body) + 8, 3 << 16) + body)
+        kind, body = await _read(reader)
+        assert kind == b"R" and struct.unpack_from("!i", body)[0] == 10, (kind, body)
+        assert b"SCRAM-SHA-256\0" in body[4:]
+        first = exchange.first()
+        writer.write(_message(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first))
+        kind, body = await _read(reader)
+        if kind == b"E":
+            return kind
+        assert struct.unpack_from("!i", body)[0] == 11
+        writer.write(_message(b"p", exchange.final(body[4:])))
+        kind, body = await _read(reader)
+        if kind == b"E":
+            return kind
+        assert struct.unpack_from("!i", body)[0] == 12
+        exchange.verify(body[4:])
+        while kind != b"Z":
+            kind, body = await _read(reader)
+            if kind == b"E":
+                return kind
+        return kind
+    finally:
+        writer.close()
+
+
+def test_a_real_server_takes_the_password_and_the_key_a_client_gave_away(postgres: int) -> None:
+    assert asyncio.run(_log_in(postgres, ClientExchange(password="s3cret"))) == b"Z"
+    assert asyncio.run(_log_in(postgres, ClientExchange(password="wrong"))) == b"E"
+    # what an auth_query returns: the server's own secret
+    secret = Secret.parse(
+        str(asyncio.run(_sql(postgres, "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")))
+    )
+    # a client logs in to dbproxy with its password; dbproxy to the server with its key
+    client = ClientExchange(password="s3cret")
+    front = ServerExchange(secret)
+    client.verify(front.final(client.final(front.first(client.first()))))
+    assert front.client_key is not None
+    assert (
+        asyncio.run(_log_in(postgres, ClientExchange.from_keys(front.client_key, secret))) == b"Z"
+    )
