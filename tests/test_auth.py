@@ -15,6 +15,7 @@ import pytest
 from dbproxy.auth import MD5, SCRAM, TRUST, ClientAuth, md5_secret
 from dbproxy.pgwire import Startup
 from dbproxy.scram import Secret
+from dbproxy.serverlogin import ServerLogin
 
 PARAMETERS = {
     "server_version": "15.0",
@@ -104,3 +105,15 @@ def test_the_keys_for_the_server_login_come_only_from_a_proof_that_checked_out()
     reply = auth.feed(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", 3) + b"xyz")
     assert auth.failed and reply.startswith(b"E") and auth.client_key is None
     assert b"s3cret" not in reply and SCRAM_SECRET.encode() not in reply
+
+
+def test_dbproxy_answers_a_servers_md5_challenge_with_the_secret_alone() -> None:
+    server = ClientAuth(MD5, "app", MD5_SECRET)  # (a server asking md5, as Postgres does)
+    login = ServerLogin({"user": "app", "database": "d"}, md5=MD5_SECRET)
+    login.start()
+    answer = login.feed(server.start())
+    assert answer[:1] == b"p" and b"s3cret" not in answer
+    ok = server.feed(b"p", answer[5:])
+    assert server.done
+    login.feed(ok + _message(b"K", struct.pack("!ii", 7, 8)) + _message(b"Z", b"I"))
+    assert login.ready and login.backend_key == (7, 8)

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from dbproxy.auth import SCRAM, ClientAuth
 from dbproxy.scram import ClientExchange, ScramError, Secret, ServerExchange
+from dbproxy.serverlogin import ServerLogin
 from stack import postgres as pg
 from stack.control import pg_root_for
 from tests.stackctl import free_ports
@@ -190,3 +192,49 @@ def test_a_real_server_takes_the_password_and_the_key_a_client_gave_away(postgre
     assert (
         asyncio.run(_log_in(postgres, ClientExchange.from_keys(front.client_key, secret))) == b"Z"
     )
+
+
+async def _server_login(port: int, login: ServerLogin) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(login.start())
+        while not (login.ready or login.failed):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, "the server closed"
+            writer.write(login.feed(data))
+        if login.ready:
+            writer.write(b"X\0\0\0\4")
+    finally:
+        writer.close()
+
+
+def test_dbproxy_logs_in_to_a_real_server_as_a_client_it_authenticated(postgres: int) -> None:
+    """The whole of it: the client's SCRAM login checked by dbproxy (ClientAuth),
+    then dbproxy's own login to Postgres as that client (ServerLogin), with no
+    password anywhere on dbproxy's side."""
+    secret = str(
+        asyncio.run(_sql(postgres, "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'"))
+    )
+    auth = ClientAuth(SCRAM, "app", secret)
+    auth.start()
+    client = ClientExchange(password="s3cret")
+    first = client.first()
+    reply = auth.feed(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+    reply = auth.feed(b"p", client.final(reply[9:]))
+    assert auth.done and auth.client_key is not None
+    login = ServerLogin(
+        {"user": "app", "database": "postgres", "application_name": "dbproxy-test"},
+        client_key=auth.client_key,
+        scram_secret=auth.scram_secret,
+    )
+    asyncio.run(_server_login(postgres, login))
+    assert login.ready, login.reason
+    assert login.backend_key is not None and login.server_parameters["server_version"] >= "15"
+    # a ClientKey that is not the user's: the server refuses, with its own ErrorResponse
+    wrong = ServerLogin(
+        {"user": "app", "database": "postgres"},
+        client_key=bytes(32),
+        scram_secret=auth.scram_secret,
+    )
+    asyncio.run(_server_login(postgres, wrong))
+    assert wrong.failed and b"28P01" in wrong.error
