@@ -183,7 +183,7 @@ class DbProxy:
                     sock=placement.inherited.listeners[name],
                     backlog=1024,
                 )
-            self._stalls.tell_supervisor = self._tell_supervisor
+            self._stalls.report_to(self._worker)
             self._stalls.start()
             self._worker.ready()
             log.info("worker serving %s", ", ".join(self.listeners))
@@ -282,10 +282,9 @@ class DbProxy:
     def _from_worker(self, worker: Worker, message: Message) -> Any:
         """What a worker asks of its supervisor."""
         op = message.get("op")
-        server = self.servers.get(message.get("server", ""))
-        if op == "suspect" and server is not None:
-            self._stalls.ask(server, message["why"])
-        elif op == "cancel":
+        if self._stalls.from_worker(message, self.servers.get):
+            return None
+        if op == "cancel":
             return self._cancel_anywhere(message["pid"], message["key"])
         return None
 
@@ -570,13 +569,6 @@ class DbProxy:
         self._return_to_replica()
         if record.timed_out and server.healthy:
             self._stalls.ask(server, f"a check got no answer ({record.detail})")
-
-    # -- gray failures (proxycore/silence.py) -----------------------------------------
-    def _tell_supervisor(self, server: Server, why: str) -> None:
-        """A worker's suspicion: the supervisor asks, and marks down for every worker."""
-        assert self._worker is not None
-        if self._worker.channel is not None:
-            self._worker.channel.send({"op": "suspect", "server": server.name, "why": why})
 
     def _return_to_replica(self) -> None:
         """Close the ro sessions parked on the primary once a replica fits ro again."""

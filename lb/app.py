@@ -118,7 +118,7 @@ class Balancer:
                 placement.inherited, self.groups, self.counters, placement.stop
             )
             await self._worker.start()
-            self._stalls.tell_supervisor = self._tell_supervisor
+            self._stalls.report_to(self._worker)
             self._stalls.start()
             self._sock = placement.inherited.listeners["http"]
             self._server = await self.loop.create_server(
@@ -188,16 +188,8 @@ class Balancer:
         pool = self.pools.get(server.key.partition("/")[0])
         return pool is not None and await http_answers(pool.config.check, server, timeout)
 
-    def _tell_supervisor(self, server: Server, why: str) -> None:
-        """A worker's suspicion: the supervisor asks, and marks down for every worker."""
-        assert self._worker is not None
-        if self._worker.channel is not None:
-            self._worker.channel.send({"op": "suspect", "server": server.key, "why": why})
-
     def _from_worker(self, worker: object, message: Message) -> Any:
-        server = self.groups.get(message.get("server", ""))
-        if message.get("op") == "suspect" and server is not None:
-            self._stalls.ask(server, message["why"])
+        self._stalls.from_worker(message, self.groups.get)
         return None
 
     # -- one server, several processes (proxycore/workers.py) -----------------------

@@ -22,10 +22,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
+from .channel import Message
 from .servers import Server
+from .workers import WorkerSide
 
 log = logging.getLogger("balance.silence")
 
+SUSPECT = "suspect"  # a worker's message to its supervisor
 SWEEP = 0.1  # seconds between two looks at the byte counters
 
 # Whether the server answers a question within the time given (any answer: a
@@ -64,7 +67,7 @@ class Silence:
 
 class StallWatch:
     """Sweeps ``servers()`` every SWEEP seconds for silent ones and settles each
-    suspicion with ``answers`` (here, or through ``tell_supervisor``)."""
+    suspicion with ``answers`` (here, or through the supervisor: ``report_to``)."""
 
     def __init__(
         self,
@@ -87,8 +90,8 @@ class StallWatch:
         self._question = question  # what ``answers`` asks, for the log: "an SSLRequest"
         self._asking: set[Server] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        # In a worker: a suspicion goes to the supervisor (server, why).
-        self.tell_supervisor: Callable[[Server, str], None] | None = None
+        # In a worker: suspicions go to the supervisor (report_to).
+        self._worker: WorkerSide | None = None
         self.asked = 0  # questions asked
         self.marked_down = 0  # servers marked down for want of an answer
 
@@ -99,6 +102,20 @@ class StallWatch:
     @after.setter
     def after(self, seconds: float) -> None:
         self.silence.after = seconds
+
+    def report_to(self, worker: WorkerSide) -> None:
+        """In a worker: suspicions go to the supervisor, which asks (``from_worker``)
+        and marks down for every worker alike."""
+        self._worker = worker
+
+    def from_worker(self, message: Message, find: Callable[[str], Server | None]) -> bool:
+        """In a supervisor: whether ``message`` was a worker's suspicion (then asked)."""
+        if message.get("op") != SUSPECT:
+            return False
+        server = find(message.get("server", ""))
+        if server is not None:
+            self.ask(server, message["why"])
+        return True
 
     def start(self) -> None:
         if self._sweeper is None:
@@ -119,8 +136,10 @@ class StallWatch:
     def ask(self, server: Server, why: str) -> None:
         """Settle a suspicion of ``server`` (here: a sweep's, a check that timed
         out, or a worker's)."""
-        if self.tell_supervisor is not None:
-            self.tell_supervisor(server, why)
+        worker = self._worker
+        if worker is not None:
+            if worker.channel is not None:
+                worker.channel.send({"op": SUSPECT, "server": server.key, "why": why})
             # told once a window: the supervisor asks (and its answer reaches
             # every worker); a server still silent a window later is told again
             self.silence.cleared(server, self.loop.time())
