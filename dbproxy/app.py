@@ -5,7 +5,6 @@ supervisor (listening sockets, checks, admin, the workers); or a worker."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import functools
 import logging
@@ -21,7 +20,6 @@ from proxycore.admin import make_admin_app, start_admin
 from proxycore.balancing import Policy, make_policy, pick
 from proxycore.channel import Message
 from proxycore.compiled import hot_path, protocol_factory
-from proxycore.config import Address
 from proxycore.counters import add, snapshot, zero
 from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
@@ -31,12 +29,17 @@ from proxycore.silence import StallWatch
 from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
 
 from . import routing
+from .cancels import Cancels
 from .checks import pg_probe
 from .config import LISTENERS, DbProxyConfig
+from .credentials import Secrets
+from .listener import Listener, listening
 from .liveness import postmaster_answers
-from .metrics import DbProxyCollector, WaitHistogram
-from .pgwire import CancelRequest, cancel_request
+from .metrics import DbProxyCollector
+from .pool import Pools
+from .pooled import PooledSession
 from .session import ClientSession
+from .sessionqueue import SessionQueue
 
 log = logging.getLogger("dbproxy")
 
@@ -55,16 +58,6 @@ class _First(Policy):
 _FIRST = _First()
 
 
-def _listening(address: Address) -> socket.socket:
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((address.host, address.port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
 def _has_room(server: Server) -> bool:
     return server.active < server.limit
 
@@ -77,30 +70,10 @@ def _with_room(accept: routing.Accept | None, room: bool) -> routing.Accept | No
     return lambda s: accept(s) and s.active < s.limit
 
 
-@dataclasses.dataclass(eq=False)
-class Listener:
-    name: str
-    server: asyncio.Server | None = None
-    active: int = 0
-    total: int = 0
-    queued: int = 0  # of the queue below, those still waiting
-    # sessions waiting for a slot (every fitting server at max_sessions), in order
-    queue: collections.deque[ClientSession] = dataclasses.field(default_factory=collections.deque)
-
-
 # What a worker counts, summed by its supervisor (proxycore/counters.py).
-_COUNTERS = (
-    "cancels_routed",
-    "cancels_broadcast",
-    "ssl_forwarded",
-    "ssl_answered_for_server",
-    "redials",
-    "queued",
-    "queue_timeouts",
-    "queue_refused",
-    "queue_abandoned",
-    "queue_wait",
-)
+_COUNTERS = ("ssl_forwarded", "ssl_answered_for_server", "redials")
+_QUEUE_COUNTERS = ("queued", "timeouts", "refused", "abandoned", "wait")
+_CANCEL_COUNTERS = ("routed", "broadcast", "idle")
 _LISTENER_COUNTERS = ("active", "total", "queued")
 
 
@@ -119,12 +92,16 @@ class DbProxy:
         self.config = config
         self.servers = ServerSet.of(config.servers, config.health)
         self.policy: Policy = make_policy(config.method)
-        self.listeners = {name: Listener(name) for name in LISTENERS if name in config.listen}
-        self.sessions: set[ClientSession] = set()
+        self.listeners = {
+            name: Listener(name, config.pool.mode) for name in LISTENERS if name in config.listen
+        }
+        self.sessions: set[Any] = set()
         self.by_server: dict[Server, set[ClientSession]] = {}
-        self.keys: dict[tuple[int, int], Server] = {}
-        self.cancels_routed = 0
-        self.cancels_broadcast = 0
+        self.cancels = Cancels(loop, lambda: self.config.timeouts.connect)
+        self.cancels.targets = self._cancel_targets
+        self.pools = Pools(loop, config.pool, config.timeouts.connect)
+        self.secrets = Secrets(config.auth, loop)
+        self._pool_totals: list[dict[str, Any]] = []  # a supervisor's: its workers' pools
         self.redials = 0  # sessions sent on to another server: the first never answered
         # When each server last answered a forwarded SSLRequest 'N' (loop time).
         self._ssl_refused_at: dict[Server, float] = {}
@@ -141,13 +118,12 @@ class DbProxy:
         self.first_packet_limits = Expiries(loop, ClientSession.first_packet_late)
         self.connect_limits = Expiries(loop, ClientSession.connect_late)
         self.startup_limits = Expiries(loop, ClientSession.startup_late)
-        self.queue_limits = Expiries(loop, ClientSession.queue_late)
-        self.queued = 0  # sessions waiting in the listeners' queues
-        self.queue_timeouts = 0
-        self.queue_refused = 0
-        self.queue_abandoned = 0  # sessions whose client left while they waited
-        self.queue_wait = WaitHistogram()
-        self._wake_due = False
+        self.queue = SessionQueue(
+            loop,
+            lambda: self.config.queue,
+            lambda: self.listeners.values(),
+            lambda listener, tried: self.choose(listener, tried, room=True),
+        )
         self._stalls = StallWatch(
             loop,
             lambda: self.servers,
@@ -177,6 +153,8 @@ class DbProxy:
                 self._return_to_replica,
             )
             await self._worker.start()
+            self.cancels.elsewhere = self._cancel_elsewhere
+            self.pools.start()
             for name, listener in self.listeners.items():
                 listener.server = await self.loop.create_server(
                     self._session_factory(listener),
@@ -192,7 +170,7 @@ class DbProxy:
         await self._checker.check_all()
         sockets = {}
         for name, listener in self.listeners.items():
-            sock = _listening(self.config.listen[name])
+            sock = listening(self.config.listen[name])
             self._sockets.append(sock)
             if placement.role == SUPERVISOR:
                 sockets[name] = sock
@@ -207,6 +185,7 @@ class DbProxy:
             )
         else:
             self._stalls.start()
+            self.pools.start()
         if self._supervisor is not None:
             # the workers serve before the admin API answers (one says the server is up)
             await self._supervisor.start()
@@ -219,16 +198,17 @@ class DbProxy:
                     DbProxyCollector(
                         lambda: self.listeners.values(),
                         lambda: self.servers,
-                        lambda: (self.cancels_routed, self.cancels_broadcast),
+                        lambda: (self.cancels.routed, self.cancels.broadcast, self.cancels.idle),
                         lambda: (self.ssl_forwarded, self.ssl_answered_for_server),
                         lambda: self.redials,
                         lambda: (
-                            self.queue_lengths(),
-                            self.queue_timeouts,
-                            self.queue_refused,
-                            self.queue_abandoned,
-                            self.queue_wait,
+                            self.queue.lengths(),
+                            self.queue.timeouts,
+                            self.queue.refused,
+                            self.queue.abandoned,
+                            self.queue.wait,
                         ),
+                        self.pool_status,
                     ),
                     WorkersCollector("dbproxy", lambda: self._supervisor),
                 ],
@@ -246,13 +226,17 @@ class DbProxy:
         )
 
     def _session_factory(self, listener: Listener) -> Callable[[], asyncio.BaseProtocol]:
-        return protocol_factory(functools.partial(ClientSession, self, listener))
+        kind = PooledSession if listener.pooled else ClientSession
+        return protocol_factory(functools.partial(kind, self, listener))
 
     # -- one server, several processes (proxycore/workers.py) -----------------------
     def counters(self) -> Message:
         """A worker's counters, for the supervisor to sum."""
         return {
             "proxy": snapshot(self, _COUNTERS),
+            "queue": snapshot(self.queue, _QUEUE_COUNTERS),
+            "cancels": snapshot(self.cancels, _CANCEL_COUNTERS),
+            "pools": self.pools.status(),
             "listeners": {
                 n: snapshot(lst, _LISTENER_COUNTERS) for n, lst in self.listeners.items()
             },
@@ -265,12 +249,19 @@ class DbProxy:
 
     def _sum(self, answers: list[Message]) -> None:
         zero(self, _COUNTERS)
+        zero(self.queue, _QUEUE_COUNTERS)
+        zero(self.cancels, _CANCEL_COUNTERS)
+        pools: dict[tuple[str, str, str], dict[str, Any]] = {}
         for listener in self.listeners.values():
             zero(listener, _LISTENER_COUNTERS)
         for server in self.servers:
             zero(server, TRAFFIC_FIELDS)
         for answer in answers:
             add(self, answer["proxy"])
+            add(self.queue, answer["queue"])
+            add(self.cancels, answer["cancels"])
+            for pool in answer["pools"]:
+                _add_pool(pools, pool)
             for name, fields in answer["listeners"].items():
                 if name in self.listeners:
                     add(self.listeners[name], fields)
@@ -278,6 +269,11 @@ class DbProxy:
                 known = self.servers.get(name)
                 if known is not None:
                     add(known, fields)
+        self._pool_totals = list(pools.values())
+
+    def pool_status(self) -> list[dict[str, Any]]:
+        """Per (server, user, database) pool, as pgbouncer's SHOW POOLS."""
+        return self._pool_totals if self._supervisor is not None else self.pools.status()
 
     def _from_worker(self, worker: Worker, message: Message) -> Any:
         """What a worker asks of its supervisor."""
@@ -300,20 +296,29 @@ class DbProxy:
     def _from_supervisor(self, message: Message) -> Any:
         """What a worker's supervisor asks of it, but the servers' state and counters."""
         if message.get("op") == "cancel_if_yours":
-            server = self.keys.get((message["pid"], message["key"]))
-            if server is not None:
-                self._deliver(message["pid"], message["key"], None, server)
-            return {"delivered": server is not None}
+            return {"delivered": self.cancels.mine((message["pid"], message["key"]))}
         return None
 
-    async def _cancel_via_supervisor(self, pid: int, key: int, listener: Listener) -> None:
+    def _cancel_elsewhere(self, pid: int, key: int, listener: str) -> None:
+        self.loop.create_task(self._cancel_via_supervisor(pid, key, listener))
+
+    async def _cancel_via_supervisor(self, pid: int, key: int, listener: str) -> None:
         assert self._worker is not None and self._worker.channel is not None
         try:
             answer = await self._worker.channel.request({"op": "cancel", "pid": pid, "key": key})
         except (ConnectionError, TimeoutError):
             answer = {}
-        if not answer.get("delivered"):
-            self._deliver(pid, key, listener, None)
+        if not answer.get("delivered") and listener:
+            self.cancels.to_all(pid, key, listener)
+
+    def _cancel_targets(self, listener: str) -> list[Server]:
+        accept = routing.accept_for(listener, self.config.ro, fallback=False)
+        fallback = routing.accept_for(listener, self.config.ro, fallback=True)
+        return [
+            s
+            for s in self.servers
+            if accept is None or accept(s) or (fallback is not None and fallback(s))
+        ]
 
     async def new_generation(self) -> None:
         if self._supervisor is not None:
@@ -331,8 +336,15 @@ class DbProxy:
         self._watch(added)
         for server in removed:
             self._ssl_refused_at.pop(server, None)
+            self.pools.forget(server)
+            self.secrets.forget(server.name)
             for session in list(self.by_server.get(server, ())):
                 session.abort()
+        if new.pool.mode != old.pool.mode or new.auth != old.auth:
+            log.warning("reload: pool mode and [auth] change only on restart")
+            new = dataclasses.replace(new, pool=dataclasses.replace(new.pool, mode=old.pool.mode))
+            new = dataclasses.replace(new, auth=old.auth)
+        self.pools.settings = new.pool
         if new.method != old.method:
             self.policy = make_policy(new.method)
         self._stalls.after = new.timeouts.stall
@@ -367,10 +379,12 @@ class DbProxy:
             session.close()
         await self._checker.stop()
         self._stalls.stop()
+        self.pools.close()
+        await self.secrets.close()
         self.first_packet_limits.close()
         self.connect_limits.close()
         self.startup_limits.close()
-        self.queue_limits.close()
+        self.queue.close()
         for sock in self._sockets:
             sock.close()
         if self._worker is not None:
@@ -397,58 +411,6 @@ class DbProxy:
             server = pick(self.servers.order, self.policy, tried, _with_room(fallback, room))
         return server
 
-    # -- the queue: a burst waits for a session slot, it does not fail -----------------
-    def enqueue(self, session: ClientSession) -> None:
-        settings = self.config.queue
-        if self.queued >= settings.max_queue:
-            self.queue_refused += 1
-            session.refuse_as_server(
-                "53300",
-                f"dbproxy: every server for listener '{session.listener.name}' is at its "
-                f"max_sessions and {settings.max_queue} sessions wait already",
-            )
-            return
-        now = self.loop.time()
-        session.queued = True
-        session.queued_at = now
-        self.queued += 1
-        session.listener.queued += 1
-        session.listener.queue.append(session)
-        self.queue_limits.set(session, now + settings.timeout)
-
-    def left_queue(self, session: ClientSession) -> None:
-        """``session`` stops waiting: served, timed out or gone (dropped lazily)."""
-        if session.queued:
-            session.queued = False
-            self.queued -= 1
-            session.listener.queued -= 1
-            self.queue_limits.clear(session)
-            self.queue_wait.observe(self.loop.time() - session.queued_at)
-
-    def queue_lengths(self) -> dict[str, int]:
-        return {n: listener.queued for n, listener in self.listeners.items()}
-
-    def slot_freed(self) -> None:
-        """A session or a dial ended: the queues' heads may go, on the loop's next turn."""
-        if self.queued and not self._wake_due:
-            self._wake_due = True
-            self.loop.call_soon(self._wake)
-
-    def _wake(self) -> None:
-        self._wake_due = False
-        for listener in self.listeners.values():
-            queue = listener.queue
-            while queue:
-                session = queue[0]
-                if not session.queued or session.closed:
-                    queue.popleft()
-                    continue
-                server = self.choose(listener, session._failed, room=True)
-                if server is None:
-                    break  # first come, first served: the head waits on
-                queue.popleft()
-                session.dequeued(server)
-
     def attach(self, session: ClientSession, server: Server) -> None:
         """``session`` relays to ``server`` (its slot was taken when it was dialled)."""
         server.total += 1
@@ -458,12 +420,10 @@ class DbProxy:
         if self.draining and not self.sessions:
             self._idle.set()
 
-    def detach(self, session: ClientSession, server: Server, key: tuple[int, int] | None) -> None:
+    def detach(self, session: ClientSession, server: Server) -> None:
         sessions = self.by_server.get(server)
         if sessions is not None:
             sessions.discard(session)
-        if key is not None and self.keys.get(key) is server:
-            del self.keys[key]
 
     # -- TLS ----------------------------------------------------------------------------
     def ssl_answered(self, server: Server, answer: bytes) -> None:
@@ -487,55 +447,6 @@ class DbProxy:
         self.ssl_answered_for_server += 1
         return True
 
-    # -- cancels ----------------------------------------------------------------------
-    def remember_key(self, key: tuple[int, int], server: Server) -> None:
-        self.keys[key] = server
-
-    def deliver_cancel(self, request: CancelRequest, listener: Listener) -> None:
-        """To the server holding the session when its key was seen; else (a worker)
-        to its supervisor, which asks the other workers; else to every server the
-        listener may route to (a wrong key is ignored by the others)."""
-        server = self.keys.get((request.pid, request.key))
-        if server is None and self._worker is not None:
-            self.loop.create_task(self._cancel_via_supervisor(request.pid, request.key, listener))
-            return
-        self._deliver(request.pid, request.key, listener, server)
-
-    def _deliver(
-        self, pid: int, key: int, listener: Listener | None, server: Server | None
-    ) -> None:
-        if server is not None:
-            targets: Iterable[Server] = (server,)
-            self.cancels_routed += 1
-        else:
-            name = "any" if listener is None else listener.name
-            accept = routing.accept_for(name, self.config.ro, fallback=False)
-            fallback = routing.accept_for(name, self.config.ro, fallback=True)
-            targets = [
-                s
-                for s in self.servers
-                if accept is None or accept(s) or (fallback is not None and fallback(s))
-            ]
-            self.cancels_broadcast += 1
-        packet = cancel_request(pid, key)
-        for target in targets:
-            self.loop.create_task(self._send_cancel(target, packet))
-
-    async def _send_cancel(self, server: Server, packet: bytes) -> None:
-        address = server.spec.address
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(address.host, address.port), self.config.timeouts.connect
-            )
-        except (OSError, TimeoutError) as exc:
-            log.info("cancel to %s not delivered: %s", server.name, exc)
-            return
-        writer.write(packet)
-        try:
-            await writer.drain()
-        finally:
-            writer.close()
-
     # -- health ---------------------------------------------------------------------
     def _watch(self, servers: Iterable[Server]) -> None:
         for server in servers:
@@ -548,6 +459,9 @@ class DbProxy:
         # Back from down it may be another server (restarted, TLS turned on): ask it again.
         self._ssl_refused_at.pop(server, None)
         down = not server.healthy or server.admin == "disabled"
+        if down:
+            self.pools.server_down(server, self.config.close_sessions_on_down)
+            self.secrets.forget(server.name)
         if down and self.config.close_sessions_on_down:
             sessions = list(self.by_server.get(server, ()))
             if sessions:
@@ -596,6 +510,10 @@ class DbProxy:
         for session in parked:
             session.abort()
 
+    def fits(self, server: Server, listener: Listener) -> bool:
+        """Whether a pooled session of ``listener`` may go on using ``server``."""
+        return server.takes_traffic() and server in self.fitting(listener)
+
     def fitting(self, listener: Listener) -> list[Server]:
         """The servers a new session of ``listener`` may go to now, as choose sees them."""
         limits = self.config.ro
@@ -615,6 +533,7 @@ class DbProxy:
         return {
             "address": str(self.config.listen[listener.name]),
             "sessions": listener.active,
+            "pool_mode": listener.pool_mode,
             "queued": listener.queued,
             "servers": [s.name for s in fits],
             "next": self.policy.peek(fits).name if fits else None,
@@ -629,18 +548,36 @@ class DbProxy:
             "uptime_seconds": round(time.time() - self.started, 3),
             "sessions": {n: listener.active for n, listener in self.listeners.items()},
             "listeners": {n: self._listener_status(lst) for n, lst in self.listeners.items()},
-            "cancels_to_session_server": self.cancels_routed,
-            "cancels_to_every_server": self.cancels_broadcast,
+            "cancels_to_session_server": self.cancels.routed,
+            "cancels_to_every_server": self.cancels.broadcast,
+            "cancels_with_nothing_running": self.cancels.idle,
             "sessions_redialed": self.redials,
             "queue": {
-                "waiting": self.queue_lengths(),
-                "timeouts": self.queue_timeouts,
-                "refused": self.queue_refused,
-                "abandoned": self.queue_abandoned,
+                "waiting": self.queue.lengths(),
+                "timeouts": self.queue.timeouts,
+                "refused": self.queue.refused,
+                "abandoned": self.queue.abandoned,
             },
+            "pool_mode": self.config.pool.mode,
+            "server_pools": self.pool_status(),
             "ssl_requests_forwarded": self.ssl_forwarded,
             "ssl_requests_answered_for_server": self.ssl_answered_for_server,
             "draining": self.draining,
             "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "pools": {"postgres": [s.status() for s in self.servers]},
         }
+
+
+_POOL_SUMS = ("active", "idle", "opening", "waiting", "served", "wait_timeouts", "login_failures")
+
+
+def _add_pool(into: dict[tuple[str, str, str], dict[str, Any]], pool: dict[str, Any]) -> None:
+    """One worker's pool status added to the supervisor's sum of it."""
+    key = (pool["server"], pool["user"], pool["database"])
+    total = into.get(key)
+    if total is None:
+        into[key] = dict(pool)
+        return
+    for field in _POOL_SUMS:
+        total[field] += pool[field]
+    total["longest_wait_seconds"] = max(total["longest_wait_seconds"], pool["longest_wait_seconds"])

@@ -24,6 +24,14 @@ from proxycore.workers import count as worker_count
 LISTENERS = ("rw", "ro", "any")
 DEFAULT_PORTS = {"rw": 6432, "ro": 6433, "any": 6434}
 PASSWORD_ENV = "DBPROXY_CHECK_PASSWORD"
+AUTH_PASSWORD_ENV = "DBPROXY_AUTH_PASSWORD"
+POOL_MODES = ("none", "session", "transaction")
+AUTH_TYPES = ("trust", "md5", "scram-sha-256")
+# pgbouncer's auth_query default: the role's secret, none past its VALID UNTIL.
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END "
+    "FROM pg_authid WHERE rolname = $1 AND rolcanlogin"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +81,37 @@ class QueueSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Pooled server connections (pgbouncer's names). ``mode`` "none": today's
+    relay, a server connection per client; "session": a client holds a pooled
+    connection while it is connected; "transaction": while a transaction runs."""
+
+    mode: str = "none"  # pgbouncer: pool_mode
+    size: int = 20  # default_pool_size: server connections per (server, user, database)
+    min_size: int = 0  # min_pool_size: kept open once the pool has logged in once
+    idle_timeout: float = 600.0  # server_idle_timeout
+    lifetime: float = 3600.0  # server_lifetime: closed when next idle past it
+    wait_timeout: float = 120.0  # query_wait_timeout: a client waiting for a connection
+    reset_query: str = "DISCARD ALL"  # server_reset_query (session mode)
+    max_prepared_statements: int = 200  # transaction mode, per server connection
+    # startup parameters a client may send that are neither passed nor refused
+    ignore_startup_parameters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """How a pooled listener authenticates its clients (pgbouncer's auth_*)."""
+
+    type: str = "trust"  # auth_type
+    file: Path | None = None  # auth_file: "user" "secret" lines, pgbouncer's userlist.txt
+    query: str = DEFAULT_AUTH_QUERY  # auth_query, run as auth_user on the client's server
+    user: str | None = None  # auth_user
+    password: str = field(default="", repr=False)  # auth_user's ($DBPROXY_AUTH_PASSWORD)
+    dbname: str | None = None  # auth_dbname: where auth_query runs (None: the client's)
+    cache: float = 10.0  # how long a looked-up secret is used again (0: every login asks)
+
+
+@dataclass(frozen=True, slots=True)
 class DbProxyConfig:
     listen: Mapping[str, Address] = field(
         default_factory=lambda: {k: Address("127.0.0.1", p) for k, p in DEFAULT_PORTS.items()}
@@ -93,6 +132,8 @@ class DbProxyConfig:
     # passthrough: how long a server's 'N' to an SSLRequest is given again on its
     # behalf, sparing the client a round trip to a backend still starting (0: never)
     ssl_refusal_memory: float = 1.0
+    pool: PoolSettings = PoolSettings()
+    auth: AuthSettings = AuthSettings()
     source: Path | None = field(default=None, compare=False)
 
 
@@ -168,6 +209,9 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
     )
     q.done()
 
+    pool = _pool(root.section("pool"), d.pool)
+    auth = _auth(root.section("auth"), d.auth, source, env)
+
     servers, slots = [], {}
     for s in root.sections("server"):
         address = s.server_address()
@@ -201,8 +245,65 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         close_sessions_on_down=close_sessions,
         ssl=ssl,
         ssl_refusal_memory=ssl_refusal_memory,
+        pool=pool,
+        auth=auth,
         source=source,
     )
+
+
+def _pool(p: Section, d: PoolSettings) -> PoolSettings:
+    ignored = p.raw("ignore_startup_parameters", [])
+    if not isinstance(ignored, list) or not all(isinstance(x, str) for x in ignored):
+        raise ConfigError(f"{p.where('ignore_startup_parameters')}: expected a list of names")
+    pool = PoolSettings(
+        mode=p.string("mode", d.mode, POOL_MODES),
+        size=p.integer("size", d.size, minimum=1),
+        min_size=p.integer("min_size", d.min_size),
+        idle_timeout=p.duration("idle_timeout", d.idle_timeout),
+        lifetime=p.duration("lifetime", d.lifetime),
+        wait_timeout=p.duration("wait_timeout", d.wait_timeout),
+        reset_query=p.string("reset_query", d.reset_query),
+        max_prepared_statements=p.integer("max_prepared_statements", d.max_prepared_statements),
+        ignore_startup_parameters=tuple(ignored),
+    )
+    if pool.min_size > pool.size:
+        raise ConfigError(f"{p.where('min_size')}: above size ({pool.size})")
+    p.done()
+    return pool
+
+
+def _auth(a: Section, d: AuthSettings, source: Path | None, env: Mapping[str, str]) -> AuthSettings:
+    file = a.string("file", "")
+    path = None
+    if file:
+        path = Path(file)
+        if not path.is_absolute() and source is not None:
+            path = source.parent / path
+    auth = AuthSettings(
+        type=a.string("type", d.type, AUTH_TYPES),
+        file=path,
+        query=a.string("query", d.query),
+        user=a.string("user", "") or None,
+        password=env.get(AUTH_PASSWORD_ENV) or a.string("password", ""),
+        dbname=a.string("dbname", "") or None,
+        cache=a.duration("cache", d.cache),
+    )
+    a.done()
+    return auth
+
+
+def check_auth(config: DbProxyConfig, where: str) -> None:
+    """A pooled listener that asks for a password must have somewhere to find it."""
+    auth = config.auth
+    if config.pool.mode == "none" or auth.type == "trust":
+        return
+    if auth.file is None and auth.user is None:
+        raise ConfigError(
+            f"{where}: auth type {auth.type} needs [auth] file or [auth] user "
+            "(with query) to find a client's secret"
+        )
+    if auth.file is not None and not auth.file.is_file():
+        raise ConfigError(f"{where}: auth file {auth.file} is not a readable file")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -234,6 +335,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--admin", metavar="HOST:PORT|off", help="admin listener (default 127.0.0.1:9102)"
     )
+    p.add_argument(
+        "--pool-mode",
+        choices=POOL_MODES,
+        help="none (a server connection per client), session or transaction pooling",
+    )
+    p.add_argument("--pool-size", type=int, help="server connections per (server, user, database)")
+    p.add_argument("--auth-type", choices=AUTH_TYPES, help="how pooled listeners log clients in")
+    p.add_argument("--auth-file", type=Path, help='pgbouncer userlist: "user" "secret" lines')
+    p.add_argument(
+        "--auth-user", help="role the auth query runs as (password: $DBPROXY_AUTH_PASSWORD)"
+    )
+    p.add_argument("--auth-query", help="SQL giving (user, secret) for $1")
     p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
@@ -277,7 +390,27 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
     if args.workers:
         changes["workers"] = worker_count(args.workers, "--workers")
+    if args.pool_mode or args.pool_size:
+        if args.pool_size is not None and args.pool_size < 1:
+            raise ConfigError("--pool-size: must be at least 1")
+        changes["pool"] = dataclasses.replace(
+            config.pool,
+            mode=args.pool_mode or config.pool.mode,
+            size=args.pool_size or config.pool.size,
+        )
+    auth_changes: dict[str, Any] = {}
+    if args.auth_type:
+        auth_changes["type"] = args.auth_type
+    if args.auth_file:
+        auth_changes["file"] = args.auth_file
+    if args.auth_user:
+        auth_changes["user"] = args.auth_user
+    if args.auth_query:
+        auth_changes["query"] = args.auth_query
+    if auth_changes:
+        changes["auth"] = dataclasses.replace(config.auth, **auth_changes)
     config = dataclasses.replace(config, **changes)
+    check_auth(config, str(args.config) if args.config else "flags")
     if not config.servers:
         raise ConfigError(
             "no servers: give --server NAME=HOST:PORT or a --config file with [[server]]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -23,10 +24,11 @@ class DbProxyCollector(Collector):
         self,
         listeners: Callable[[], Iterable[object]],
         servers: Callable[[], Iterable[Server]],
-        cancels: Callable[[], tuple[int, int]],
+        cancels: Callable[[], tuple[int, int, int]],
         ssl_requests: Callable[[], tuple[int, int]],
         redials: Callable[[], int],
         queue: Callable[[], tuple[dict[str, int], int, int, int, Histogram]],
+        pools: Callable[[], list[dict[str, Any]]],
     ) -> None:
         self._listeners = listeners
         self._servers = servers
@@ -34,6 +36,7 @@ class DbProxyCollector(Collector):
         self._ssl_requests = ssl_requests
         self._redials = redials
         self._queue = queue
+        self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
         active = GaugeMetricFamily(
@@ -128,13 +131,15 @@ class DbProxyCollector(Collector):
             check,
             check_ok,
         )
-        routed, broadcast = self._cancels()
+        routed, broadcast, idle = self._cancels()
         cancels = CounterMetricFamily(
             "dbproxy_cancels", "Cancel requests delivered", labels=["how"]
         )
         cancels.add_metric(["to_session_server"], routed)
         cancels.add_metric(["to_every_server"], broadcast)
+        cancels.add_metric(["nothing_running"], idle)
         yield cancels
+        yield from self._pool_families()
         forwarded, answered = self._ssl_requests()
         ssl = CounterMetricFamily(
             "dbproxy_ssl_requests",
@@ -174,3 +179,45 @@ class DbProxyCollector(Collector):
             "Sessions that left the queue because their client closed",
             value=abandoned,
         )
+
+    def _pool_families(self) -> Iterator[Metric]:
+        """Per (server, user, database) pool, as pgbouncer's SHOW POOLS."""
+        labels = ["server", "user", "database"]
+        gauges: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "active": GaugeMetricFamily(
+                "dbproxy_pool_active", "Server connections lent to a client", labels=labels
+            ),
+            "idle": GaugeMetricFamily(
+                "dbproxy_pool_idle", "Server connections idle in the pool", labels=labels
+            ),
+            "opening": GaugeMetricFamily(
+                "dbproxy_pool_opening", "Server connections logging in", labels=labels
+            ),
+            "waiting": GaugeMetricFamily(
+                "dbproxy_pool_waiting", "Clients waiting for a server connection", labels=labels
+            ),
+            "longest_wait_seconds": GaugeMetricFamily(
+                "dbproxy_pool_longest_wait_seconds",
+                "How long the longest-waiting client has waited (pgbouncer: maxwait)",
+                labels=labels,
+            ),
+        }
+        counters: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "served": CounterMetricFamily(
+                "dbproxy_pool_lent", "Server connections lent to clients", labels=labels
+            ),
+            "wait_timeouts": CounterMetricFamily(
+                "dbproxy_pool_wait_timeouts",
+                "Clients refused with 53300 after wait_timeout",
+                labels=labels,
+            ),
+            "login_failures": CounterMetricFamily(
+                "dbproxy_pool_login_failures", "Server logins that failed", labels=labels
+            ),
+        }
+        for pool in self._pools():
+            values = [pool["server"], pool["user"], pool["database"]]
+            for field, family in (*gauges.items(), *counters.items()):
+                family.add_metric(values, pool[field])
+        yield from gauges.values()
+        yield from counters.values()

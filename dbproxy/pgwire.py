@@ -209,3 +209,46 @@ _E: Final = ord("E")
 # The messages before ReadyForQuery are small; a session start that holds more
 # than this in one message is not one we can learn from.
 _WATCH_LIMIT: Final = 64 * 1024
+
+
+# -- typed messages (pooled listeners read both directions) --------------------------
+def message(kind: bytes, body: bytes) -> bytes:
+    return kind + _INT32.pack(len(body) + 4) + body
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", name.encode() + b"\0" + value.encode() + b"\0")
+
+
+def backend_key_data(pid: int, key: int) -> bytes:
+    return message(b"K", _TWO_INT32.pack(pid, key))
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", sql.encode() + b"\0")
+
+
+# Above this a typed message from a client is refused (Postgres's own bound for
+# most messages is 1 GB; a pooler holds what it parses, so it sets its own).
+MAX_MESSAGE: Final = 64 * 1024 * 1024
+
+
+def split_messages(buffer: bytes) -> tuple[list[tuple[int, int]], int]:
+    """The whole typed messages at the head of ``buffer`` as (start, end) offsets,
+    and where the rest begins. Raises ProtocolViolation on an impossible length."""
+    spans = []
+    offset, size = 0, len(buffer)
+    while size - offset >= 5:
+        (length,) = _INT32.unpack_from(buffer, offset + 1)
+        if length < 4 or length > MAX_MESSAGE:
+            raise ProtocolViolation(f"a message of impossible length {length}")
+        end = offset + 1 + length
+        if end > size:
+            break
+        spans.append((offset, end))
+        offset = end
+    return spans, offset

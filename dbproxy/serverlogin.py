@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from .auth import md5_answer
+from .auth import md5_answer, md5_secret
 from .scram import MECHANISM, ClientExchange, ScramError, Secret
 
 _INT32: Final = struct.Struct("!i")
@@ -39,11 +39,14 @@ class ServerLogin:
         client_key: bytes | None = None,
         scram_secret: Secret | None = None,
         md5: str | None = None,
+        password: str | None = None,
     ) -> None:
         """``parameters``: the startup's (user, database, application_name ...);
-        the credentials: a SCRAM ClientKey with the secret it was checked
-        against, or an md5 secret, or neither (a server that trusts dbproxy)."""
+        the credentials: the password (an auth file's plain one), or a SCRAM
+        ClientKey with the secret it was checked against, or an md5 secret, or
+        none (a server that trusts dbproxy)."""
         self._parameters = parameters
+        self._password = password
         self._client_key = client_key
         self._scram_secret = scram_secret
         self._md5 = md5
@@ -103,12 +106,25 @@ class ServerLogin:
         try:
             if code == 0:
                 return b""
+            password = self._password
+            if code == 3 and password is not None:
+                return _message(b"p", password.encode() + b"\0")
+            if code == 5 and password is not None:
+                secret = md5_secret(self._parameters.get("user", ""), password)
+                return _message(b"p", md5_answer(secret, data[:4]) + b"\0")
             if code == 5 and self._md5 is not None:
                 return _message(b"p", md5_answer(self._md5, data[:4]) + b"\0")
-            if code == 10 and self._client_key is not None and self._scram_secret is not None:
+            if code == 10 and (
+                password is not None
+                or (self._client_key is not None and self._scram_secret is not None)
+            ):
                 if MECHANISM.encode() not in data.split(b"\0"):
                     return self._fail("the server offers no SCRAM-SHA-256")
-                self._scram = ClientExchange.from_keys(self._client_key, self._scram_secret)
+                if password is not None:
+                    self._scram = ClientExchange(password=password)
+                else:
+                    assert self._client_key is not None and self._scram_secret is not None
+                    self._scram = ClientExchange.from_keys(self._client_key, self._scram_secret)
                 first = self._scram.first()
                 return _message(b"p", MECHANISM.encode() + b"\0" + _INT32.pack(len(first)) + first)
             if code == 11 and self._scram is not None:

@@ -40,13 +40,14 @@ from .pgwire import (
 )
 
 if TYPE_CHECKING:
-    from .app import DbProxy, Listener
+    from .listener import Listener
+    from .view import Proxy
 
 log = logging.getLogger("dbproxy")
 
 
 class ClientSession:
-    def __init__(self, proxy: DbProxy, listener: Listener) -> None:
+    def __init__(self, proxy: Proxy, listener: Listener) -> None:
         self.proxy = proxy
         self.listener = listener
         self.transport: asyncio.Transport | None = None
@@ -65,7 +66,7 @@ class ClientSession:
         self._dial: asyncio.Task[None] | None = None  # a connect in flight
         self._target: Server | None = None  # the server dialled last
         self._dial_timed_out = False
-        self._failed: list[Server] = []  # servers whose connect failed for this session
+        self.failed: list[Server] = []  # servers whose connect failed for this session
         self._ready: ServerSide | None = None  # connected, nothing sent to it yet
         self._want: bytes | None = None  # what goes to the server once it is connected
         self._want_probe = False  # ... and it is an SSLRequest, whose answer comes back here
@@ -124,8 +125,8 @@ class ClientSession:
         if self.queued and not self.closed:
             # Its client left while it waited for a slot: nothing was sent to a
             # server, so nothing is owed; it leaves the queue now.
-            self.proxy.queue_abandoned += 1
-            self.proxy.left_queue(self)
+            self.proxy.queue.abandoned += 1
+            self.proxy.queue.left(self)
             self.close()
             return None
         if self._out is None and self._connecting and not self.closed:
@@ -146,7 +147,7 @@ class ClientSession:
         self.closed = True
         self.proxy.first_packet_limits.clear(self)
         if self.queued:
-            self.proxy.left_queue(self)
+            self.proxy.queue.left(self)
         if self._unanswered is not None:
             self._unanswered = None
             self.proxy.startup_limits.clear(self)
@@ -157,7 +158,9 @@ class ClientSession:
             self.proxy.sessions.discard(self)
             self.listener.active -= 1
         if self.server is not None:
-            self.proxy.detach(self, self.server, self._key)
+            self.proxy.detach(self, self.server)
+        if self._key is not None:
+            self.proxy.cancels.forget(self._key, self)
         self._free_slot()
         for side in (self.server_side, self._probing, self._ready):
             if side is not None:
@@ -215,7 +218,7 @@ class ClientSession:
                 self._send(packet, probe=True)
                 return
             if isinstance(first, CancelRequest):
-                self.proxy.deliver_cancel(first, self.listener)
+                self.proxy.cancels.deliver(first, self.listener.name, pooled=False)
                 self.close()  # as a server does: no answer to a cancel
                 return
             # A startup packet: the server judges it, but for a negotiation asked
@@ -278,20 +281,20 @@ class ClientSession:
         if self.queued:
             return True
         proxy = self.proxy
-        server = proxy.choose(self.listener, self._failed)
+        server = proxy.choose(self.listener, self.failed)
         if server is None:
             return False
         if server.active >= server.limit:
-            server = proxy.choose(self.listener, self._failed, room=True)
+            server = proxy.choose(self.listener, self.failed, room=True)
             if server is None:
-                proxy.enqueue(self)
+                proxy.queue.enqueue(self)
                 return True
         self._dial_to(server)
         return True
 
     def dequeued(self, server: Server) -> None:
         """A slot came free on ``server`` while this waited at the queue's head."""
-        self.proxy.left_queue(self)
+        self.proxy.queue.left(self)
         self._dial_to(server)
 
     def queue_late(self) -> None:
@@ -299,8 +302,8 @@ class ClientSession:
         proxy = self.proxy
         if not self.queued or self.closed:
             return
-        proxy.left_queue(self)
-        proxy.queue_timeouts += 1
+        proxy.queue.left(self)
+        proxy.queue.timeouts += 1
         self.refuse_as_server(
             "53300",
             f"dbproxy: every server for listener '{self.listener.name}' stayed at its "
@@ -312,7 +315,7 @@ class ClientSession:
         if server is not None:
             self._slot = None
             server.active -= 1
-            self.proxy.slot_freed()
+            self.proxy.queue.slot_freed()
 
     def _dial_to(self, server: Server) -> None:
         self._slot = server
@@ -375,7 +378,7 @@ class ClientSession:
         # flight: with others it may be our own burst, not a dead server.
         if not timed_out or server.connecting == 0:
             server.record_failure(why, at_once=at_once)
-        self._failed.append(server)
+        self.failed.append(server)
         log.info(
             "session on %s: %s to %s; trying the next server", self.listener.name, why, server.name
         )
@@ -386,8 +389,8 @@ class ClientSession:
         # else the first packet, when it comes, finds no server and is refused
 
     def _no_server(self) -> None:
-        if self._failed:
-            what = f"no server answered ({len(self._failed)} tried)"
+        if self.failed:
+            what = f"no server answered ({len(self.failed)} tried)"
         else:
             what = "no server is available"
         self.refuse_as_server("57P03", f"dbproxy: {what} for listener '{self.listener.name}'")
@@ -498,12 +501,12 @@ class ClientSession:
         self._unanswered = None
         self.proxy.startup_limits.clear(self)
         if self.server is not None:
-            self.proxy.detach(self, self.server, None)
+            self.proxy.detach(self, self.server)
             self.server = None
         self._free_slot()
         self.server_side = self._probing = None
         side.abort()
-        self._failed.append(server)
+        self.failed.append(server)
         self.proxy.redials += 1
         log.warning(
             "session from %s on %s: %s; trying the next server",
@@ -527,7 +530,13 @@ class ClientSession:
     def key_seen(self, key: tuple[int, int]) -> None:
         self._key = key
         if self.server is not None:
-            self.proxy.remember_key(key, self.server)
+            self.proxy.cancels.remember(key, self)
+
+    def cancel_target(self) -> tuple[Server, tuple[int, int]] | None:
+        """The server's own key, to the server this session is relayed to."""
+        if self.server is None or self._key is None:
+            return None
+        return self.server, self._key
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:

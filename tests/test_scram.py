@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import shutil
-import signal
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
 
 from dbproxy.auth import SCRAM, ClientAuth
 from dbproxy.scram import ClientExchange, ScramError, Secret, ServerExchange
 from dbproxy.serverlogin import ServerLogin
 from stack import postgres as pg
-from stack.control import pg_root_for
-from tests.stackctl import free_ports
+from tests.pgcluster import cluster
 
 # RFC 7677, section 3
 SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
@@ -98,34 +91,8 @@ def test_malformed_messages_are_refused_not_crashed_on() -> None:
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A throwaway cluster of the stack's settings (SCRAM for all but the superuser)."""
-    bindir, user = pg.find_bindir(), pg.run_as()
-    root = pg_root_for(tmp_path_factory.mktemp("scram"))
-    datadir = root / "data"
-    pg.initdb(bindir, datadir, user)
-    port = free_ports(1)[0]
-    pg.configure(datadir, port, publisher=False)
-    argv = pg.server_argv(bindir, datadir)
-    proc = subprocess.Popen(
-        argv if user is None else ["runuser", "-u", user, "--", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                asyncio.run(_sql(port, "SELECT 1"))
-                break
-            except (OSError, asyncpg.PostgresError):
-                assert time.monotonic() < deadline and proc.poll() is None, "postgres did not start"
-                time.sleep(0.2)
-        asyncio.run(_sql(port, "CREATE ROLE app LOGIN PASSWORD 's3cret'"))
-        yield port
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
+    with cluster(tmp_path_factory.mktemp("scram"), "CREATE ROLE app LOGIN PASSWORD 's3cret'") as c:
+        yield c.port
 
 
 async def _sql(port: int, query: str) -> object:

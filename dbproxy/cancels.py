@@ -1,0 +1,121 @@
+"""Where a CancelRequest goes.
+
+A relayed session's client knows its server's own BackendKeyData (dbproxy read
+it going by); a pooled session's client knows dbproxy's, made here, and its
+cancel goes with the server's key to the connection the session holds at that
+moment (none: nothing runs, nothing to cancel). A key this process does not
+know is asked of the other workers through the supervisor; a relayed key no
+one knows (a TLS session's, whose start dbproxy could not read) goes to every
+server its listener may route to, which ignore a key not theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from proxycore.servers import Server
+
+from .pgwire import CancelRequest, cancel_request
+
+log = logging.getLogger("dbproxy")
+
+
+class Cancellable(Protocol):
+    def cancel_target(self) -> tuple[Server, tuple[int, int]] | None:
+        """The server and its BackendKeyData a cancel for this session goes to now."""
+        ...
+
+
+# what a process that does not know a key does with it: (pid, key, listener name) -> None
+Elsewhere = Callable[[int, int, str], None]
+# the servers a broadcast cancel of a listener goes to
+Targets = Callable[[str], Iterable[Server]]
+
+
+def _own_key() -> tuple[int, int]:
+    """A BackendKeyData of dbproxy's: a process id no Postgres backend has on
+    this host's usual pid range (above 2^30), and a random secret."""
+    pid, key = struct.unpack("!ii", os.urandom(8))
+    return (pid & 0x3FFFFFFF) | 0x40000000, key
+
+
+class Cancels:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, connect_timeout: Callable[[], float]
+    ) -> None:
+        self.loop = loop
+        self._connect_timeout = connect_timeout
+        self.keys: dict[tuple[int, int], Cancellable] = {}
+        self.own: set[tuple[int, int]] = set()  # the keys dbproxy made (pooled sessions)
+        self.routed = 0
+        self.broadcast = 0
+        self.idle = 0  # cancels for a pooled session that held no server connection
+        self.elsewhere: Elsewhere | None = None  # set in a worker: ask the supervisor
+        self.targets: Targets = lambda name: ()
+
+    def remember(self, key: tuple[int, int], session: Cancellable) -> None:
+        self.keys[key] = session
+
+    def new_key(self, session: Cancellable) -> tuple[int, int]:
+        key = _own_key()
+        while key in self.keys:
+            key = _own_key()
+        self.keys[key] = session
+        self.own.add(key)
+        return key
+
+    def forget(self, key: tuple[int, int], session: Cancellable) -> None:
+        if self.keys.get(key) is session:
+            del self.keys[key]
+            self.own.discard(key)
+
+    def deliver(self, request: CancelRequest, listener: str, pooled: bool) -> None:
+        key = (request.pid, request.key)
+        if self.mine(key):
+            return
+        if self.elsewhere is not None:
+            self.elsewhere(request.pid, request.key, "" if pooled else listener)
+            return
+        if not pooled:
+            self.to_all(request.pid, request.key, listener)
+
+    def mine(self, key: tuple[int, int]) -> bool:
+        """Deliver the cancel for ``key`` if a session here has it."""
+        session = self.keys.get(key)
+        if session is None:
+            return False
+        target = session.cancel_target()
+        if target is None:
+            self.idle += 1
+            return True
+        server, server_key = target
+        self.routed += 1
+        self.loop.create_task(self._send(server, cancel_request(*server_key)))
+        return True
+
+    def to_all(self, pid: int, key: int, listener: str) -> None:
+        """A relayed key no one knows: to every server the listener may route to."""
+        self.broadcast += 1
+        packet = cancel_request(pid, key)
+        for server in self.targets(listener):
+            self.loop.create_task(self._send(server, packet))
+
+    async def _send(self, server: Server, packet: bytes) -> None:
+        address = server.spec.address
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(address.host, address.port), self._connect_timeout()
+            )
+        except (OSError, TimeoutError) as exc:
+            log.info("cancel to %s not delivered: %s", server.name, exc)
+            return
+        writer.write(packet)
+        try:
+            await writer.drain()
+        finally:
+            writer.close()

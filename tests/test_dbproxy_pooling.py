@@ -1,0 +1,319 @@
+"""dbproxy's pooled listeners on a real PostgreSQL 15: logins checked by dbproxy
+(SCRAM through an auth query, md5 through an auth file), server connections
+reused and reset between clients (session mode) or lent per transaction
+(transaction mode, asyncpg's statement cache on), cancels to the connection a
+client holds across two workers, the wait timeout, and a killed server's pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.dbproxyctl import DbProxyProc
+from tests.lbctl import stop, wait_port
+from tests.pgcluster import Cluster, cluster
+from tests.stackctl import REPO, free_ports
+
+PASSWORD = "s3cret"
+AUTH_QUERY = "SELECT usename, passwd FROM public.dbproxy_user_secret($1)"
+
+SETUP = (
+    f"CREATE ROLE app LOGIN PASSWORD '{PASSWORD}'",
+    "CREATE ROLE authuser LOGIN PASSWORD 'authpw'",
+    "CREATE FUNCTION public.dbproxy_user_secret(role_name text, OUT usename text, "
+    "OUT passwd text) RETURNS record LANGUAGE sql SECURITY DEFINER "
+    "SET search_path = pg_catalog AS 'SELECT rolname::text, rolpassword FROM pg_authid "
+    "WHERE rolname = role_name AND rolcanlogin AND NOT rolsuper'",
+    "REVOKE ALL ON FUNCTION public.dbproxy_user_secret(text) FROM PUBLIC",
+    "GRANT EXECUTE ON FUNCTION public.dbproxy_user_secret(text) TO authuser",
+    "GRANT CREATE ON SCHEMA public TO app",
+)
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster(tmp_path_factory.mktemp("pooling"), *SETUP) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def pooled(
+    pg: Cluster, tmp: Path, mode: str, *, auth: str = "", size: int = 3, workers: int = 1
+) -> Iterator[DbProxyProc]:
+    port, admin = free_ports(2)
+    auth = auth or (
+        f'type = "scram-sha-256"\nuser = "authuser"\nquery = "{AUTH_QUERY}"\ndbname = "postgres"\n'
+    )
+    config, log = tmp / f"dbproxy-{mode}.toml", tmp / f"dbproxy-{mode}.log"
+    config.write_text(
+        f'admin = "127.0.0.1:{admin}"\nworkers = {workers}\n'
+        f'[listen]\nrw = "127.0.0.1:{port}"\n'
+        '[check]\nuser = "postgres"\ndatabase = "postgres"\ninterval = "200ms"\n'
+        'timeout = "1s"\nrise = 1\nfall = 1\n'
+        f'[pool]\nmode = "{mode}"\nsize = {size}\nwait_timeout = "1s"\n'
+        f"[auth]\n{auth}"
+        f'[[server]]\nname = "pg"\naddress = "127.0.0.1:{pg.port}"\n'
+    )
+    env = dict(os.environ, DBPROXY_AUTH_PASSWORD="authpw")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dbproxy", "--config", str(config)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        wait_port(admin, proc)
+        wait_port(port, proc)
+        yield DbProxyProc({"rw": port}, admin, config, log, proc)
+    finally:
+        stop(proc)
+
+
+async def _connect(port: int, password: str = PASSWORD, **kwargs: object) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        host="127.0.0.1",
+        port=port,
+        user=kwargs.pop("user", "app"),  # type: ignore[arg-type]
+        password=password,
+        database="postgres",
+        timeout=5,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _pools(proxy: DbProxyProc) -> list[dict]:
+    return proxy.status()["server_pools"]
+
+
+def test_session_pooling_reuses_a_reset_connection(pg: Cluster, tmp_path: Path) -> None:
+    """A second client gets the first one's backend, with nothing of its session:
+    no SET, no temp table, no prepared statement, no LISTEN."""
+
+    async def run(port: int) -> None:
+        first = await _connect(port)
+        pid = await first.fetchval("SELECT pg_backend_pid()")
+        await first.execute("SET work_mem = '77MB'")
+        await first.execute("CREATE TEMP TABLE scratch (x int)")
+        await first.execute("PREPARE mine AS SELECT 1")
+        await first.execute("LISTEN somewhere")
+        await first.close()
+        await asyncio.sleep(0.2)
+        second = await _connect(port)
+        try:
+            assert await second.fetchval("SELECT pg_backend_pid()") == pid
+            assert await second.fetchval("SHOW work_mem") != "77MB"
+            assert await second.fetchval("SELECT to_regclass('pg_temp.scratch')") is None
+            prepared = "SELECT count(*) FROM pg_prepared_statements WHERE name = 'mine'"
+            assert await second.fetchval(prepared) == 0
+            assert await second.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+        finally:
+            await second.close()
+
+    with pooled(pg, tmp_path, "session") as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+        [pool] = _pools(proxy)
+        assert (pool["user"], pool["database"], pool["served"]) == ("app", "postgres", 2)
+        assert pool["idle"] == 1 and pool["active"] == 0
+        assert 'dbproxy_pool_idle{database="postgres",server="pg",user="app"} 1.0' in (
+            proxy.metrics()
+        )
+
+
+def test_a_wrong_password_gets_postgres_words_and_no_secret_is_logged(
+    pg: Cluster, tmp_path: Path
+) -> None:
+    async def refused(port: int, user: str, password: str) -> str:
+        with pytest.raises(asyncpg.InvalidPasswordError) as caught:
+            await _connect(port, password, user=user)
+        return str(caught.value)
+
+    with pooled(pg, tmp_path, "session") as proxy:
+        port = proxy.ports["rw"]
+        assert asyncio.run(refused(port, "app", "wrong")) == (
+            'password authentication failed for user "app"'
+        )
+        # an unknown user is told the same: nothing says which users exist
+        assert asyncio.run(refused(port, "nobody", PASSWORD)) == (
+            'password authentication failed for user "nobody"'
+        )
+
+        async def works() -> None:
+            conn = await _connect(port)
+            assert await conn.fetchval("SELECT current_user") == "app"
+            await conn.close()
+
+        asyncio.run(works())
+        log = proxy.log_text()
+    assert PASSWORD not in log and "authpw" not in log and "SCRAM-SHA-256$" not in log
+    assert "Traceback" not in log
+
+
+def test_md5_logins_from_an_auth_file(pg: Cluster, tmp_path: Path) -> None:
+    """The file's plain password checks an md5 client and logs in to the server
+    (by SCRAM, which the server asks for)."""
+    userlist = tmp_path / "userlist.txt"
+    userlist.write_text(f'"app" "{PASSWORD}"\n; a comment\n"other" "md5deadbeef"\n')
+    auth = f'type = "md5"\nfile = "{userlist}"\n'
+
+    async def run(port: int) -> None:
+        conn = await _connect(port)
+        assert await conn.fetchval("SELECT current_user") == "app"
+        await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await _connect(port, "wrong")
+
+    with pooled(pg, tmp_path, "session", auth=auth) as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+
+
+def test_transaction_pooling_shares_few_connections_with_prepared_statements(
+    pg: Cluster, tmp_path: Path
+) -> None:
+    """Twenty asyncpg clients, their statement caches on, over three server
+    connections: each statement prepared where a client lands."""
+
+    async def client(port: int, n: int) -> None:
+        conn = await _connect(port)
+        try:
+            for i in range(30):
+                assert await conn.fetchval("SELECT $1::int + $2::int", n, i) == n + i
+                row = await conn.fetchrow("SELECT $1::text AS name, $2::int AS n", f"c{n}", i)
+                assert (row["name"], row["n"]) == (f"c{n}", i)
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", n)
+                    assert await conn.fetchval("SELECT $1::int * 2", i) == 2 * i
+        finally:
+            await conn.close()
+
+    async def run(port: int) -> None:
+        await asyncio.gather(*(client(port, n) for n in range(20)))
+
+    with pooled(pg, tmp_path, "transaction") as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+        [pool] = _pools(proxy)
+        assert pool["active"] + pool["idle"] <= 3
+        assert pool["served"] > 20 * 30
+        assert "Traceback" not in proxy.log_text()
+
+
+def test_a_set_does_not_follow_the_connection_to_the_next_client(
+    pg: Cluster, tmp_path: Path
+) -> None:
+    """Transaction mode: a client's startup parameters are SET where it lands,
+    and another client's do not stay."""
+
+    async def run(port: int) -> None:
+        tokyo = await _connect(port, server_settings={"TimeZone": "Asia/Tokyo"})
+        lima = await _connect(port, server_settings={"TimeZone": "America/Lima"})
+        try:
+            for _ in range(5):
+                assert await tokyo.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+                assert await lima.fetchval("SHOW TimeZone") == "America/Lima"
+        finally:
+            await tokyo.close()
+            await lima.close()
+
+    with pooled(pg, tmp_path, "transaction", size=1) as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_cancels_reach_the_connection_a_client_holds_through_two_workers(
+    pg: Cluster, tmp_path: Path, mode: str
+) -> None:
+    async def run(port: int) -> None:
+        conns = [await _connect(port) for _ in range(4)]
+        try:
+            for conn in conns:
+                started = time.monotonic()
+                # asyncpg sends a CancelRequest when its timeout passes; the next
+                # query waits for the sleep to end: 20 s unless the cancel got there
+                with pytest.raises(TimeoutError):
+                    await conn.fetchval("SELECT pg_sleep(20)", timeout=0.3)
+                assert await conn.fetchval("SELECT 1") == 1
+                assert time.monotonic() - started < 10
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    with pooled(pg, tmp_path, mode, workers=2, size=4) as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+        assert proxy.status()["cancels_to_session_server"] == 4
+
+
+def test_the_wait_for_a_connection_ends_in_53300(pg: Cluster, tmp_path: Path) -> None:
+    async def run(port: int) -> None:
+        holder = await _connect(port)
+        waiter = await _connect(port)
+        try:
+            transaction = holder.transaction()
+            await transaction.start()  # holds the only connection
+            started = time.monotonic()
+            with pytest.raises(asyncpg.PostgresError) as caught:
+                await waiter.fetchval("SELECT 1")
+            # a FATAL 53300 then the close: asyncpg reports it as the connection lost
+            # with the server's message
+            assert "query_wait_timeout" in str(caught.value)
+            assert time.monotonic() - started < 5
+            await transaction.rollback()
+        finally:
+            await holder.close()
+            waiter.terminate()
+
+    with pooled(pg, tmp_path, "transaction", size=1) as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+        [pool] = _pools(proxy)
+        assert pool["wait_timeouts"] == 1
+
+
+def test_a_killed_server_s_pool_is_drained_and_refilled(pg: Cluster, tmp_path: Path) -> None:
+    async def three(port: int) -> None:
+        conns = [await _connect(port) for _ in range(3)]
+        for conn in conns:
+            await conn.close()
+
+    with pooled(pg, tmp_path, "session") as proxy:
+        port = proxy.ports["rw"]
+        asyncio.run(three(port))
+        time.sleep(0.2)
+        assert _pools(proxy)[0]["idle"] == 3
+        pg.kill()
+        try:
+            deadline = time.monotonic() + 10
+            while proxy.server("pg")["state"] != "DOWN":
+                assert time.monotonic() < deadline, "pg not marked down"
+                time.sleep(0.1)
+            pool = _pools(proxy)[0]
+            assert (pool["idle"], pool["active"]) == (0, 0)
+
+            async def refused() -> None:
+                with pytest.raises((asyncpg.PostgresError, OSError)):
+                    await _connect(port)
+
+            asyncio.run(refused())
+        finally:
+            pg.start()
+        deadline = time.monotonic() + 10
+        while proxy.server("pg")["state"] != "UP":
+            assert time.monotonic() < deadline, "pg not back up"
+            time.sleep(0.1)
+
+        async def again() -> None:
+            conn = await _connect(port)
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+
+        asyncio.run(again())
+        assert "Traceback" not in proxy.log_text()
