@@ -1,5 +1,6 @@
 """python -m bench [--quick] [--profile python|classic] [--out DIR]   (the comparison)
 python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy kind)
+python -m bench pg --pooling [--case C]   (pooled listeners beside pgbouncer)
 python -m bench pg --fuzz N [--seed S] [--out FILE]   (first packets: dbproxy against Postgres)
 python -m bench edge [--fuzz N [--seed S]] [--out FILE]   (hostile HTTP inputs: lb, nginx, HAProxy)
 python -m bench gray [--scenario S] [--proxy P] [--out FILE]   (gray failures, a crowd)
@@ -29,6 +30,9 @@ from .pg import run_pg
 from .pg import table as pg_table
 from .pgfuzz import run_pg_fuzz_stack
 from .pgfuzz import table as pgfuzz_table
+from .pgpool import CASES as POOL_CASES
+from .pgpool import run_pool
+from .pgpool import table as pool_table
 from .procs import BenchError
 from .ryw import run_ryw
 from .ryw import table as ryw_table
@@ -91,6 +95,17 @@ def main() -> int:
         "--rounds", type=int, default=1, help="runs per path and mode, median kept (default 1)"
     )
     _fuzz_arguments(pg, "first-packet cases through dbproxy and to Postgres (bench/pgfuzz.py)")
+    pg.add_argument(
+        "--pooling",
+        action="store_true",
+        help="dbproxy's pooled listeners beside pgbouncer (bench/pgpool.py)",
+    )
+    pg.add_argument(
+        "--case",
+        action="append",
+        choices=tuple(POOL_CASES),
+        help="with --pooling: only this case (repeat)",
+    )
     pg.add_argument("--out", type=Path, help="JSON file (default bench/runs/pg-<time>.json)")
     edge = sub.add_parser(
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
@@ -170,6 +185,10 @@ def main() -> int:
         elif args.fuzz:
             result = run_pg_fuzz_stack(args.fuzz, seed=args.seed, say=say)
             shown = pgfuzz_table(result)
+        elif args.pooling:
+            cases = tuple(args.case or ())
+            result = run_pool(seconds=args.seconds, rounds=args.rounds, say=say, cases=cases)
+            shown = pool_table(result)
         else:
             result = run_pg(seconds=args.seconds, clients=args.clients, rounds=args.rounds, say=say)
             shown = pg_table(result)

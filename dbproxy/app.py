@@ -511,8 +511,19 @@ class DbProxy:
             session.abort()
 
     def fits(self, server: Server, listener: Listener) -> bool:
-        """Whether a pooled session of ``listener`` may go on using ``server``."""
-        return server.takes_traffic() and server in self.fitting(listener)
+        """Whether a pooled session of ``listener`` may go on using ``server`` (asked
+        at each transaction: the common answers without listing the servers)."""
+        if not server.takes_traffic():
+            return False
+        name = listener.name
+        if name == "any":
+            return True
+        primary = routing.is_primary(server)
+        if name == "rw":
+            return primary
+        if not primary:
+            return server.info.get("role") == "replica" and routing.lag_ok(server, self.config.ro)
+        return server in self.fitting(listener)  # the primary, as ro's fallback
 
     def fitting(self, listener: Listener) -> list[Server]:
         """The servers a new session of ``listener`` may go to now, as choose sees them."""

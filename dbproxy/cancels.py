@@ -16,7 +16,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxycore.servers import Server
 
@@ -37,11 +37,9 @@ Elsewhere = Callable[[int, int, str], None]
 Targets = Callable[[str], Iterable[Server]]
 
 
-def _own_key() -> tuple[int, int]:
-    """A BackendKeyData of dbproxy's: a process id no Postgres backend has on
-    this host's usual pid range (above 2^30), and a random secret."""
-    pid, key = struct.unpack("!ii", os.urandom(8))
-    return (pid & 0x3FFFFFFF) | 0x40000000, key
+_KEY: Final = struct.Struct("!ii")
+# random bytes drawn this many keys at a time: one getrandom() per 512 logins
+_KEYS_PER_DRAW: Final = 512
 
 
 class Cancels:
@@ -57,14 +55,26 @@ class Cancels:
         self.idle = 0  # cancels for a pooled session that held no server connection
         self.elsewhere: Elsewhere | None = None  # set in a worker: ask the supervisor
         self.targets: Targets = lambda name: ()
+        self._random = b""
+        self._drawn = 0
 
     def remember(self, key: tuple[int, int], session: Cancellable) -> None:
         self.keys[key] = session
 
+    def _own_key(self) -> tuple[int, int]:
+        """A BackendKeyData of dbproxy's: a process id above 2^30 (no Postgres
+        backend's on a usual pid range) and a secret from the system's random."""
+        if self._drawn >= len(self._random):
+            self._random = os.urandom(_KEY.size * _KEYS_PER_DRAW)
+            self._drawn = 0
+        pid, key = _KEY.unpack_from(self._random, self._drawn)
+        self._drawn += _KEY.size
+        return (pid & 0x3FFFFFFF) | 0x40000000, key
+
     def new_key(self, session: Cancellable) -> tuple[int, int]:
-        key = _own_key()
+        key = self._own_key()
         while key in self.keys:
-            key = _own_key()
+            key = self._own_key()
         self.keys[key] = session
         self.own.add(key)
         return key

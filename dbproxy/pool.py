@@ -25,7 +25,7 @@ from proxycore.deadline import Expiries
 from proxycore.servers import Server
 
 from .config import PoolSettings
-from .pgwire import error_response
+from .pgwire import error_response, parameter_status
 from .scram import Secret
 from .serverconn import IDLE, LENT, LOGIN, ServerConn
 from .serverlogin import ServerLogin
@@ -74,6 +74,13 @@ class Pool:
         self.credentials = Credentials()
         # the startup parameters a new connection logs in with (the last client's)
         self.startup: dict[str, str] = {}
+        # what the last connection to log in was told (ParameterStatus), and the
+        # client parameters it logged in with: a new client's welcome without a
+        # connection (transaction mode; pgbouncer keeps the same)
+        self.parameters: dict[str, str] = {}
+        self.parameters_for: dict[str, str] = {}
+        # the ParameterStatus messages of a welcome, by the client parameters asked
+        self._welcomes: dict[frozenset[tuple[str, str]], bytes] = {}
         self.served = 0  # connections lent
         self.waited = 0  # clients that had to wait
         self.wait_timeouts = 0
@@ -95,6 +102,22 @@ class Pool:
     def longest_wait(self, now: float) -> float:
         since = self.pools.waiting_since
         return max((now - since[w] for w in self.waiting if w in since), default=0.0)
+
+    def welcome(self, wanted: dict[str, str]) -> bytes:
+        """The ParameterStatus messages a client is told without a connection of its
+        own: the pool's last login's parameters, but for those the client asked
+        otherwise (as it will have them: its transactions are SET so)."""
+        key = frozenset(wanted.items())
+        statuses = self._welcomes.get(key)
+        if statuses is None:
+            parameters = dict(self.parameters)
+            for name, value in wanted.items():
+                if self.parameters_for.get(name) != value and name in parameters:
+                    parameters[name] = value
+            statuses = b"".join([parameter_status(n, v) for n, v in parameters.items()])
+            if len(self._welcomes) < 64:  # a few kinds of clients, not one per client
+                self._welcomes[key] = statuses
+        return statuses
 
     # -- lending ----------------------------------------------------------------------
     def acquire(self, client: Waiter) -> None:
@@ -231,6 +254,10 @@ class Pool:
     def logged_in(self, conn: ServerConn) -> None:
         self.opening -= 1
         conn.state = IDLE
+        if conn.parameters != self.parameters or conn.applied != self.parameters_for:
+            self.parameters = dict(conn.parameters)
+            self.parameters_for = dict(conn.applied)
+            self._welcomes.clear()
         self._returned(conn)
 
     def login_failed(self, conn: ServerConn, error: bytes, reason: str) -> None:
@@ -295,6 +322,7 @@ class Pool:
             "waiting": self.waiting_count,
             "longest_wait_seconds": round(self.longest_wait(now), 3),
             "served": self.served,
+            "connections": len(self.conns),
             "wait_timeouts": self.wait_timeouts,
             "login_failures": self.login_failures,
         }

@@ -69,6 +69,7 @@ _Z: Final = ord("Z")
 _S: Final = ord("S")
 _READY_IDLE: Final = b"Z\0\0\0\x05I"
 _TERMINATE_MESSAGE: Final = b"X\0\0\0\x04"
+_READY: Final = ready_for_query()
 
 FIRST, AUTH, LOGIN, READY, CLOSED = range(5)
 
@@ -85,6 +86,10 @@ def set_statement(wanted: dict[str, str], applied: dict[str, str]) -> str:
         else:
             parts.append(f"SET {name} TO '" + value.replace("'", "''") + "'")
     return "; ".join(parts)
+
+
+def _statuses(parameters: dict[str, str]) -> bytes:
+    return b"".join([parameter_status(n, v) for n, v in parameters.items()])
 
 
 class PooledSession:
@@ -108,7 +113,9 @@ class PooledSession:
         self.conn: ServerConn | None = None
         self.waiting = False
         self.key = (0, 0)
-        self.statements = Statements(proxy.config.pool.max_prepared_statements)
+        # named prepared statements (transaction mode), made at the first Parse
+        self.statements: Statements | None = None
+        self._ok = b""  # AuthenticationOk, sent with the rest of the welcome
         self._unsynced = False  # sent the server messages with no Sync after them yet
         self._head = b""  # the start of a server message header, held to decide on it
         self._pass = 0  # bytes of the server message under way, passed unread
@@ -300,21 +307,35 @@ class PooledSession:
             self.write(answer)
 
     def _logged_in(self, answer: bytes) -> None:
-        """Authenticated: AuthenticationOk is on its way; the rest of the welcome
-        comes from a server connection."""
-        self.write(answer)
+        """Authenticated: AuthenticationOk goes with the rest of the welcome, in one
+        write, once there are parameters to tell (a connection's, or the pool's)."""
+        self._ok = answer
         self.state = LOGIN
+        if self.transaction_mode:
+            pool = self._pool()
+            if pool is None:
+                return
+            if pool.parameters:
+                # welcomed as the pool's last login was: no connection needed
+                # until its first transaction (which is SET as it asked then)
+                self.write(self._ok + self._welcome(pool.welcome(self.wanted)))
+                self.state = READY
+                if self._buffer:
+                    self._client_messages()
+                return
         self._acquire()
 
     # -- borrowing a server connection ------------------------------------------------
-    def _acquire(self) -> None:
+    def _pool(self) -> Pool | None:
+        """The pool of the server this session goes to now (chosen again when the
+        one it had no longer fits the listener), its credentials refreshed."""
         proxy = self.proxy
         server = self.server
         if server is None or not proxy.fits(server, self.listener):
             server = proxy.choose(self.listener, ())
             if server is None:
                 self._fail("57P03", f"dbproxy: no server is available for listener '{self._name}'")
-                return
+                return None
             self.server = server
         pool = proxy.pools.get(server, self.user, self.database)
         auth = self._auth
@@ -326,10 +347,18 @@ class PooledSession:
             creds.md5 = auth.md5
         pool.startup = self.wanted
         self.pool = pool
+        return pool
+
+    def _acquire(self) -> None:
+        pool = self._pool()
+        if pool is None:
+            return
         self.waiting = True
-        assert self.valve is not None
-        self.valve.pause(Reason.NO_PEER_YET)
         pool.acquire(self)
+        if self.waiting:
+            # no connection at once: what the client sends meanwhile waits unread
+            assert self.valve is not None
+            self.valve.pause(Reason.NO_PEER_YET)
 
     def got(self, conn: ServerConn) -> None:
         """The pool lends this session ``conn``."""
@@ -338,7 +367,7 @@ class PooledSession:
             self._give_back(conn)
             return
         self.conn = conn
-        sql = set_statement(self.wanted, conn.applied)
+        sql = "" if self.wanted == conn.applied else set_statement(self.wanted, conn.applied)
         if sql:
             conn.run(sql, self._parameters_set)
             return
@@ -358,7 +387,7 @@ class PooledSession:
 
     def _lent(self, conn: ServerConn) -> None:
         if self.state == LOGIN:
-            self._welcome(conn)
+            self.write(self._ok + self._welcome(_statuses(conn.parameters)))
             self.state = READY
             if self.transaction_mode:
                 self._release(conn)
@@ -371,13 +400,11 @@ class PooledSession:
                 data, self._buffer = self._buffer, b""
                 conn.write(data)
 
-    def _welcome(self, conn: ServerConn) -> None:
+    def _welcome(self, statuses: bytes) -> bytes:
+        """The rest of a login: the server's parameters, dbproxy's key, ready."""
         if self.key == (0, 0):
             self.key = self.proxy.cancels.new_key(self)
-        welcome = [parameter_status(n, v) for n, v in conn.parameters.items()]
-        welcome.append(backend_key_data(*self.key))
-        welcome.append(ready_for_query())
-        self.write(b"".join(welcome))
+        return statuses + backend_key_data(*self.key) + _READY
 
     def _release(self, conn: ServerConn) -> None:
         self.conn = None
@@ -457,7 +484,11 @@ class PooledSession:
             return
         self._buffer = buffer[rest:]
         out = conn.outstanding
-        statements = self.statements if self.statements.limit else None
+        statements = self.statements
+        if statements is None and self.proxy.config.pool.max_prepared_statements:
+            statements = self.statements = Statements(
+                self.proxy.config.pool.max_prepared_statements
+            )
         pieces = []
         run = spans[0][0]
         for start, end in spans:

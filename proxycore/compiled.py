@@ -60,6 +60,15 @@ HOT_MODULES = (
     "dbproxy.routing",
     "dbproxy.app",
     "dbproxy.session",
+    "dbproxy.listener",
+    "dbproxy.cancels",
+    "dbproxy.sessionqueue",
+    "dbproxy.prepared",
+    "dbproxy.serverlogin",
+    "dbproxy.serverconn",
+    "dbproxy.pool",
+    "dbproxy.auth",
+    "dbproxy.pooled",
 )
 # mypyc puts the code of all of them in one shared library, inside this package.
 GROUP = "proxycore._hot"

@@ -49,14 +49,14 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def pooled(
     pg: Cluster, tmp: Path, mode: str, *, auth: str = "", size: int = 3, workers: int = 1
 ) -> Iterator[DbProxyProc]:
-    port, admin = free_ports(2)
+    port, ro, any_, admin = free_ports(4)
     auth = auth or (
         f'type = "scram-sha-256"\nuser = "authuser"\nquery = "{AUTH_QUERY}"\ndbname = "postgres"\n'
     )
     config, log = tmp / f"dbproxy-{mode}.toml", tmp / f"dbproxy-{mode}.log"
     config.write_text(
         f'admin = "127.0.0.1:{admin}"\nworkers = {workers}\n'
-        f'[listen]\nrw = "127.0.0.1:{port}"\n'
+        f'[listen]\nrw = "127.0.0.1:{port}"\nro = "127.0.0.1:{ro}"\nany = "127.0.0.1:{any_}"\n'
         '[check]\nuser = "postgres"\ndatabase = "postgres"\ninterval = "200ms"\n'
         'timeout = "1s"\nrise = 1\nfall = 1\n'
         f'[pool]\nmode = "{mode}"\nsize = {size}\nwait_timeout = "1s"\n'
