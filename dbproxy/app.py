@@ -11,26 +11,26 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
-from proxycore.balancing import Policy, make_policy, pick
+from proxycore.balancing import make_policy
 from proxycore.channel import Message
 from proxycore.compiled import hot_path, protocol_factory
-from proxycore.counters import add, snapshot, zero
 from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
-from proxycore.servers import TRAFFIC_FIELDS, CheckRecord, Server, ServerSet
+from proxycore.servers import CheckRecord, Server, ServerSet
 from proxycore.silence import StallWatch
 from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
 
 from . import routing
 from .cancels import Cancels
 from .checks import pg_probe
+from .choice import Choice
 from .config import LISTENERS, DbProxyConfig
 from .credentials import Secrets
 from .listener import Listener, listening
@@ -40,41 +40,13 @@ from .pool import Pools
 from .pooled import PooledSession
 from .session import ClientSession
 from .sessionqueue import SessionQueue
+from .totals import add_up, worker_counters
 
 log = logging.getLogger("dbproxy")
 
 # max_sessions "auto" leaves this many of a server's slots to its checks, a psql
 # of a person's and other clients that do not go through dbproxy.
 AUTO_SESSION_MARGIN = 5
-
-
-class _First(Policy):
-    """A policy that moves no state: for asking whether any server fits."""
-
-    def choose(self, candidates: Sequence[Server]) -> Server:
-        return candidates[0]
-
-
-_FIRST = _First()
-
-
-def _has_room(server: Server) -> bool:
-    return server.active < server.limit
-
-
-def _with_room(accept: routing.Accept | None, room: bool) -> routing.Accept | None:
-    if not room:
-        return accept
-    if accept is None:
-        return _has_room
-    return lambda s: accept(s) and s.active < s.limit
-
-
-# What a worker counts, summed by its supervisor (proxycore/counters.py).
-_COUNTERS = ("ssl_forwarded", "ssl_answered_for_server", "redials")
-_QUEUE_COUNTERS = ("queued", "timeouts", "refused", "abandoned", "wait")
-_CANCEL_COUNTERS = ("routed", "broadcast", "idle")
-_LISTENER_COUNTERS = ("active", "total", "queued")
 
 
 class DbProxy:
@@ -91,14 +63,14 @@ class DbProxy:
         self._sockets: list[socket.socket] = []
         self.config = config
         self.servers = ServerSet.of(config.servers, config.health)
-        self.policy: Policy = make_policy(config.method)
+        self.choice = Choice(self.servers, lambda: self.config.ro, make_policy(config.method))
         self.listeners = {
             name: Listener(name, config.pool.mode) for name in LISTENERS if name in config.listen
         }
         self.sessions: set[Any] = set()
         self.by_server: dict[Server, set[ClientSession]] = {}
         self.cancels = Cancels(loop, lambda: self.config.timeouts.connect)
-        self.cancels.targets = self._cancel_targets
+        self.cancels.targets = self.choice.may_route
         self.pools = Pools(loop, config.pool, config.timeouts.connect)
         self.secrets = Secrets(config.auth, loop)
         self._pool_totals: list[dict[str, Any]] = []  # a supervisor's: its workers' pools
@@ -232,44 +204,14 @@ class DbProxy:
     # -- one server, several processes (proxycore/workers.py) -----------------------
     def counters(self) -> Message:
         """A worker's counters, for the supervisor to sum."""
-        return {
-            "proxy": snapshot(self, _COUNTERS),
-            "queue": snapshot(self.queue, _QUEUE_COUNTERS),
-            "cancels": snapshot(self.cancels, _CANCEL_COUNTERS),
-            "pools": self.pools.status(),
-            "listeners": {
-                n: snapshot(lst, _LISTENER_COUNTERS) for n, lst in self.listeners.items()
-            },
-            "servers": {s.name: snapshot(s, TRAFFIC_FIELDS) for s in self.servers},
-        }
+        return worker_counters(self)
 
     async def _totals(self) -> None:
         assert self._supervisor is not None
         await self._supervisor.totals(self._sum)
 
     def _sum(self, answers: list[Message]) -> None:
-        zero(self, _COUNTERS)
-        zero(self.queue, _QUEUE_COUNTERS)
-        zero(self.cancels, _CANCEL_COUNTERS)
-        pools: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for listener in self.listeners.values():
-            zero(listener, _LISTENER_COUNTERS)
-        for server in self.servers:
-            zero(server, TRAFFIC_FIELDS)
-        for answer in answers:
-            add(self, answer["proxy"])
-            add(self.queue, answer["queue"])
-            add(self.cancels, answer["cancels"])
-            for pool in answer["pools"]:
-                _add_pool(pools, pool)
-            for name, fields in answer["listeners"].items():
-                if name in self.listeners:
-                    add(self.listeners[name], fields)
-            for name, fields in answer["servers"].items():
-                known = self.servers.get(name)
-                if known is not None:
-                    add(known, fields)
-        self._pool_totals = list(pools.values())
+        self._pool_totals = add_up(self, answers)
 
     def pool_status(self) -> list[dict[str, Any]]:
         """Per (server, user, database) pool, as pgbouncer's SHOW POOLS."""
@@ -311,15 +253,6 @@ class DbProxy:
         if not answer.get("delivered") and listener:
             self.cancels.to_all(pid, key, listener)
 
-    def _cancel_targets(self, listener: str) -> list[Server]:
-        accept = routing.accept_for(listener, self.config.ro, fallback=False)
-        fallback = routing.accept_for(listener, self.config.ro, fallback=True)
-        return [
-            s
-            for s in self.servers
-            if accept is None or accept(s) or (fallback is not None and fallback(s))
-        ]
-
     async def new_generation(self) -> None:
         if self._supervisor is not None:
             await self._supervisor.workers.replace()
@@ -346,7 +279,7 @@ class DbProxy:
             new = dataclasses.replace(new, auth=old.auth)
         self.pools.settings = new.pool
         if new.method != old.method:
-            self.policy = make_policy(new.method)
+            self.choice.policy = make_policy(new.method)
         self._stalls.after = new.timeouts.stall
         self._stalls.check_timeout = new.check.timing.timeout
         self.config = new
@@ -397,19 +330,10 @@ class DbProxy:
     def choose(
         self, listener: Listener, tried: Collection[Server], room: bool = False
     ) -> Server | None:
-        """The server for a new session of ``listener``, not one of ``tried``;
-        ``room``: only among those below their max_sessions. Busy replicas are
-        waited for, not spilled onto the primary: ro falls back only when no
-        replica fits at all (as HAProxy uses a backup only when the others are down)."""
-        limits = self.config.ro
-        accept = routing.accept_for(listener.name, limits, fallback=False)
-        server = pick(self.servers.order, self.policy, tried, _with_room(accept, room))
-        if server is None and listener.name == "ro" and limits.primary_fallback:
-            if room and pick(self.servers.order, _FIRST, tried, accept) is not None:
-                return None
-            fallback = routing.accept_for("ro", limits, fallback=True)
-            server = pick(self.servers.order, self.policy, tried, _with_room(fallback, room))
-        return server
+        return self.choice.choose(listener.name, tried, room)
+
+    def fits(self, server: Server, listener: Listener) -> bool:
+        return self.choice.fits(server, listener.name)
 
     def attach(self, session: ClientSession, server: Server) -> None:
         """``session`` relays to ``server`` (its slot was taken when it was dialled)."""
@@ -489,9 +413,7 @@ class DbProxy:
         limits = self.config.ro
         if not limits.return_to_replica or "ro" not in self.listeners:
             return
-        replica = pick(
-            self.servers.order, _FIRST, [], routing.accept_for("ro", limits, fallback=False)
-        )
+        replica = self.choice.fitting_replica()
         if replica is None:
             return
         parked = [
@@ -510,44 +432,15 @@ class DbProxy:
         for session in parked:
             session.abort()
 
-    def fits(self, server: Server, listener: Listener) -> bool:
-        """Whether a pooled session of ``listener`` may go on using ``server`` (asked
-        at each transaction: the common answers without listing the servers)."""
-        if not server.takes_traffic():
-            return False
-        name = listener.name
-        if name == "any":
-            return True
-        primary = routing.is_primary(server)
-        if name == "rw":
-            return primary
-        if not primary:
-            return server.info.get("role") == "replica" and routing.lag_ok(server, self.config.ro)
-        return server in self.fitting(listener)  # the primary, as ro's fallback
-
-    def fitting(self, listener: Listener) -> list[Server]:
-        """The servers a new session of ``listener`` may go to now, as choose sees them."""
-        limits = self.config.ro
-        accept = routing.accept_for(listener.name, limits, fallback=False)
-        fits = [s for s in self.servers if s.takes_traffic() and (accept is None or accept(s))]
-        if not fits and listener.name == "ro" and limits.primary_fallback:
-            fallback = routing.accept_for("ro", limits, fallback=True)
-            fits = [
-                s
-                for s in self.servers
-                if s.takes_traffic() and fallback is not None and fallback(s)
-            ]
-        return fits
-
     def _listener_status(self, listener: Listener) -> dict[str, Any]:
-        fits = self.fitting(listener)
+        fits = self.choice.fitting(listener.name)
         return {
             "address": str(self.config.listen[listener.name]),
             "sessions": listener.active,
             "pool_mode": listener.pool_mode,
             "queued": listener.queued,
             "servers": [s.name for s in fits],
-            "next": self.policy.peek(fits).name if fits else None,
+            "next": self.choice.policy.peek(fits).name if fits else None,
         }
 
     def status(self) -> dict[str, Any]:
@@ -577,18 +470,3 @@ class DbProxy:
             "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "pools": {"postgres": [s.status() for s in self.servers]},
         }
-
-
-_POOL_SUMS = ("active", "idle", "opening", "waiting", "served", "wait_timeouts", "login_failures")
-
-
-def _add_pool(into: dict[tuple[str, str, str], dict[str, Any]], pool: dict[str, Any]) -> None:
-    """One worker's pool status added to the supervisor's sum of it."""
-    key = (pool["server"], pool["user"], pool["database"])
-    total = into.get(key)
-    if total is None:
-        into[key] = dict(pool)
-        return
-    for field in _POOL_SUMS:
-        total[field] += pool[field]
-    total["longest_wait_seconds"] = max(total["longest_wait_seconds"], pool["longest_wait_seconds"])

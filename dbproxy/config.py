@@ -211,6 +211,9 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
 
     pool = _pool(root.section("pool"), d.pool)
     auth = _auth(root.section("auth"), d.auth, source, env)
+    if auth.user == check.user and not auth.password:
+        # the checks' role asks the auth query too: its one password serves both
+        auth = dataclasses.replace(auth, password=check.password)
 
     servers, slots = [], {}
     for s in root.sections("server"):

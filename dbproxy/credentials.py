@@ -28,6 +28,10 @@ from .scram import Secret
 log = logging.getLogger("dbproxy")
 
 
+class LookupFailed(Exception):
+    """The auth query could not be run on that server (down, refused, timed out)."""
+
+
 def parse_userlist(text: str, where: str) -> dict[str, str]:
     """pgbouncer's auth_file: ``"user" "secret"`` per line; other lines (comments) skipped."""
     users: dict[str, str] = {}
@@ -102,12 +106,16 @@ class Secrets:
             if self._file[user] != stored:
                 self._passwords[user] = stored
 
+    def in_file(self, user: str) -> bool:
+        return user in self._file
+
     def password(self, user: str) -> str | None:
         """The user's plain password, when the auth file gave one."""
         return self._passwords.get(user)
 
     async def lookup(self, user: str, server: Server, database: str) -> str | None:
-        """The secret of ``user`` (None: unknown, no password, or no answer)."""
+        """The secret of ``user`` (None: unknown, or no password); LookupFailed
+        when ``server`` could not be asked."""
         secret = self._file.get(user)
         if secret is not None or self.settings.user is None:
             return secret
@@ -123,9 +131,9 @@ class Secrets:
                 secret = await self._query(server, dbname, user)
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 self.query_errors += 1
-                log.warning("auth query on %s for user %r failed: %s", server.name, user, exc)
+                log.warning("auth query on %s for user %r failed: %r", server.name, user, exc)
                 self._drop(server.name)
-                return None
+                raise LookupFailed(server.name) from exc
         if secret is not None:
             secret = as_secret(self.settings.type, user, secret)
         if self.settings.cache > 0:

@@ -42,7 +42,7 @@ class Waiter(Protocol):
 
     def got(self, conn: ServerConn) -> None: ...
     def pool_failed(self, error: bytes) -> None: ...
-    def pool_lost(self) -> None: ...
+    def pool_lost(self, failed: Server | None) -> None: ...
     def wait_late(self) -> None: ...
 
 
@@ -72,8 +72,8 @@ class Pool:
         self.opening = 0
         self.waiting: collections.deque[Waiter] = collections.deque()
         self.credentials = Credentials()
-        # the startup parameters a new connection logs in with (the last client's)
-        self.startup: dict[str, str] = {}
+        # a client has logged in to this pool: min_size may open connections
+        self.used = False
         # what the last connection to log in was told (ParameterStatus), and the
         # client parameters it logged in with: a new client's welcome without a
         # connection (transaction mode; pgbouncer keeps the same)
@@ -111,8 +111,9 @@ class Pool:
         statuses = self._welcomes.get(key)
         if statuses is None:
             parameters = dict(self.parameters)
-            for name, value in wanted.items():
-                if self.parameters_for.get(name) != value and name in parameters:
+            for name in self.parameters:
+                value = wanted.get(name.lower())
+                if value is not None and self.parameters_for.get(name.lower()) != value:
                     parameters[name] = value
             statuses = b"".join([parameter_status(n, v) for n, v in parameters.items()])
             if len(self._welcomes) < 64:  # a few kinds of clients, not one per client
@@ -157,7 +158,7 @@ class Pool:
             log.warning("pool %s: the reset query failed; closing the connection", self.name)
             conn.close()
             return
-        conn.applied = dict(conn.startup_applied)  # what RESET ALL went back to
+        conn.applied = {}  # RESET ALL went back to the server's defaults
         self._returned(conn)
 
     def abandon(self, client: Waiter, timed_out: bool) -> None:
@@ -206,7 +207,10 @@ class Pool:
         server.connecting += 1
         self.opening += 1
         creds = self.credentials
-        parameters = {"user": self.user, "database": self.database, **self.startup}
+        # no client parameters at login: a RESET (and the reset query's RESET ALL)
+        # then returns a connection to the server's defaults, not to whichever
+        # client's parameters it was opened for; each client's are SET when lent
+        parameters = {"user": self.user, "database": self.database}
         login = ServerLogin(
             parameters,
             client_key=creds.client_key,
@@ -214,10 +218,9 @@ class Pool:
             md5=creds.md5,
             password=creds.password,
         )
-        applied = dict(self.startup)
-        self.pools.loop.create_task(self._connect(login, applied))
+        self.pools.loop.create_task(self._connect(login))
 
-    async def _connect(self, login: ServerLogin, applied: dict[str, str]) -> None:
+    async def _connect(self, login: ServerLogin) -> None:
         server, loop = self.server, self.pools.loop
         address = server.spec.address
         try:
@@ -225,7 +228,7 @@ class Pool:
                 loop.create_connection(
                     cast(
                         Callable[[], asyncio.Protocol],
-                        functools.partial(ServerConn, self, login, applied),
+                        functools.partial(ServerConn, self, login),
                     ),
                     address.host,
                     address.port,
@@ -238,11 +241,9 @@ class Pool:
             server.active -= 1
             server.connect_errors += 1
             server.record_failure(f"pooled connect failed: {exc}", at_once=True)
-            self._fail_waiters(
-                error_response(
-                    "08006", f"dbproxy: server {server.name} did not accept a connection"
-                )
-            )
+            log.info("pool %s: connect failed: %s", self.name, exc)
+            # those waiting go to the next fitting server, as a relayed session does
+            self.redirect_waiters(failed=server)
             self.pools.server_freed(server)
             return
         server.connecting -= 1
@@ -294,7 +295,7 @@ class Pool:
             if too_old or (idle_long and len(self.conns) > keep):
                 self.idle.remove(conn)
                 conn.close()
-        if keep and self.startup and self.server.takes_traffic():
+        if keep and self.used and self.server.takes_traffic():
             while len(self.conns) + self.opening < keep and self.server.active < self.server.limit:
                 self._open()
 
@@ -303,12 +304,13 @@ class Pool:
             conn.close()
         self.idle.clear()
 
-    def redirect_waiters(self) -> None:
+    def redirect_waiters(self, failed: Server | None = None) -> None:
+        """Those waiting go elsewhere (the server went down, or ``failed`` a connect)."""
         while self.waiting:
             client = self.waiting.popleft()
             if not client.closed:
                 self.pools.wait_ended(client)
-                client.pool_lost()
+                client.pool_lost(failed)
 
     def status(self, now: float) -> dict[str, Any]:
         """As pgbouncer's SHOW POOLS: clients active and waiting, servers by state."""

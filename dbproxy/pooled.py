@@ -7,9 +7,9 @@ transaction (transaction mode: from its first message to the ReadyForQuery
 The client is told the server's parameters and dbproxy's own BackendKeyData:
 its CancelRequest comes to dbproxy, which sends the server's key to whichever
 connection the client holds at that moment (dbproxy/cancels.py). A connection
-gets the client's startup parameters that matter (client_encoding, DateStyle,
-TimeZone ...: TRACKED) by a SET before it is lent, when they differ from what
-it runs with. In session mode bytes then go both ways unread; in transaction
+gets the client's startup parameters (client_encoding, TimeZone, any other, and
+those in ``options``) by a SET before it is lent, when they differ from what it
+runs with. In session mode bytes then go both ways unread; in transaction
 mode the client's messages are read whole (named prepared statements renamed,
 dbproxy/prepared.py) and the server's scanned for the messages that matter,
 a few bytes each.
@@ -19,106 +19,51 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from typing import TYPE_CHECKING, Final, cast
 
 from proxycore.flow import Reason, Valve, bound_writes
 from proxycore.servers import Server
 
-from .auth import TRUST, ClientAuth
 from .listener import Listener
+from .parameters import FOLLOWED, set_statement
 from .pgwire import (
-    CancelRequest,
-    GSSENCRequest,
     ProtocolViolation,
-    SSLRequest,
-    Startup,
     backend_key_data,
     error_response,
-    packet_length,
     parameter_status,
-    parse_first_packet,
     ready_for_query,
     split_messages,
 )
 from .pool import Pool
-from .prepared import BATCH_ENDS, Statements
+from .pooledlogin import AUTH, CLOSED, FIRST, LOGIN, READY, PooledLogin
 from .serverconn import LENT, ServerConn
+from .transactions import TERMINATE, ImpossibleMessage, Transactions
 
 if TYPE_CHECKING:
     from .view import Proxy
 
 log = logging.getLogger("dbproxy")
 
-_INT32: Final = struct.Struct("!i")
-# Startup parameters a pooled connection is given by a SET when a client's differ.
-TRACKED: Final = (
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-    "standard_conforming_strings",
-    "application_name",
-    "extra_float_digits",
-    "search_path",
-)
-_TRACKED_LOWER: Final = {name.lower(): name for name in TRACKED}
-_REWRITTEN: Final = frozenset(b"PBDC")
-_TERMINATE: Final = ord("X")
-_Z: Final = ord("Z")
-_S: Final = ord("S")
 _READY_IDLE: Final = b"Z\0\0\0\x05I"
 _TERMINATE_MESSAGE: Final = b"X\0\0\0\x04"
 _READY: Final = ready_for_query()
-
-FIRST, AUTH, LOGIN, READY, CLOSED = range(5)
-
-
-def set_statement(wanted: dict[str, str], applied: dict[str, str]) -> str:
-    """The SQL that makes a connection running with ``applied`` run with ``wanted``."""
-    parts = []
-    for name in TRACKED:
-        value = wanted.get(name)
-        if value == applied.get(name):
-            continue
-        if value is None:
-            parts.append(f"RESET {name}")
-        else:
-            parts.append(f"SET {name} TO '" + value.replace("'", "''") + "'")
-    return "; ".join(parts)
 
 
 def _statuses(parameters: dict[str, str]) -> bytes:
     return b"".join([parameter_status(n, v) for n, v in parameters.items()])
 
 
-class PooledSession:
+class PooledSession(PooledLogin):
     def __init__(self, proxy: Proxy, listener: Listener) -> None:
-        self.proxy = proxy
-        self.listener = listener
+        super().__init__(proxy, listener)
         self.transaction_mode = proxy.config.pool.mode == "transaction"
-        self.transport: asyncio.Transport | None = None
-        self.valve: Valve | None = None
-        self.state = FIRST
-        self.closed = False
-        self._buffer = b""
-        self._ssl_done = False
-        self._gss_done = False
-        self.user = ""
-        self.database = ""
-        self.wanted: dict[str, str] = {}
-        self._auth: ClientAuth | None = None
-        self.server: Server | None = None
         self.pool: Pool | None = None
         self.conn: ServerConn | None = None
         self.waiting = False
+        self.failed: list[Server] = []  # servers whose connect failed for this session
         self.key = (0, 0)
-        # named prepared statements (transaction mode), made at the first Parse
-        self.statements: Statements | None = None
-        self._ok = b""  # AuthenticationOk, sent with the rest of the welcome
-        self._unsynced = False  # sent the server messages with no Sync after them yet
-        self._head = b""  # the start of a server message header, held to decide on it
-        self._pass = 0  # bytes of the server message under way, passed unread
+        # transaction mode's reading of both ways, made at the first message
+        self._reader: Transactions | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -198,114 +143,6 @@ class PooledSession:
         if self.valve is not None:
             self.valve.resume(Reason.PEER_BUFFER_FULL)
 
-    # -- the first packet ------------------------------------------------------------
-    def _first_packet(self) -> None:
-        while self.state == FIRST:
-            try:
-                length = packet_length(self._buffer)
-                if length is None or len(self._buffer) < length:
-                    return
-                packet, self._buffer = self._buffer[:length], self._buffer[length:]
-                first = parse_first_packet(packet, self._ssl_done, self._gss_done)
-            except ProtocolViolation as exc:
-                log.info("session from %s dropped: %s", self.peer(), exc)
-                self.close()
-                return
-            if isinstance(first, SSLRequest):
-                self._ssl_done = True  # a pooled listener reads the session: no TLS through it
-                self.write(b"N")
-            elif isinstance(first, GSSENCRequest):
-                self._gss_done = True
-                self.write(b"N")
-            elif isinstance(first, CancelRequest):
-                self.proxy.cancels.deliver(first, self.listener.name, pooled=True)
-                self.close()
-                return
-            else:
-                self.proxy.first_packet_limits.clear(self)
-                self._startup(first)
-
-    def _startup(self, startup: Startup) -> None:
-        if startup.protocol != 196608:
-            self.refuse("0A000", "dbproxy: a pooled listener speaks protocol 3.0 only")
-            return
-        parameters = startup.parameters
-        ignored = self.proxy.config.pool.ignore_startup_parameters
-        wanted = {}
-        for name, value in parameters.items():
-            if name in ("user", "database"):
-                continue
-            known = _TRACKED_LOWER.get(name.lower())
-            if known is not None:
-                wanted[known] = value
-            elif name not in ignored:
-                # pgbouncer's words: what a pool cannot carry from client to client
-                self.refuse("08P01", f"unsupported startup parameter: {name}")
-                return
-        self.user = parameters.get("user", "")
-        if not self.user:
-            self.refuse("28000", "no PostgreSQL user name specified in startup packet")
-            return
-        self.database = parameters.get("database") or self.user
-        self.wanted = wanted
-        server = self.proxy.choose(self.listener, ())
-        if server is None:
-            self.refuse("57P03", f"dbproxy: no server is available for listener '{self._name}'")
-            return
-        self.server = server
-        self.state = AUTH
-        method = self.proxy.config.auth.type
-        if method == TRUST:
-            self._auth = ClientAuth(TRUST, self.user, None)
-            self._begin_auth()
-            return
-        self.proxy.loop.create_task(self._look_up(server))
-
-    async def _look_up(self, server: Server) -> None:
-        secret = await self.proxy.secrets.lookup(self.user, server, self.database)
-        if self.closed:
-            return
-        self._auth = ClientAuth(self.proxy.config.auth.type, self.user, secret)
-        self._begin_auth()
-
-    def _begin_auth(self) -> None:
-        assert self._auth is not None
-        answer = self._auth.start()
-        if self._auth.done:
-            self._logged_in(answer)
-            return
-        self.write(answer)
-        if self._buffer:
-            self._auth_messages()
-
-    def _auth_messages(self) -> None:
-        auth = self._auth
-        if auth is None:
-            return  # its secret is still being looked up
-        try:
-            spans, rest = split_messages(self._buffer)
-        except ProtocolViolation as exc:
-            self.refuse("08P01", str(exc))
-            return
-        buffer = self._buffer
-        self._buffer = buffer[rest:]
-        for start, end in spans:
-            answer = auth.feed(buffer[start : start + 1], buffer[start + 5 : end])
-            if auth.failed:
-                log.info(
-                    "session from %s on %s: authentication of user %r failed",
-                    self.peer(),
-                    self._name,
-                    self.user,
-                )
-                self.write(answer)
-                self.close()
-                return
-            if auth.done:
-                self._logged_in(answer)
-                return
-            self.write(answer)
-
     def _logged_in(self, answer: bytes) -> None:
         """Authenticated: AuthenticationOk goes with the rest of the welcome, in one
         write, once there are parameters to tell (a connection's, or the pool's)."""
@@ -331,21 +168,33 @@ class PooledSession:
         one it had no longer fits the listener), its credentials refreshed."""
         proxy = self.proxy
         server = self.server
-        if server is None or not proxy.fits(server, self.listener):
-            server = proxy.choose(self.listener, ())
+        if server is None or server in self.failed or not proxy.fits(server, self.listener):
+            server = proxy.choose(self.listener, self.failed)
             if server is None:
-                self._fail("57P03", f"dbproxy: no server is available for listener '{self._name}'")
+                what = (
+                    f"no server answered ({len(self.failed)} tried)"
+                    if self.failed
+                    else ("no server is available")
+                )
+                self._fail("57P03", f"dbproxy: {what} for listener '{self._name}'")
                 return None
             self.server = server
         pool = proxy.pools.get(server, self.user, self.database)
         auth = self._auth
         creds = pool.credentials
         creds.password = proxy.secrets.password(self.user)
-        if auth is not None and auth.client_key is not None:
+        if (
+            auth is not None
+            and auth.client_key is not None
+            and (self.secret_from is None or self.secret_from is server)
+        ):
+            # a ClientKey opens connections only where its secret came from (an
+            # auth query's, per server) or anywhere (an auth file's, with its
+            # password above); elsewhere the pool uses what its own clients gave
             creds.client_key, creds.scram_secret = auth.client_key, auth.scram_secret
         if auth is not None and auth.md5 is not None:
             creds.md5 = auth.md5
-        pool.startup = self.wanted
+        pool.used = True
         self.pool = pool
         return pool
 
@@ -363,6 +212,8 @@ class PooledSession:
     def got(self, conn: ServerConn) -> None:
         """The pool lends this session ``conn``."""
         self.waiting = False
+        if self.failed:
+            self.failed.clear()  # a server that failed a connect may serve its next transaction
         if self.closed:
             self._give_back(conn)
             return
@@ -422,11 +273,10 @@ class PooledSession:
             return False
         if not self.transaction_mode:
             return conn.at_rest
+        reader = self._reader
         return (
             conn.outstanding.idle
-            and not self._unsynced
-            and not self._pass
-            and not self._head
+            and (reader is None or reader.between_messages)
             and conn.status == b"I"
         )
 
@@ -435,9 +285,12 @@ class PooledSession:
         self.write(error)
         self.close()
 
-    def pool_lost(self) -> None:
-        """Its pool's server went down while this waited: another server, if one fits."""
+    def pool_lost(self, failed: Server | None) -> None:
+        """Its pool's server went down, or ``failed`` a connect, while this waited:
+        the next fitting server, as a relayed session's failed connect goes on."""
         self.waiting = False
+        if failed is not None:
+            self.failed.append(failed)
         self._acquire()
 
     def wait_late(self) -> None:
@@ -464,7 +317,7 @@ class PooledSession:
             return None
         return conn.server, conn.backend_key
 
-    # -- transaction mode: the client's messages ----------------------------------------
+    # -- transaction mode: both ways (dbproxy/transactions.py) --------------------------
     def _client_messages(self) -> None:
         buffer = self._buffer
         try:
@@ -476,86 +329,37 @@ class PooledSession:
             return
         conn = self.conn
         if conn is None:
-            if buffer[spans[0][0]] == _TERMINATE:
+            if buffer[spans[0][0]] == TERMINATE:
                 self.close()
                 return
             if not self.waiting:
                 self._acquire()
             return
         self._buffer = buffer[rest:]
-        out = conn.outstanding
-        statements = self.statements
-        if statements is None and self.proxy.config.pool.max_prepared_statements:
-            statements = self.statements = Statements(
-                self.proxy.config.pool.max_prepared_statements
-            )
-        pieces = []
-        run = spans[0][0]
-        for start, end in spans:
-            kind = buffer[start]
-            if kind == _TERMINATE:
-                pieces.append(buffer[run:start])
-                conn.write(b"".join(pieces))
-                self.close()
-                return
-            if statements is not None and kind in _REWRITTEN:
-                pieces.append(buffer[run:start])
-                pieces.append(statements.rewrite(kind, buffer[start + 5 : end], out))
-                run = end
-            if kind in BATCH_ENDS:
-                out.sent += 1
-                self._unsynced = False
-            else:
-                self._unsynced = True
-        pieces.append(buffer[run:rest])
-        conn.write(b"".join(pieces))
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = Transactions(self.proxy.config.pool.max_prepared_statements)
+        data, terminated = reader.to_server(buffer, spans, rest, conn.outstanding)
+        conn.write(data)
+        if terminated:
+            self.close()
 
-    # -- transaction mode: the server's messages -----------------------------------------
     def from_server(self, conn: ServerConn, data: bytes) -> None:
         transport = self.transport
-        if not self.transaction_mode:
+        reader = self._reader
+        if not self.transaction_mode or reader is None:
             if transport is not None:
                 transport.write(data)
             conn.at_rest = data.endswith(_READY_IDLE)
             return
-        if self._head:
-            data = self._head + data
-            self._head = b""
-        n = len(data)
-        i = min(self._pass, n)
-        self._pass -= i
-        out = conn.outstanding
-        pieces = []
-        run = 0
-        ready = False
-        while i < n:
-            kind = data[i]
-            if n - i < 5 or (kind == _Z and n - i < 6):
-                # a header cut short (or a ReadyForQuery's status): held to decide on
-                self._head = data[i:]
-                break
-            (length,) = _INT32.unpack_from(data, i + 1)
-            if length < 4:
-                log.warning("server %s sent a message of impossible length", conn.server.name)
-                conn.abort()
-                return
-            end = i + 1 + length
-            if kind == _Z:
-                conn.status = data[i + 5 : i + 6]
-                ready = True
-            elif kind == _S and end <= n:
-                self._parameter(conn, data[i + 5 : end])
-            if not out.answer(kind, b""):
-                pieces.append(data[run:i])
-                run = end
-            if end > n:
-                self._pass = end - n
-                i = n
-                break
-            i = end
-        pieces.append(data[run:i])
+        try:
+            data, ready = reader.from_server(conn, data, self._parameter)
+        except ImpossibleMessage as exc:
+            log.warning("server %s sent %s; closing its connection", conn.server.name, exc)
+            conn.abort()
+            return
         if transport is not None:
-            transport.write(b"".join(pieces))
+            transport.write(data)
         if ready and self._clean(conn):
             self._release(conn)
             if self._buffer:
@@ -564,44 +368,9 @@ class PooledSession:
     def _parameter(self, conn: ServerConn, body: bytes) -> None:
         conn.note_parameter(body)
         name = body.partition(b"\0")[0].decode("utf-8", "replace")
-        known = _TRACKED_LOWER.get(name.lower())
-        if known is not None:
+        key = name.lower()
+        if key in FOLLOWED:
             # the client SET it: it follows the client to its next connection
             value = conn.parameters[name]
-            self.wanted[known] = value
-            conn.applied[known] = value
-
-    # -- the end ------------------------------------------------------------------------------
-    @property
-    def _name(self) -> str:
-        return self.listener.name
-
-    def peer(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "-"
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def refuse(self, code: str, message: str) -> None:
-        log.info("session from %s on %s refused: %s", self.peer(), self._name, message)
-        self._fail(code, message)
-
-    def _fail(self, code: str, message: str) -> None:
-        self.write(error_response(code, message))
-        self.close()
-
-    def first_packet_late(self) -> None:
-        if self.state == FIRST and not self.closed:
-            self.refuse("08P01", "the first packet did not arrive in time")
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()
+            self.wanted[key] = value
+            conn.applied[key] = value

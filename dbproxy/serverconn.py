@@ -53,7 +53,7 @@ OwnDone = Callable[["ServerConn", bytes | None], None]
 
 
 class ServerConn:
-    def __init__(self, pool: Pool, login: ServerLogin, applied: dict[str, str]) -> None:
+    def __init__(self, pool: Pool, login: ServerLogin) -> None:
         self.pool = pool
         self.server: Server = pool.server
         self.transport: asyncio.Transport | None = None
@@ -61,9 +61,8 @@ class ServerConn:
         self.state = LOGIN
         self.login: ServerLogin | None = login
         self.parameters: dict[str, str] = {}  # as the server reported them
-        # the client parameters it runs with (its startup's, then those SET on it)
-        self.applied = applied
-        self.startup_applied = dict(applied)  # what a reset query returns it to
+        # the client parameters SET on it (none at login: the server's defaults)
+        self.applied: dict[str, str] = {}
         self.backend_key: tuple[int, int] | None = None
         self.created = 0.0
         self.idle_since = 0.0

@@ -59,6 +59,9 @@ HOT_MODULES = (
     "dbproxy.pgwire",
     "dbproxy.routing",
     "dbproxy.app",
+    "dbproxy.choice",
+    "dbproxy.serverside",
+    "dbproxy.dialing",
     "dbproxy.session",
     "dbproxy.listener",
     "dbproxy.cancels",
@@ -68,6 +71,9 @@ HOT_MODULES = (
     "dbproxy.serverconn",
     "dbproxy.pool",
     "dbproxy.auth",
+    "dbproxy.parameters",
+    "dbproxy.transactions",
+    "dbproxy.pooledlogin",
     "dbproxy.pooled",
 )
 # mypyc puts the code of all of them in one shared library, inside this package.

@@ -22,6 +22,8 @@ NEEDED=(
   "wrk wrk"
   "nginx nginx-light"
   "haproxy haproxy"
+  # dbproxy's pooled listeners are measured beside it (python -m bench pg --pooling)
+  "pgbouncer pgbouncer"
   "docker-compose docker-compose"
   # the compose file run for real where there is no Docker engine (stack/containers.py):
   # podman with runc, DNS on its networks, and debootstrap for the stand-in images
@@ -68,3 +70,9 @@ echo "installing system packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+
+# Debian starts the packaged pgbouncer as a service on 127.0.0.1:6432, dbproxy's rw
+# port; the benchmark runs its own, so the service is stopped and left disabled.
+if printf '%s\n' "${missing[@]}" | grep -qx pgbouncer && [ -d /run/systemd/system ]; then
+  systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+fi

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from .errors import StackError
 from .postgres import connect
@@ -39,7 +40,18 @@ def log_tail(path: Path, lines: int = 15) -> str:
 async def _probe(ready: Readiness) -> bool:
     try:
         if ready.kind == "postgres":
-            conn = await connect(ready.port, timeout=1.0)
+            if ready.login is None:
+                conn = await connect(ready.port, timeout=1.0)
+            else:
+                user, password, database = ready.login
+                conn = await asyncpg.connect(
+                    host="127.0.0.1",
+                    port=ready.port,
+                    user=user,
+                    password=password,
+                    database=database,
+                    timeout=1.0,
+                )
             try:
                 return await conn.fetchval("SELECT 1") == 1
             finally:

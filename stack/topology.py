@@ -111,6 +111,9 @@ class Readiness:
     kind: Literal["postgres", "http"]
     port: int
     path: str = "/health"
+    # postgres: who logs in (None: the superuser, trusted on loopback); a pooled
+    # dbproxy logs its clients in itself, and knows no password of the superuser
+    login: tuple[str, str, str] | None = field(default=None, repr=False)  # user, password, db
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +288,11 @@ class Topology:
                 env=env,
                 listens=(p.db_rw, p.db_ro, p.db_any, p.dbproxy_admin),
                 ready=(
-                    Readiness("postgres", p.db_rw),
+                    Readiness(
+                        "postgres",
+                        p.db_rw,
+                        login=("users_app", self.credentials.app_password, "users"),
+                    ),
                     Readiness("http", p.dbproxy_admin, "/status"),
                 ),
                 log=log,

@@ -211,16 +211,20 @@ def test_transaction_pooling_shares_few_connections_with_prepared_statements(
 def test_a_set_does_not_follow_the_connection_to_the_next_client(
     pg: Cluster, tmp_path: Path
 ) -> None:
-    """Transaction mode: a client's startup parameters are SET where it lands,
-    and another client's do not stay."""
+    """Transaction mode: a client's startup parameters (any, not only those the
+    server reports) are SET where it lands, and another client's do not stay."""
 
     async def run(port: int) -> None:
-        tokyo = await _connect(port, server_settings={"TimeZone": "Asia/Tokyo"})
+        tokyo = await _connect(
+            port, server_settings={"TimeZone": "Asia/Tokyo", "statement_timeout": "1234ms"}
+        )
         lima = await _connect(port, server_settings={"TimeZone": "America/Lima"})
         try:
             for _ in range(5):
                 assert await tokyo.fetchval("SHOW TimeZone") == "Asia/Tokyo"
+                assert await tokyo.fetchval("SHOW statement_timeout") == "1234ms"
                 assert await lima.fetchval("SHOW TimeZone") == "America/Lima"
+                assert await lima.fetchval("SHOW statement_timeout") == "0"
         finally:
             await tokyo.close()
             await lima.close()
@@ -316,4 +320,41 @@ def test_a_killed_server_s_pool_is_drained_and_refilled(pg: Cluster, tmp_path: P
             await conn.close()
 
         asyncio.run(again())
+        assert "Traceback" not in proxy.log_text()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_psycopg_prepared_pipelined_and_copy(pg: Cluster, tmp_path: Path, mode: str) -> None:
+    """psycopg 3 as a second driver: every query prepared (its names, _pg3_0 ...,
+    the same in each client for different queries), a pipeline, COPY both ways."""
+    import psycopg
+
+    with pooled(pg, tmp_path, mode, size=4) as proxy:
+        dsn = (
+            f"host=127.0.0.1 port={proxy.ports['rw']} user=app password={PASSWORD} "
+            "dbname=postgres connect_timeout=5"
+        )
+        conns = [psycopg.connect(dsn, autocommit=True, prepare_threshold=0) for _ in range(4)]
+        try:
+            first = conns[0]
+            first.execute("CREATE TABLE IF NOT EXISTS copied (n int)")
+            for r in range(10):
+                for i, conn in enumerate(conns):
+                    query = "SELECT %s::int + %s::int" if i % 2 else "SELECT %s::int * %s::int"
+                    got = conn.execute(query, (i, r)).fetchone()
+                    assert got == ((i + r) if i % 2 else (i * r),)
+            with first.pipeline():
+                cursors = [first.execute("SELECT %s::text", (f"p{n}",)) for n in range(20)]
+            assert [c.fetchone() for c in cursors] == [(f"p{n}",) for n in range(20)]
+            with first.transaction(), first.cursor().copy("COPY copied FROM STDIN") as copy:
+                for n in range(1000):
+                    copy.write_row((n,))
+            out = []
+            with first.cursor().copy("COPY (SELECT n FROM copied ORDER BY n) TO STDOUT") as copy:
+                out = [int(row[0]) for row in copy.rows()]
+            assert out == list(range(1000))
+            first.execute("DROP TABLE copied")
+        finally:
+            for conn in conns:
+                conn.close()
         assert "Traceback" not in proxy.log_text()
