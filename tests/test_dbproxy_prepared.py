@@ -11,8 +11,8 @@ import pytest
 
 from dbproxy.config import from_args, parser
 from dbproxy.credentials import as_secret, parse_userlist
-from dbproxy.pgwire import split_messages
 from dbproxy.parameters import set_statement, startup_options
+from dbproxy.pgwire import split_messages
 from dbproxy.prepared import Outstanding, Statements, server_name
 from proxycore.config import ConfigError
 
