@@ -259,6 +259,31 @@ def steal_of(runs: dict[str, Run]) -> dict[str, dict[str, float]]:
     return {path: run.steal for path, run in runs.items()}
 
 
+def haproxy_argv(port: int, master: int, work: Path) -> list[str]:
+    """HAProxy in TCP mode on ``port`` in front of the master, its file in ``work``."""
+    cfg = work / "haproxy-pg.cfg"
+    cfg.write_text(HAPROXY_CFG.format(port=port, master=master))
+    return ["haproxy", "-db", "-f", str(cfg)]
+
+
+def dbproxy_argv(port: int, master: int, *flags: str) -> list[str]:
+    """dbproxy's rw listener on ``port`` in front of the master, no admin listener."""
+    return [
+        sys.executable,
+        "-m",
+        "dbproxy",
+        "--listen",
+        f"rw=127.0.0.1:{port}",
+        "--server",
+        f"service-db=127.0.0.1:{master}",
+        "--admin",
+        "off",
+        "--check-database",
+        "postgres",
+        *flags,
+    ]
+
+
 @contextlib.contextmanager
 def path_port(
     path: str, master: int, check_password: str, work: Path
@@ -269,24 +294,10 @@ def path_port(
         return
     port = free_port()
     if path == "haproxy":
-        cfg = work / "haproxy-pg.cfg"
-        cfg.write_text(HAPROXY_CFG.format(port=port, master=master))
-        argv = ["haproxy", "-db", "-f", str(cfg)]
+        argv = haproxy_argv(port, master, work)
         env = None
     else:
-        argv = [
-            sys.executable,
-            "-m",
-            "dbproxy",
-            "--listen",
-            f"rw=127.0.0.1:{port}",
-            "--server",
-            f"service-db=127.0.0.1:{master}",
-            "--admin",
-            "off",
-            "--check-database",
-            "postgres",
-        ]
+        argv = dbproxy_argv(port, master)
         env = {"DBPROXY_CHECK_PASSWORD": check_password}
     with running(argv, core=PROXY_CORE, port=port, log=work / f"{path}.log", env=env) as proc:
         yield port, proc.pid

@@ -26,7 +26,6 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +37,15 @@ import asyncpg
 from stack import postgres as pg
 from stack.control import pg_root_for
 
-from .pg import HAPROXY_CFG, LOAD_CORE, PROXY_CORE, _pg_bin, _superuser, interleaved
+from .pg import (
+    LOAD_CORE,
+    PROXY_CORE,
+    _pg_bin,
+    _superuser,
+    dbproxy_argv,
+    haproxy_argv,
+    interleaved,
+)
 from .procs import BenchError, free_port, machine, require, rotated, running
 
 POOL_SIZE: Final = 20
@@ -176,9 +183,7 @@ def _proxy(kind: str, mode: str, master: int, work: Path) -> Iterator[int]:
     port = free_port()
     log = work / f"{kind}-{mode or 'tcp'}.log"
     if kind == "haproxy":
-        cfg = work / "haproxy-pg.cfg"
-        cfg.write_text(HAPROXY_CFG.format(port=port, master=master))
-        argv = ["haproxy", "-db", "-f", str(cfg)]
+        argv = haproxy_argv(port, master, work)
     elif kind == "pgbouncer":
         # pgbouncer will not run as root: it drops to the cluster's user (-u),
         # which must read its files
@@ -199,19 +204,10 @@ def _proxy(kind: str, mode: str, master: int, work: Path) -> Iterator[int]:
             argv = [argv[0], "-u", user, argv[1]]
             log = work / f"pgbouncer-{mode}.out"
     else:
-        argv = [
-            sys.executable,
-            "-m",
-            "dbproxy",
-            "--listen",
-            f"rw=127.0.0.1:{port}",
-            "--server",
-            f"db=127.0.0.1:{master}",
-            "--admin",
-            "off",
+        argv = dbproxy_argv(
+            port,
+            master,
             "--check-user",
-            "postgres",
-            "--check-database",
             "postgres",
             "--pool-mode",
             mode,
@@ -219,7 +215,7 @@ def _proxy(kind: str, mode: str, master: int, work: Path) -> Iterator[int]:
             str(POOL_SIZE),
             "--auth-type",
             "trust",
-        ]
+        )
     with running(argv, core=PROXY_CORE, port=port, log=log):
         yield port
 

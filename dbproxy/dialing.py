@@ -11,9 +11,10 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from proxycore.compiled import protocol_factory
-from proxycore.flow import HalfClose, Valve
+from proxycore.flow import HalfClose
 from proxycore.servers import Server
 
+from .clientend import ClientEnd
 from .serverside import ServerSide
 
 if TYPE_CHECKING:
@@ -24,16 +25,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("dbproxy")
 
 
-class Dialing:
+class Dialing(ClientEnd):
     def __init__(self, proxy: Proxy, listener: Listener) -> None:
-        self.proxy = proxy
-        self.listener = listener
-        self.transport: asyncio.Transport | None = None
-        self.valve: Valve | None = None
+        super().__init__(proxy, listener)
         self.server_side: ServerSide | None = None
         self.server: Server | None = None
-        self.closed = False
-        self._buffer = b""
         self._pending: list[bytes] = []
         # The first packet (or an SSLRequest) is in, and waits for the server:
         # what the client sends meanwhile is kept in _pending, reading paused.
@@ -48,11 +44,6 @@ class Dialing:
         self._ready: ServerSide | None = None  # connected, nothing sent to it yet
         self._want: bytes | None = None  # what goes to the server once it is connected
         self._want_probe = False  # ... and it is an SSLRequest, whose answer comes back here
-        # The client settled TLS (an SSLRequest answered) or GSSAPI encryption
-        # (a GSSENCRequest): the server reads another such request as a startup
-        # packet of an unknown protocol, and refuses it.
-        self._ssl_done = False
-        self._gss_done = False
         self._ended_early = False  # the client's end came before the relay opened
         self._probing: ServerSide | None = None  # waiting for the answer to an SSLRequest
         # What the server was sent and has not answered yet (the first packet):

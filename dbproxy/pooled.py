@@ -17,11 +17,10 @@ a few bytes each.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
-from proxycore.flow import Reason, Valve, bound_writes
+from proxycore.flow import Reason
 from proxycore.servers import Server
 
 from .listener import Listener
@@ -29,7 +28,6 @@ from .parameters import FOLLOWED, set_statement
 from .pgwire import (
     ProtocolViolation,
     backend_key_data,
-    error_response,
     parameter_status,
     ready_for_query,
     split_messages,
@@ -66,21 +64,6 @@ class PooledSession(PooledLogin):
         self._reader: Transactions | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.valve = Valve(self.transport)
-        proxy = self.proxy
-        if proxy.draining or proxy.client_count >= proxy.config.max_client_connections:
-            self.closed = True
-            self.transport.write(error_response("53300", "sorry, too many clients already"))
-            self.transport.close()
-            return
-        bound_writes(self.transport)
-        proxy.sessions.add(self)
-        self.listener.active += 1
-        self.listener.total += 1
-        proxy.first_packet_limits.set(self, proxy.loop.time() + proxy.config.timeouts.first_packet)
-
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None and self.state == READY and not self.transaction_mode:
@@ -176,7 +159,7 @@ class PooledSession(PooledLogin):
                     if self.failed
                     else ("no server is available")
                 )
-                self._fail("57P03", f"dbproxy: {what} for listener '{self._name}'")
+                self.fail("57P03", f"dbproxy: {what} for listener '{self._name}'")
                 return None
             self.server = server
         pool = proxy.pools.get(server, self.user, self.database)
@@ -299,7 +282,7 @@ class PooledSession(PooledLogin):
         self.waiting = False
         if self.pool is not None:
             self.pool.abandon(self, timed_out=True)
-        self._fail(
+        self.fail(
             "53300",
             f"dbproxy: no server connection for user {self.user!r} on {self._name} "
             f"within {self.proxy.config.pool.wait_timeout:g}s (query_wait_timeout)",
@@ -309,7 +292,7 @@ class PooledSession(PooledLogin):
         if conn is not self.conn:
             return
         self.conn = None
-        self._fail("08006", "dbproxy: the server connection was lost")
+        self.fail("08006", "dbproxy: the server connection was lost")
 
     def cancel_target(self) -> tuple[Server, tuple[int, int]] | None:
         conn = self.conn
@@ -323,7 +306,7 @@ class PooledSession(PooledLogin):
         try:
             spans, rest = split_messages(buffer)
         except ProtocolViolation as exc:
-            self._fail("08P01", f"dbproxy: {exc}")
+            self.fail("08P01", f"dbproxy: {exc}")
             return
         if not spans:
             return

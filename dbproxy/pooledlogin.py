@@ -6,14 +6,13 @@ What follows the login is dbproxy/pooled.py's, a subclass of this."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from proxycore.flow import Valve
 from proxycore.servers import Server
 
 from .auth import TRUST, ClientAuth
+from .clientend import ClientEnd
 from .credentials import LookupFailed
 from .listener import Listener
 from .parameters import carried
@@ -23,9 +22,6 @@ from .pgwire import (
     ProtocolViolation,
     SSLRequest,
     Startup,
-    error_response,
-    packet_length,
-    parse_first_packet,
     split_messages,
 )
 
@@ -37,17 +33,10 @@ log = logging.getLogger("dbproxy")
 FIRST, AUTH, LOGIN, READY, CLOSED = range(5)
 
 
-class PooledLogin:
+class PooledLogin(ClientEnd):
     def __init__(self, proxy: Proxy, listener: Listener) -> None:
-        self.proxy = proxy
-        self.listener = listener
-        self.transport: asyncio.Transport | None = None
-        self.valve: Valve | None = None
+        super().__init__(proxy, listener)
         self.state = FIRST
-        self.closed = False
-        self._buffer = b""
-        self._ssl_done = False
-        self._gss_done = False
         self.user = ""
         self.database = ""
         self.wanted: dict[str, str] = {}
@@ -65,16 +54,10 @@ class PooledLogin:
     # -- the first packet ------------------------------------------------------------
     def _first_packet(self) -> None:
         while self.state == FIRST:
-            try:
-                length = packet_length(self._buffer)
-                if length is None or len(self._buffer) < length:
-                    return
-                packet, self._buffer = self._buffer[:length], self._buffer[length:]
-                first = parse_first_packet(packet, self._ssl_done, self._gss_done)
-            except ProtocolViolation as exc:
-                log.info("session from %s dropped: %s", self.peer(), exc)
-                self.close()
+            got = self.next_first_packet()
+            if got is None:
                 return
+            first = got[1]
             if isinstance(first, SSLRequest):
                 self._ssl_done = True  # a pooled listener reads the session: no TLS through it
                 self.write(b"N")
@@ -187,32 +170,6 @@ class PooledLogin:
     def _name(self) -> str:
         return self.listener.name
 
-    def peer(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "-"
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def refuse(self, code: str, message: str) -> None:
-        log.info("session from %s on %s refused: %s", self.peer(), self._name, message)
-        self._fail(code, message)
-
-    def _fail(self, code: str, message: str) -> None:
-        self.write(error_response(code, message))
-        self.close()
-
     def first_packet_late(self) -> None:
         if self.state == FIRST and not self.closed:
             self.refuse("08P01", "the first packet did not arrive in time")
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()

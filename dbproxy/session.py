@@ -16,11 +16,10 @@ tests/test_proxycore_loop.py); a half-close is passed on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from proxycore.flow import Reason, Valve, bound_writes
+from proxycore.flow import Reason
 from proxycore.servers import Server
 
 from .dialing import Dialing
@@ -29,11 +28,7 @@ from .pgwire import (
     SSL_REQUEST,
     CancelRequest,
     GSSENCRequest,
-    ProtocolViolation,
     SSLRequest,
-    error_response,
-    packet_length,
-    parse_first_packet,
     unsupported_protocol,
 )
 from .serverside import ServerSide
@@ -46,20 +41,7 @@ log = logging.getLogger("dbproxy")
 
 class ClientSession(Dialing):
     # -- asyncio.Protocol -------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.valve = Valve(self.transport)
-        proxy = self.proxy
-        if proxy.draining or proxy.client_count >= proxy.config.max_client_connections:
-            self.closed = True
-            self.transport.write(error_response("53300", "sorry, too many clients already"))
-            self.transport.close()
-            return
-        proxy.sessions.add(self)
-        self.listener.active += 1
-        self.listener.total += 1
-        bound_writes(self.transport)
-        proxy.first_packet_limits.set(self, proxy.loop.time() + proxy.config.timeouts.first_packet)
+    def admitted(self) -> None:
         # No server fitting now is not an answer yet: the client hears it after
         # its startup packet, as an ErrorResponse it prints.
         self._dial_next()
@@ -140,17 +122,10 @@ class ClientSession(Dialing):
     # -- the first packet ---------------------------------------------------------
     def _first_packet(self) -> None:
         while True:
-            try:
-                length = packet_length(self._buffer)
-                if length is None or len(self._buffer) < length:
-                    return
-                packet, self._buffer = self._buffer[:length], self._buffer[length:]
-                first = parse_first_packet(packet, self._ssl_done, self._gss_done)
-            except ProtocolViolation as exc:
-                # The server drops such a client without a word (it only logs it)
-                log.info("session from %s on %s dropped: %s", self.peer(), self.listener.name, exc)
-                self.close()
+            got = self.next_first_packet()
+            if got is None:
                 return
+            packet, first = got
             if isinstance(first, GSSENCRequest):
                 # No GSSAPI encryption here; the client goes on in clear or asks for TLS.
                 self._gss_done = True
@@ -358,11 +333,6 @@ class ClientSession(Dialing):
             self.refuse("08P01", "the first packet did not arrive in time")
 
     # -- session life -------------------------------------------------------------
-    def peer(self) -> str:
-        # Asked only when logging: a getpeername() per session is not free.
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "-"
-
     def holds(self, side: ServerSide) -> bool:
         """Whether ``side`` is this session's server connection, or its SSL probe."""
         return self.server_side is side or self._probing is side
@@ -378,24 +348,6 @@ class ClientSession(Dialing):
             return None
         return self.server, self._key
 
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def refuse(self, code: str, message: str) -> None:
-        """A real ErrorResponse, then the close: psql and asyncpg print the message."""
-        log.info("session from %s on %s refused: %s", self.peer(), self.listener.name, message)
-        self.write(error_response(code, message))
-        self.close()
-
     def close(self) -> None:
         self._out = None
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def abort(self) -> None:
-        """The server went down: close at once so the client reconnects now."""
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()
+        super().close()

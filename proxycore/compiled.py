@@ -60,6 +60,7 @@ HOT_MODULES = (
     "dbproxy.routing",
     "dbproxy.app",
     "dbproxy.choice",
+    "dbproxy.clientend",
     "dbproxy.serverside",
     "dbproxy.dialing",
     "dbproxy.session",

@@ -83,8 +83,18 @@ def dbproxy_for(
         os.environ,
         DBPROXY_CHECK_PASSWORD=stack.state()["topology"]["credentials"]["check_password"],
     )
+    proc = spawn(config, log, env)
+    try:
+        wait_port(admin, proc)
+        yield DbProxyProc(ports, admin, config, log, proc)
+    finally:
+        stop(proc)
+
+
+def spawn(config: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``python -m dbproxy --config`` in a process group of its own, its output in ``log``."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "dbproxy", "--config", str(config)],
             cwd=REPO,
             stdout=out,
@@ -92,11 +102,6 @@ def dbproxy_for(
             env=env,
             start_new_session=True,
         )
-    try:
-        wait_port(admin, proc)
-        yield DbProxyProc(ports, admin, config, log, proc)
-    finally:
-        stop(proc)
 
 
 def app_password(stack: StackHandle) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,10 +16,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.dbproxyctl import DbProxyProc
+from tests.dbproxyctl import DbProxyProc, spawn
 from tests.lbctl import stop, wait_port
 from tests.pgcluster import Cluster, cluster
-from tests.stackctl import REPO, free_ports
+from tests.stackctl import free_ports
 
 PASSWORD = "s3cret"
 AUTH_QUERY = "SELECT usename, passwd FROM public.dbproxy_user_secret($1)"
@@ -64,15 +62,7 @@ def pooled(
         f'[[server]]\nname = "pg"\naddress = "127.0.0.1:{pg.port}"\n'
     )
     env = dict(os.environ, DBPROXY_AUTH_PASSWORD="authpw")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dbproxy", "--config", str(config)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    proc = spawn(config, log, env)
     try:
         wait_port(admin, proc)
         wait_port(port, proc)
