@@ -20,7 +20,10 @@ def main() -> int:
         return 2
     if args.check_config:
         listen = ", ".join(f"{k}={v}" for k, v in config.listen.items())
-        print(f"dbproxy: configuration OK ({len(config.servers)} server(s), listen {listen})")
+        pooling = "" if config.pool.mode == "none" else f", {config.pool.mode} pooling"
+        print(
+            f"dbproxy: configuration OK ({len(config.servers)} server(s), listen {listen}{pooling})"
+        )
         return 0
     setup_logging("dbproxy")
     return Runner(lambda: from_args(args), DbProxy, lambda c: c.workers).run(config)

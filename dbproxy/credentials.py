@@ -27,6 +27,11 @@ from .scram import Secret
 
 log = logging.getLogger("dbproxy")
 
+# how many times ``cache`` an answer may be used while it is asked again behind it
+STALE = 6
+# an auth query's connect and answer: a live server answers in milliseconds
+QUERY_TIMEOUT = 1.0
+
 
 class LookupFailed(Exception):
     """The auth query could not be run on that server (down, refused, timed out)."""
@@ -90,6 +95,7 @@ class Secrets:
         # per server: the auth connection and the database it is on
         self._conns: dict[str, tuple[str, asyncpg.Connection]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._refreshing: set[tuple[str, str]] = set()
         self.queries = 0  # auth queries run (not answered from the cache)
         self.query_errors = 0
         if settings.file is not None:
@@ -115,16 +121,38 @@ class Secrets:
 
     async def lookup(self, user: str, server: Server, database: str) -> str | None:
         """The secret of ``user`` (None: unknown, or no password); LookupFailed
-        when ``server`` could not be asked."""
+        when ``server`` could not be asked. An answer younger than ``cache`` is
+        used again; one up to STALE × ``cache`` old too, while the query runs
+        again behind it (a server that has just frozen then costs a login no
+        wait: nginx's proxy_cache_use_stale updating)."""
         secret = self._file.get(user)
         if secret is not None or self.settings.user is None:
             return secret
-        dbname = self.settings.dbname or database
         key = (server.name, user)
         cached = self._cache.get(key)
         now = self._loop.time()
-        if cached is not None and now - cached[0] < self.settings.cache:
-            return cached[1]
+        if cached is not None:
+            age = now - cached[0]
+            if age < self.settings.cache:
+                return cached[1]
+            if age < STALE * self.settings.cache:
+                if key not in self._refreshing:
+                    self._refreshing.add(key)
+                    self._loop.create_task(self._refresh(user, server, database))
+                return cached[1]
+        return await self._ask(user, server, database)
+
+    async def _refresh(self, user: str, server: Server, database: str) -> None:
+        try:
+            await self._ask(user, server, database)
+        except LookupFailed:
+            pass  # logged; the stale answer ages out
+        finally:
+            self._refreshing.discard((server.name, user))
+
+    async def _ask(self, user: str, server: Server, database: str) -> str | None:
+        dbname = self.settings.dbname or database
+        now = self._loop.time()
         lock = self._locks.setdefault(server.name, asyncio.Lock())
         async with lock:  # one query at a time on the server's auth connection
             try:
@@ -137,7 +165,7 @@ class Secrets:
         if secret is not None:
             secret = as_secret(self.settings.type, user, secret)
         if self.settings.cache > 0:
-            self._cache[key] = (now, secret)
+            self._cache[(server.name, user)] = (now, secret)
         return secret
 
     async def _query(self, server: Server, dbname: str, user: str) -> str | None:
@@ -154,13 +182,13 @@ class Secrets:
                 user=self.settings.user,
                 password=self.settings.password or None,
                 database=dbname,
-                timeout=2.0,
+                timeout=QUERY_TIMEOUT,
                 statement_cache_size=0,
                 server_settings={"application_name": "dbproxy auth_query"},
             )
             self._conns[server.name] = (dbname, conn)
         self.queries += 1
-        row = await conn.fetchrow(self.settings.query, user, timeout=2.0)
+        row = await conn.fetchrow(self.settings.query, user, timeout=QUERY_TIMEOUT)
         if row is None or len(row) < 2:
             return None
         secret = row[1]

@@ -74,13 +74,11 @@ class Pool:
         self.credentials = Credentials()
         # a client has logged in to this pool: min_size may open connections
         self.used = False
-        # what the last connection to log in was told (ParameterStatus), and the
-        # client parameters it logged in with: a new client's welcome without a
-        # connection (transaction mode; pgbouncer keeps the same)
-        self.parameters: dict[str, str] = {}
-        self.parameters_for: dict[str, str] = {}
-        # the ParameterStatus messages of a welcome, by the client parameters asked
+        # the ParameterStatus messages of a welcome, by the client parameters asked:
+        # a client's login without a connection (transaction mode; pgbouncer
+        # keeps the same); a server that restarts drops them (logged_in)
         self._welcomes: dict[frozenset[tuple[str, str]], bytes] = {}
+        self._server_version = ""
         self.served = 0  # connections lent
         self.waited = 0  # clients that had to wait
         self.wait_timeouts = 0
@@ -103,22 +101,18 @@ class Pool:
         since = self.pools.waiting_since
         return max((now - since[w] for w in self.waiting if w in since), default=0.0)
 
-    def welcome(self, wanted: dict[str, str]) -> bytes:
-        """The ParameterStatus messages a client is told without a connection of its
-        own: the pool's last login's parameters, but for those the client asked
-        otherwise (as it will have them: its transactions are SET so)."""
-        key = frozenset(wanted.items())
-        statuses = self._welcomes.get(key)
-        if statuses is None:
-            parameters = dict(self.parameters)
-            for name in self.parameters:
-                value = wanted.get(name.lower())
-                if value is not None and self.parameters_for.get(name.lower()) != value:
-                    parameters[name] = value
-            statuses = b"".join([parameter_status(n, v) for n, v in parameters.items()])
-            if len(self._welcomes) < 64:  # a few kinds of clients, not one per client
-                self._welcomes[key] = statuses
-        return statuses
+    def welcome(self, wanted: dict[str, str]) -> bytes | None:
+        """The ParameterStatus messages a client asking ``wanted`` is told without a
+        connection of its own (transaction mode): as a connection running with
+        them reported them, in the server's own words; None until one has."""
+        return self._welcomes.get(frozenset(wanted.items()))
+
+    def remember_welcome(self, wanted: dict[str, str], parameters: dict[str, str]) -> None:
+        """What a connection running with ``wanted`` reports (``parameters``)."""
+        if len(self._welcomes) < 64:  # a few kinds of clients, not one per client
+            self._welcomes[frozenset(wanted.items())] = b"".join(
+                [parameter_status(n, v) for n, v in parameters.items()]
+            )
 
     # -- lending ----------------------------------------------------------------------
     def acquire(self, client: Waiter) -> None:
@@ -255,9 +249,9 @@ class Pool:
     def logged_in(self, conn: ServerConn) -> None:
         self.opening -= 1
         conn.state = IDLE
-        if conn.parameters != self.parameters or conn.applied != self.parameters_for:
-            self.parameters = dict(conn.parameters)
-            self.parameters_for = dict(conn.applied)
+        version = conn.parameters.get("server_version", "")
+        if version != self._server_version:
+            self._server_version = version
             self._welcomes.clear()
         self._returned(conn)
 

@@ -34,7 +34,7 @@ from .pgwire import (
 )
 from .pool import Pool
 from .pooledlogin import AUTH, CLOSED, FIRST, LOGIN, READY, PooledLogin
-from .serverconn import LENT, ServerConn
+from .serverconn import LENT, OWN, ServerConn
 from .transactions import TERMINATE, ImpossibleMessage, Transactions
 
 if TYPE_CHECKING:
@@ -103,7 +103,10 @@ class PooledSession(PooledLogin):
             self.pool.abandon(self, timed_out=False)
         conn, self.conn = self.conn, None
         if conn is not None and self.pool is not None:
-            if self._clean(conn):
+            if conn.state == OWN and conn.at_rest:
+                # it sent nothing but the SET dbproxy put ahead of it
+                conn.back_when_answered(self._reset_query())
+            elif self._clean(conn):
                 self._give_back(conn)
             else:
                 conn.close()
@@ -135,10 +138,11 @@ class PooledSession(PooledLogin):
             pool = self._pool()
             if pool is None:
                 return
-            if pool.parameters:
-                # welcomed as the pool's last login was: no connection needed
-                # until its first transaction (which is SET as it asked then)
-                self.write(self._ok + self._welcome(pool.welcome(self.wanted)))
+            statuses = pool.welcome(self.wanted)
+            if statuses is not None:
+                # welcomed as a connection running with its parameters was: no
+                # connection needed until its first transaction
+                self.write(self._ok + self._welcome(statuses))
                 self.state = READY
                 if self._buffer:
                     self._client_messages()
@@ -202,28 +206,40 @@ class PooledSession(PooledLogin):
             return
         self.conn = conn
         sql = "" if self.wanted == conn.applied else set_statement(self.wanted, conn.applied)
-        if sql:
+        if sql and self.state == LOGIN and self.transaction_mode:
+            # its welcome, in the server's words, is to be learnt: the SET is waited for
             conn.run(sql, self._parameters_set)
             return
+        if sql:
+            # the SET goes ahead of the client's first messages, not a round trip before them
+            conn.applied = dict(self.wanted)
+            conn.set_for(sql, self, self._parameters_failed)
         self._lent(conn)
 
     def _parameters_set(self, conn: ServerConn, error: bytes | None) -> None:
         if self.closed or error is not None:
-            self.conn = None
-            conn.close()  # what it runs with is unknown now
-            if error:
-                self.write(error)
-            self.close()
+            self._parameters_failed(conn, error)
             return
         conn.applied = dict(self.wanted)
         conn.lend(self)
         self._lent(conn)
 
+    def _parameters_failed(self, conn: ServerConn, error: bytes | None) -> None:
+        """The server refused a parameter of the client's (a bad value, a name it
+        does not know): its error, and the end of the session."""
+        self.conn = None
+        conn.close()  # what it runs with is unknown now
+        if error:
+            self.write(error)
+        self.close()
+
     def _lent(self, conn: ServerConn) -> None:
         if self.state == LOGIN:
-            self.write(self._ok + self._welcome(_statuses(conn.parameters)))
+            statuses = _statuses(conn.parameters)
+            self.write(self._ok + self._welcome(statuses))
             self.state = READY
             if self.transaction_mode:
+                conn.pool.remember_welcome(self.wanted, conn.parameters)
                 self._release(conn)
         assert self.valve is not None
         self.valve.resume(Reason.NO_PEER_YET)
@@ -245,9 +261,11 @@ class PooledSession(PooledLogin):
         self._give_back(conn)
 
     def _give_back(self, conn: ServerConn) -> None:
-        pool = conn.pool
-        reset = None if self.transaction_mode else self.proxy.config.pool.reset_query
-        pool.give_back(conn, reset or None)
+        conn.pool.give_back(conn, self._reset_query())
+
+    def _reset_query(self) -> str | None:
+        """What a connection runs before its next client: session mode's reset query."""
+        return None if self.transaction_mode else (self.proxy.config.pool.reset_query or None)
 
     def _clean(self, conn: ServerConn) -> bool:
         """Whether ``conn`` can serve another client as it is: nothing in flight,

@@ -75,6 +75,8 @@ class ServerConn:
         self._buffer = b""
         self._own_done: OwnDone | None = None
         self._own_error: bytes | None = None
+        self._set_failed: OwnDone | None = None
+        self._reset_after: str | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -157,6 +159,38 @@ class ServerConn:
             self.at_rest = False
 
     # -- dbproxy's own queries ------------------------------------------------------------
+    def set_for(self, sql: str, client: Borrower, failed: OwnDone) -> None:
+        """``sql`` (a SET of the client's parameters) ahead of whatever ``client``
+        sends, which goes on meanwhile: lent to it at once; of the answer to
+        ``sql`` only its ParameterStatus messages go on to the client (the
+        server's words for what was SET), the server's bytes after it are the
+        client's. ``failed``: the SET was refused (with its ErrorResponse)."""
+        self.run(sql, self._set_answered)
+        self.client = client
+        self._set_failed = failed
+
+    def back_when_answered(self, reset: str | None) -> None:
+        """The client left with nothing sent but its SET on the way: the connection
+        goes back to its pool once that is answered (``reset`` first)."""
+        self.client = None
+        self._set_failed = None
+        self._reset_after = reset
+        self._own_done = self._answered_then_back
+
+    def _answered_then_back(self, conn: ServerConn, error: bytes | None) -> None:
+        if error is not None:
+            self.close()
+            return
+        self.pool.give_back(self, self._reset_after)
+
+    def _set_answered(self, conn: ServerConn, error: bytes | None) -> None:
+        failed, self._set_failed = self._set_failed, None
+        if error is not None:
+            if failed is not None:
+                failed(self, error)
+            return
+        self.state = LENT  # the rest of what the server sends is the client's
+
     def run(self, sql: str, done: OwnDone) -> None:
         """``sql`` as a simple query; ``done`` once it is answered (ReadyForQuery)."""
         self.state = OWN
@@ -175,10 +209,13 @@ class ServerConn:
             self.abort()
             return
         self._buffer = buffer[rest:]
+        statuses = []  # set_for's, for the client
         for start, end in spans:
             kind = buffer[start]
             if kind == _S:
                 self.note_parameter(buffer[start + 5 : end])
+                if self._set_failed is not None:
+                    statuses.append(buffer[start:end])
             elif kind == _E:
                 if self.state != OWN:
                     # unasked, between clients: the server is ending the session
@@ -192,6 +229,18 @@ class ServerConn:
                 self.state = IDLE
                 if done is not None:
                     done(self, self._own_error)
+                client = self.client
+                if self.state == LENT and client is not None:
+                    # lent on (set_for): what followed the answer is the client's
+                    self._buffer = b""
+                    after = buffer[end:]
+                    at_rest = self.at_rest
+                    statuses.append(after)
+                    client.from_server(self, b"".join(statuses))
+                    if not after:
+                        # ParameterStatus alone ends no answer: as at rest as before
+                        self.at_rest = at_rest
+                    return
 
     def note_parameter(self, body: bytes) -> None:
         name, _, value = body.partition(b"\0")

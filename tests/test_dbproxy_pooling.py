@@ -7,8 +7,10 @@ client holds across two workers, the wait timeout, and a killed server's pool.""
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.browser import page_text
 from tests.dbproxyctl import DbProxyProc, spawn
 from tests.lbctl import stop, wait_port
 from tests.pgcluster import Cluster, cluster
@@ -45,7 +48,14 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @contextlib.contextmanager
 def pooled(
-    pg: Cluster, tmp: Path, mode: str, *, auth: str = "", size: int = 3, workers: int = 1
+    pg: Cluster,
+    tmp: Path,
+    mode: str,
+    *,
+    auth: str = "",
+    size: int = 3,
+    workers: int = 1,
+    extra: str = "",
 ) -> Iterator[DbProxyProc]:
     port, ro, any_, admin = free_ports(4)
     auth = auth or (
@@ -57,7 +67,7 @@ def pooled(
         f'[listen]\nrw = "127.0.0.1:{port}"\nro = "127.0.0.1:{ro}"\nany = "127.0.0.1:{any_}"\n'
         '[check]\nuser = "postgres"\ndatabase = "postgres"\ninterval = "200ms"\n'
         'timeout = "1s"\nrise = 1\nfall = 1\n'
-        f'[pool]\nmode = "{mode}"\nsize = {size}\nwait_timeout = "1s"\n'
+        f'[pool]\nmode = "{mode}"\nsize = {size}\nwait_timeout = "1s"\n{extra}'
         f"[auth]\n{auth}"
         f'[[server]]\nname = "pg"\naddress = "127.0.0.1:{pg.port}"\n'
     )
@@ -282,7 +292,7 @@ def test_a_killed_server_s_pool_is_drained_and_refilled(pg: Cluster, tmp_path: P
         port = proxy.ports["rw"]
         asyncio.run(three(port))
         time.sleep(0.2)
-        assert _pools(proxy)[0]["idle"] == 3
+        assert _pools(proxy)[0]["idle"] == 3, json.dumps(_pools(proxy))
         pg.kill()
         try:
             deadline = time.monotonic() + 10
@@ -348,3 +358,31 @@ def test_psycopg_prepared_pipelined_and_copy(pg: Cluster, tmp_path: Path, mode: 
             for conn in conns:
                 conn.close()
         assert "Traceback" not in proxy.log_text()
+
+
+def test_idle_connections_close_down_to_min_size_and_the_page_shows_the_pools(
+    pg: Cluster, tmp_path: Path
+) -> None:
+    """idle_timeout closes what the pool does not need, min_size keeps some;
+    the status page has a row per pool (pgbouncer's SHOW POOLS)."""
+
+    async def four(port: int) -> None:
+        conns = [await _connect(port) for _ in range(4)]
+        for conn in conns:
+            await conn.close()
+
+    with pooled(pg, tmp_path, "session", size=4, extra='min_size = 1\nidle_timeout = "1s"\n') as (
+        proxy
+    ):
+        asyncio.run(four(proxy.ports["rw"]))
+        time.sleep(0.3)
+        assert _pools(proxy)[0]["idle"] == 4
+        text = page_text(f"http://127.0.0.1:{proxy.admin_port}/status.html")
+        assert "rw (session pooling)" in text, text
+        assert re.search(r"server connection pools .* pg app postgres 0 4 0 0 — 4 0 0", text), text
+        deadline = time.monotonic() + 10
+        while _pools(proxy)[0]["idle"] > 1:
+            assert time.monotonic() < deadline, _pools(proxy)
+            time.sleep(0.2)
+        time.sleep(1.5)  # and it stays at min_size
+        assert _pools(proxy)[0]["idle"] == 1
