@@ -7,8 +7,8 @@ client holds across two workers, the wait timeout, and a killed server's pool.""
 from __future__ import annotations
 
 import asyncio
-import json
 import contextlib
+import json
 import os
 import re
 import time
