@@ -235,6 +235,12 @@ class PooledSession(PooledLogin):
 
     def _lent(self, conn: ServerConn) -> None:
         if self.state == LOGIN:
+            if not self.transaction_mode and conn.backend_key is not None:
+                # session mode: the connection is the client's for good, so it is
+                # told its backend's own key: pg_backend_pid(), pg_terminate_backend()
+                # and a NOTIFY's sender are what they say (pgbouncer tells its own)
+                self.key = conn.backend_key
+                self.proxy.cancels.remember(self.key, self)
             statuses = _statuses(conn.parameters)
             self.write(self._ok + self._welcome(statuses))
             self.state = READY
@@ -251,7 +257,8 @@ class PooledSession(PooledLogin):
                 conn.write(data)
 
     def _welcome(self, statuses: bytes) -> bytes:
-        """The rest of a login: the server's parameters, dbproxy's key, ready."""
+        """The rest of a login: the server's parameters, its key (dbproxy's own in
+        transaction mode, the connection's in session mode), ready."""
         if self.key == (0, 0):
             self.key = self.proxy.cancels.new_key(self)
         return statuses + backend_key_data(*self.key) + _READY
