@@ -206,15 +206,20 @@ class PooledSession(PooledLogin):
             return
         self.conn = conn
         sql = "" if self.wanted == conn.applied else set_statement(self.wanted, conn.applied)
-        if sql and self.state == LOGIN and self.transaction_mode:
-            # its welcome, in the server's words, is to be learnt: the SET is waited for
-            conn.run(sql, self._parameters_set)
-            return
+        known = None
+        if sql and self.state == LOGIN:
+            # The welcome tells what the client asked for in the server's words
+            # ("euc-jp" is EUC_JP): as a connection running with them once said
+            # (the pool remembers), else learnt now, the SET waited for once.
+            known = None if self.transaction_mode else conn.pool.welcome(self.wanted)
+            if known is None:
+                conn.run(sql, self._parameters_set)
+                return
         if sql:
             # the SET goes ahead of the client's first messages, not a round trip before them
             conn.applied = dict(self.wanted)
             conn.set_for(sql, self, self._parameters_failed)
-        self._lent(conn)
+        self._lent(conn, known)
 
     def _parameters_set(self, conn: ServerConn, error: bytes | None) -> None:
         if self.closed or error is not None:
@@ -233,7 +238,9 @@ class PooledSession(PooledLogin):
             self.write(error)
         self.close()
 
-    def _lent(self, conn: ServerConn) -> None:
+    def _lent(self, conn: ServerConn, known: bytes | None = None) -> None:
+        """``known``: the welcome's ParameterStatus messages, when they are not the
+        connection's own (yet: its SET is on the way)."""
         if self.state == LOGIN:
             if not self.transaction_mode and conn.backend_key is not None:
                 # session mode: the connection is the client's for good, so it is
@@ -241,11 +248,12 @@ class PooledSession(PooledLogin):
                 # and a NOTIFY's sender are what they say (pgbouncer tells its own)
                 self.key = conn.backend_key
                 self.proxy.cancels.remember(self.key, self)
-            statuses = _statuses(conn.parameters)
-            self.write(self._ok + self._welcome(statuses))
+            if known is None:
+                known = _statuses(conn.parameters)
+                conn.pool.remember_welcome(self.wanted, conn.parameters)
+            self.write(self._ok + self._welcome(known))
             self.state = READY
             if self.transaction_mode:
-                conn.pool.remember_welcome(self.wanted, conn.parameters)
                 self._release(conn)
         assert self.valve is not None
         self.valve.resume(Reason.NO_PEER_YET)

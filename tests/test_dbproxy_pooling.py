@@ -360,6 +360,27 @@ def test_psycopg_prepared_pipelined_and_copy(pg: Cluster, tmp_path: Path, mode: 
         assert "Traceback" not in proxy.log_text()
 
 
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_the_welcome_tells_a_client_s_parameters_in_the_server_s_words(
+    pg: Cluster, tmp_path: Path, mode: str
+) -> None:
+    """A client asking client_encoding=euc-jp is told EUC_JP at login, as Postgres
+    tells it (psycopg's test_encoding_env_var), whether the pool has seen such a
+    client before or not, and whatever the connection ran with before."""
+    import psycopg
+
+    with pooled(pg, tmp_path, mode, size=1) as proxy:
+        base = (
+            f"host=127.0.0.1 port={proxy.ports['rw']} user=app password={PASSWORD} "
+            "dbname=postgres connect_timeout=5"
+        )
+        for encoding, told in [("euc-jp", "EUC_JP"), ("LATIN1", "LATIN1"), ("euc-jp", "EUC_JP")]:
+            for _ in range(2):
+                with psycopg.connect(f"{base} client_encoding={encoding}") as conn:
+                    assert conn.info.parameter_status("client_encoding") == told
+                    assert conn.execute("SHOW client_encoding").fetchone() == (told,)
+
+
 def test_idle_connections_close_down_to_min_size_and_the_page_shows_the_pools(
     pg: Cluster, tmp_path: Path
 ) -> None:
