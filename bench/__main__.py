@@ -3,6 +3,7 @@ python -m bench http|pg [--seconds S] [--rounds R] [--out FILE] ...   (one proxy
 python -m bench pg --pooling [--case C]   (pooled listeners beside pgbouncer)
 python -m bench pg --fuzz N [--seed S] [--out FILE]   (first packets: dbproxy against Postgres)
 python -m bench edge [--fuzz N [--seed S]] [--out FILE]   (hostile HTTP inputs: lb, nginx, HAProxy)
+python -m bench tls [--case C] [--proxy P]   (TLS termination: lb, nginx, HAProxy)
 python -m bench gray [--scenario S] [--proxy P] [--out FILE]   (gray failures, a crowd)
 python -m bench surge [--out FILE]  (4,096 connections at once: lb, nginx, HAProxy)
 python -m bench ryw [--pairs N] [--out FILE]  (a user read back at once, both profiles)"""
@@ -38,6 +39,12 @@ from .ryw import run_ryw
 from .ryw import table as ryw_table
 from .surge import run_surge
 from .surge import table as surge_table
+from .tls import CASES as TLS_CASES
+from .tls import PROXIES as TLS_PROXIES
+from .tls import run_tls
+from .tls import table as tls_table
+from .tlsedge import run_tls_edge
+from .tlsedge import table as tls_edge_table
 
 # Where a run goes unless told (--out): not tracked by git. The reference run in
 # bench/results/ is committed on purpose, with --out.
@@ -111,6 +118,12 @@ def main() -> int:
         "edge", help="hostile and odd HTTP/1.1 inputs through lb, nginx and HAProxy"
     )
     _fuzz_arguments(edge, "mutations of request framing instead of the 48 inputs (bench/fuzz.py)")
+    edge.add_argument(
+        "--only",
+        choices=("http", "tls"),
+        help="http: the 48 HTTP inputs; tls: hostile handshakes at the TLS listeners "
+        "(bench/tlsedge.py); default both",
+    )
     edge.add_argument("--out", type=Path, help="JSON file (default bench/runs/edge-<time>.json)")
     gray = sub.add_parser(
         "gray", help="gray failures (frozen, slow, failing fast upstreams) and a crowd of 4,096"
@@ -127,6 +140,16 @@ def main() -> int:
         "surge", help="4,096 keep-alive connections at once to two nginx upstreams, 5 runs"
     )
     surge.add_argument("--out", type=Path, help="JSON file (default bench/runs/surge-<time>.json)")
+    tls = sub.add_parser(
+        "tls", help="lb's TLS listener vs nginx's and HAProxy's (keep-alive and handshakes)"
+    )
+    tls.add_argument("--seconds", type=float, default=10.0, help="each measured run (default 10)")
+    tls.add_argument("--rounds", type=int, default=3, help="runs per proxy, median kept")
+    tls.add_argument("--proxy", action="append", choices=TLS_PROXIES, help="only these")
+    tls.add_argument(
+        "--case", action="append", choices=[c.name for c in TLS_CASES], help="only this case"
+    )
+    tls.add_argument("--out", type=Path, help="JSON file (default bench/runs/tls-<time>.json)")
     ryw = sub.add_parser("ryw", help="register, then read back at once, on each profile's stack")
     ryw.add_argument("--pairs", type=int, default=2_000, help="pairs each way (default 2,000)")
     ryw.add_argument("--profile", choices=PROFILES, help="one profile only (default: both)")
@@ -162,6 +185,15 @@ def main() -> int:
                 result = {**result, "features": features} if result else features
                 parts.append(features_table(features))
             shown = "\n\n".join(parts)
+        elif args.command == "tls":
+            result = run_tls(
+                seconds=args.seconds,
+                rounds=args.rounds,
+                proxies=tuple(args.proxy or TLS_PROXIES),
+                say=say,
+                cases=tuple(args.case or ()),
+            )
+            shown = tls_table(result)
         elif args.command == "surge":
             result = run_surge(say=say)
             shown = surge_table(result)
@@ -180,8 +212,14 @@ def main() -> int:
             result = run_fuzz(args.fuzz, seed=args.seed, say=say)
             shown = fuzz_table(result)
         elif args.command == "edge":
-            result = run_edge(say=say)
-            shown = edge_table(result)
+            result, parts = {}, []
+            if args.only != "tls":
+                result = run_edge(say=say)
+                parts.append(edge_table(result))
+            if args.only != "http":
+                result["tls"] = run_tls_edge(say)
+                parts.append(tls_edge_table(result["tls"]))
+            shown = "\n\n".join(parts)
         elif args.fuzz:
             result = run_pg_fuzz_stack(args.fuzz, seed=args.seed, say=say)
             shown = pgfuzz_table(result)

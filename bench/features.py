@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .http import Measure, _median, measure_argv, upstreams
+from .http import Measure, measure_argv, median, upstreams
 from .procs import NGINX_HEAD, free_port, machine, require, rotated
 
 VARIANTS = ("plain", "routed", "logged")
@@ -141,7 +141,7 @@ def run_features(*, seconds: float, rounds: int, say: Callable[[str], None]) -> 
                     command = argv(proxy, variant, work, port, up1, up2)
                     m = measure_argv(label, command, port, work, seconds, CONNECTIONS, path=PATH)
                     rows[label].append(m)
-    medians = {label: _median(ms) for label, ms in rows.items()}
+    medians = {label: median(ms) for label, ms in rows.items()}
     return {
         "benchmark": "http-features",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

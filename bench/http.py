@@ -160,14 +160,20 @@ def measure_argv(
     connections: int,
     workers: int = 1,
     path: str = "/",
+    scheme: str = "http",
+    headers: tuple[str, ...] = (),
 ) -> Measure:
-    """``measure`` for a proxy started by ``argv``, listening on ``port``; wrk asks for ``path``."""
+    """``measure`` for a proxy started by ``argv``, listening on ``port``; wrk asks
+    for ``path`` over ``scheme``, sending ``headers``."""
     proxy_core, load_core = (PROXY_CORE, LOAD_CORE) if workers == 1 else (None, None)
     with running(argv, core=proxy_core, port=port, log=work / f"{name}.log") as proc:
-        url = f"http://127.0.0.1:{port}{path}"
-        run(url, seconds=1, connections=connections, core=load_core)  # warm up: pools, caches
+        url = f"{scheme}://127.0.0.1:{port}{path}"
+        # warm up: pools, caches
+        run(url, seconds=1, connections=connections, core=load_core, headers=headers)
         before = cpu_seconds(proc.pid)
-        result: WrkResult = run(url, seconds=seconds, connections=connections, core=load_core)
+        result: WrkResult = run(
+            url, seconds=seconds, connections=connections, core=load_core, headers=headers
+        )
         used = cpu_seconds(proc.pid) - before
     return Measure(
         proxy=name,
@@ -180,11 +186,15 @@ def measure_argv(
 
 
 @contextlib.contextmanager
-def upstreams(work: Path, core: int | None = PROXY_CORE) -> Iterator[tuple[int, int]]:
+def upstreams(
+    work: Path, core: int | None = PROXY_CORE, size: int = 0
+) -> Iterator[tuple[int, int]]:
+    """Two bench.upstream processes; ``size``: their bodies' bytes (0: a greeting)."""
     ports = free_port(), free_port()
     with contextlib.ExitStack() as stack:
         for i, port in enumerate(ports, 1):
             argv = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--name", f"up{i}"]
+            argv += ["--size", str(size)] if size else []
             stack.enter_context(running(argv, core=core, port=port, log=work / f"up{i}.log"))
         yield ports
 
@@ -210,7 +220,7 @@ def run_http(
                         f"{workers} worker(s))"
                     )
                     rows[name].append(measure(name, work, up1, up2, seconds, connections, workers))
-    medians = {name: _median(ms) for name, ms in rows.items()}
+    medians = {name: median(ms) for name, ms in rows.items()}
     base = medians.get("nginx")
     result: dict[str, Any] = {
         "benchmark": "http",
@@ -239,7 +249,7 @@ def run_http(
     return result
 
 
-def _median(ms: list[Measure]) -> Measure:
+def median(ms: list[Measure]) -> Measure:
     by_rps = sorted(ms, key=lambda m: m.rps)
     return by_rps[len(by_rps) // 2]
 

@@ -1,8 +1,9 @@
 """A fixed-response HTTP/1.1 upstream for throughput runs: it must cost far less
 than any proxy in front of it, so it is a bare protocol, not a framework.
 
-python -m bench.upstream --port P [--name N] [--delay S] [--fail STATUS]
-Answers every request with 200 and a short body, keep-alive; GET /health too.
+python -m bench.upstream --port P [--name N] [--delay S] [--fail STATUS] [--size B]
+Answers every request with 200 and a short body (or one of B bytes), keep-alive;
+GET /health too.
 Shaped (for `python -m bench gray`): ``--delay`` answers each request but
 /health after S seconds (a server slow in its work, quick in its health
 check, the gray failure checks miss); ``--fail`` answers each one but /health
@@ -19,8 +20,11 @@ import signal
 import uvloop
 
 
-def response(name: str) -> bytes:
+def response(name: str, size: int = 0) -> bytes:
+    """``size``: a body of that many bytes instead of the greeting."""
     body = f"hello from {name}\n".encode()
+    if size:
+        body = (body * (size // len(body) + 1))[:size]
     return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b" % (
         len(body),
         body,
@@ -108,10 +112,10 @@ class Shaped(asyncio.Protocol):
 
 
 async def serve(
-    port: int, name: str, delay: float = 0.0, fail: int = 0, shaped: bool = False
+    port: int, name: str, delay: float = 0.0, fail: int = 0, shaped: bool = False, size: int = 0
 ) -> None:
     loop = asyncio.get_running_loop()
-    answer = response(name)
+    answer = response(name, size)
     if shaped or delay or fail:
         shape = Shape(name, delay, fail)
         server = await loop.create_server(lambda: Shaped(shape), "127.0.0.1", port, backlog=4096)
@@ -133,8 +137,9 @@ def main() -> None:
     p.add_argument("--delay", type=float, default=0.0, help="answer each request after S seconds")
     p.add_argument("--fail", type=int, default=0, help="answer each request with this status")
     p.add_argument("--count", action="store_true", help="count requests (GET /__requests)")
+    p.add_argument("--size", type=int, default=0, help="a body of this many bytes")
     args = p.parse_args()
-    uvloop.run(serve(args.port, args.name, args.delay, args.fail, args.count))
+    uvloop.run(serve(args.port, args.name, args.delay, args.fail, args.count, args.size))
 
 
 if __name__ == "__main__":

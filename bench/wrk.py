@@ -85,12 +85,15 @@ def run(
     core: int | None,
     timeout: float = 2.0,
     script: str | None = None,
+    headers: tuple[str, ...] = (),
 ) -> WrkResult:
     """``timeout``: wrk's per-request limit; a request over it counts as an error.
     ``script``: a Lua script's path (COUNT_SENT's, for ``sent``)."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout:g}s"]
     if script is not None:
         command += ["-s", script]
+    for header in headers:
+        command += ["-H", header]
     command += ["--latency", url]
     if core is not None:
         command = ["taskset", "-c", str(core), *command]

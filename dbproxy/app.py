@@ -25,6 +25,8 @@ from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import CheckRecord, Server, ServerSet
 from proxycore.silence import StallWatch
+from proxycore.tls import TlsEnd, TlsSettings
+from proxycore.tlsmetrics import TlsCollector
 from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
 
 from . import routing
@@ -40,6 +42,7 @@ from .pool import Pools
 from .pooled import PooledSession
 from .session import ClientSession
 from .sessionqueue import SessionQueue
+from .sslanswers import SslAnswers
 from .totals import add_up, worker_counters
 
 log = logging.getLogger("dbproxy")
@@ -73,12 +76,12 @@ class DbProxy:
         self.cancels.targets = self.choice.may_route
         self.pools = Pools(loop, config.pool, config.timeouts.connect)
         self.secrets = Secrets(config.auth, loop)
+        self.tls = None
+        if config.ssl == "terminate" and config.tls is not None:
+            self.tls = TlsEnd("dbproxy", config.tls)
         self._pool_totals: list[dict[str, Any]] = []  # a supervisor's: its workers' pools
         self.redials = 0  # sessions sent on to another server: the first never answered
-        # When each server last answered a forwarded SSLRequest 'N' (loop time).
-        self._ssl_refused_at: dict[Server, float] = {}
-        self.ssl_forwarded = 0
-        self.ssl_answered_for_server = 0
+        self.ssl_answers = SslAnswers(loop.time, lambda: self.config.ssl_refusal_memory)
         self.draining = False
         self.started = time.time()
         self._checker = HealthChecker(
@@ -171,7 +174,10 @@ class DbProxy:
                         lambda: self.listeners.values(),
                         lambda: self.servers,
                         lambda: (self.cancels.routed, self.cancels.broadcast, self.cancels.idle),
-                        lambda: (self.ssl_forwarded, self.ssl_answered_for_server),
+                        lambda: (
+                            self.ssl_answers.forwarded,
+                            self.ssl_answers.answered_for_server,
+                        ),
                         lambda: self.redials,
                         lambda: (
                             self.queue.lengths(),
@@ -183,8 +189,10 @@ class DbProxy:
                         self.pool_status,
                     ),
                     WorkersCollector("dbproxy", lambda: self._supervisor),
+                    TlsCollector("dbproxy", lambda: [] if self.tls is None else [self.tls]),
                 ],
                 refresh=self._totals if self._supervisor is not None else None,
+                reload_tls=self.reload_tls,
             )
             self._admin = await start_admin(app, self.config.admin.host, self.config.admin.port)
         log.warning(
@@ -260,15 +268,27 @@ class DbProxy:
     def reopen_logs(self) -> None:
         """SIGUSR1: dbproxy writes no log file of its own (its log is stderr)."""
 
+    def reload_tls(self, settings: TlsSettings | None = None) -> dict[str, bool]:
+        """ssl = "terminate"'s certificates read again (SIGHUP with the whole
+        configuration; the admin API's POST /tls/reload alone)."""
+        if self._supervisor is not None:
+            self._supervisor.workers.signal(signal.SIGHUP)
+        return {} if self.tls is None else {"dbproxy": self.tls.reload(settings)}
+
     def apply(self, new: DbProxyConfig) -> None:
         old = self.config
+        if new.ssl != old.ssl:
+            log.warning("reload: ssl changes only on restart")
+            new = dataclasses.replace(new, ssl=old.ssl, tls=old.tls)
+        if self.tls is not None:
+            self.tls.reload(new.tls)  # (a supervisor's workers each reload their own)
         if dict(new.listen) != dict(old.listen) or new.admin != old.admin:
             log.warning("reload: listen and admin addresses change only on restart")
             new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
         added, removed = self.servers.update(new.servers, new.health)
         self._watch(added)
         for server in removed:
-            self._ssl_refused_at.pop(server, None)
+            self.ssl_answers.forget(server)
             self.pools.forget(server)
             self.secrets.forget(server.name)
             for session in list(self.by_server.get(server, ())):
@@ -349,28 +369,6 @@ class DbProxy:
         if sessions is not None:
             sessions.discard(session)
 
-    # -- TLS ----------------------------------------------------------------------------
-    def ssl_answered(self, server: Server, answer: bytes) -> None:
-        """``server`` answered a forwarded SSLRequest."""
-        self.ssl_forwarded += 1
-        if answer == b"N":
-            self._ssl_refused_at[server] = self.loop.time()
-        else:
-            self._ssl_refused_at.pop(server, None)
-
-    def refuses_ssl(self, server: Server | None) -> bool:
-        """Whether ``server`` answered an SSLRequest 'N' within ssl_refusal_memory: then
-        its session hears that 'N' from us at once. Forwarded, the SSLRequest waits
-        for the backend Postgres forks for it; answered here, the client's startup
-        packet is on its way meanwhile (measured under pgbench -S -C: a tenth more
-        connections a second). A server that says 'S' is always asked: TLS stays
-        end to end."""
-        at = None if server is None else self._ssl_refused_at.get(server)
-        if at is None or self.loop.time() - at >= self.config.ssl_refusal_memory:
-            return False
-        self.ssl_answered_for_server += 1
-        return True
-
     # -- health ---------------------------------------------------------------------
     def _watch(self, servers: Iterable[Server]) -> None:
         for server in servers:
@@ -381,7 +379,7 @@ class DbProxy:
             self._supervisor.broadcast_state()  # its workers act on it; it has no sessions
             return
         # Back from down it may be another server (restarted, TLS turned on): ask it again.
-        self._ssl_refused_at.pop(server, None)
+        self.ssl_answers.forget(server)
         down = not server.healthy or server.admin == "disabled"
         if down:
             self.pools.server_down(server, self.config.close_sessions_on_down)
@@ -464,8 +462,10 @@ class DbProxy:
             },
             "pool_mode": self.config.pool.mode,
             "server_pools": self.pool_status(),
-            "ssl_requests_forwarded": self.ssl_forwarded,
-            "ssl_requests_answered_for_server": self.ssl_answered_for_server,
+            "ssl": self.config.ssl,
+            "tls": None if self.tls is None else self.tls.status(),
+            "ssl_requests_forwarded": self.ssl_answers.forwarded,
+            "ssl_requests_answered_for_server": self.ssl_answers.answered_for_server,
             "draining": self.draining,
             "workers": [] if self._supervisor is None else self._supervisor.workers.status(),
             "pools": {"postgres": [s.status() for s in self.servers]},

@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from proxycore.flow import Valve, bound_writes
+from proxycore.tlslayer import Carried, TlsServer, TlsTransport
 
 from .pgwire import (
     FirstPacket,
@@ -59,6 +60,37 @@ class ClientEnd:
 
     def admitted(self) -> None:
         """What a session does once its client is let in (before its first byte)."""
+
+    # -- ssl = "terminate" ------------------------------------------------------------
+    @property
+    def terminates_tls(self) -> bool:
+        return self.proxy.tls is not None
+
+    def start_tls(self) -> None:
+        """'S' to the client's SSLRequest, then TLS with dbproxy's certificate: the
+        session goes on inside it, read as in clear (its first packets, its key)."""
+        end, raw = self.proxy.tls, self.transport
+        assert end is not None and raw is not None
+        self._ssl_done = True
+        raw.write(b"S")
+        tls = TlsServer(
+            cast("Carried", self),
+            end.certs.context,
+            end.counters,
+            end.handshake_timeout,
+            on_open=self.tls_open,
+        )
+        raw.set_protocol(tls)  # type: ignore[arg-type]
+        tls.connection_made(raw)
+        # what the client sent past its SSLRequest is the start of its handshake
+        held, self._buffer = self._buffer, b""
+        if held:
+            tls.data_received(held)
+
+    def tls_open(self, transport: TlsTransport) -> None:
+        """The handshake is done: from here the session reads and writes through TLS."""
+        self.transport = tls = cast(asyncio.Transport, transport)
+        self.valve = Valve(tls)
 
     def next_first_packet(self) -> tuple[bytes, FirstPacket] | None:
         """The next whole first packet in the buffer, read as the server reads it;

@@ -19,6 +19,7 @@ from proxycore.balancing import SESSION_POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
+from proxycore.tls import TlsSettings, check_files, pairs_from_flags, read_settings
 from proxycore.workers import count as worker_count
 
 LISTENERS = ("rw", "ro", "any")
@@ -26,6 +27,7 @@ DEFAULT_PORTS = {"rw": 6432, "ro": 6433, "any": 6434}
 PASSWORD_ENV = "DBPROXY_CHECK_PASSWORD"
 AUTH_PASSWORD_ENV = "DBPROXY_AUTH_PASSWORD"
 POOL_MODES = ("none", "session", "transaction")
+SSL_MODES = ("passthrough", "refuse", "terminate")
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 # pgbouncer's auth_query default: the role's secret, none past its VALID UNTIL.
 DEFAULT_AUTH_QUERY = (
@@ -128,7 +130,12 @@ class DbProxyConfig:
     queue: QueueSettings = QueueSettings()
     max_client_connections: int = 10_000
     close_sessions_on_down: bool = True
-    ssl: str = "passthrough"  # or "refuse": answer SSLRequest with 'N' ourselves
+    # passthrough: the server answers SSLRequest (TLS end to end, the session
+    # unseen); refuse: 'N' from dbproxy; terminate: 'S' from dbproxy and TLS
+    # with [tls]'s certificate, the session in clear to dbproxy (pgbouncer's
+    # client_tls_sslmode), so cancel keys and roles stay visible
+    ssl: str = "passthrough"
+    tls: TlsSettings | None = None  # [tls]: ssl = "terminate"'s certificates and protocol
     # passthrough: how long a server's 'N' to an SSLRequest is given again on its
     # behalf, sparing the client a round trip to a backend still starting (0: never)
     ssl_refusal_memory: float = 1.0
@@ -153,7 +160,14 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         admin = None if admin_raw == "off" else parse_address(admin_raw, root.where("admin"))
     method = root.string("method", d.method, SESSION_POLICIES)
     workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
-    ssl = root.string("ssl", d.ssl, ("passthrough", "refuse"))
+    ssl = root.string("ssl", d.ssl, SSL_MODES)
+    tls = None
+    if root.has("tls"):
+        t = root.section("tls")
+        tls = read_settings(t, source.parent if source is not None else None)
+        t.done()
+    if ssl == "terminate" and tls is None:
+        raise ConfigError(f"{root.where('ssl')}: terminate needs a [tls] table with certificates")
     ssl_refusal_memory = root.duration("ssl_refusal_memory", d.ssl_refusal_memory)
     close_sessions = root.boolean("close_sessions_on_down", d.close_sessions_on_down)
     max_clients = root.integer("max_client_connections", d.max_client_connections, minimum=1)
@@ -247,6 +261,7 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         max_client_connections=max_clients,
         close_sessions_on_down=close_sessions,
         ssl=ssl,
+        tls=tls,
         ssl_refusal_memory=ssl_refusal_memory,
         pool=pool,
         auth=auth,
@@ -351,6 +366,21 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--auth-query", help="SQL giving (user, secret) for $1")
     p.add_argument(
+        "--ssl",
+        choices=SSL_MODES,
+        help="an SSLRequest: passed to the server, refused ('N'), or terminated here",
+    )
+    p.add_argument(
+        "--ssl-cert",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="certificate (and chain) for --ssl terminate; repeat, SNI picks, the first default",
+    )
+    p.add_argument(
+        "--ssl-key", action="append", default=[], metavar="PEM", help="its key, one per --ssl-cert"
+    )
+    p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
     return p
@@ -412,8 +442,18 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         auth_changes["query"] = args.auth_query
     if auth_changes:
         changes["auth"] = dataclasses.replace(config.auth, **auth_changes)
+    if args.ssl:
+        changes["ssl"] = args.ssl
+    if args.ssl_cert or args.ssl_key:
+        pairs = pairs_from_flags(args.ssl_cert, args.ssl_key, "--ssl-key")
+        base = config.tls or TlsSettings(certificates=())
+        changes["tls"] = dataclasses.replace(base, certificates=pairs)
     config = dataclasses.replace(config, **changes)
     check_auth(config, str(args.config) if args.config else "flags")
+    if config.ssl == "terminate":
+        if config.tls is None:
+            raise ConfigError("--ssl terminate needs --ssl-cert PEM --ssl-key PEM (or [tls])")
+        check_files(config.tls, "[tls]")
     if not config.servers:
         raise ConfigError(
             "no servers: give --server NAME=HOST:PORT or a --config file with [[server]]"

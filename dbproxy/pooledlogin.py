@@ -59,6 +59,9 @@ class PooledLogin(ClientEnd):
                 return
             first = got[1]
             if isinstance(first, SSLRequest):
+                if self.terminates_tls:
+                    self.start_tls()
+                    return
                 self._ssl_done = True  # a pooled listener reads the session: no TLS through it
                 self.write(b"N")
             elif isinstance(first, GSSENCRequest):

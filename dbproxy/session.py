@@ -132,6 +132,9 @@ class ClientSession(Dialing):
                 self.write(b"N")
                 continue
             if isinstance(first, SSLRequest):
+                if self.terminates_tls:
+                    self.start_tls()
+                    return
                 self._ssl_done = True
                 if self.proxy.config.ssl == "refuse":
                     self.write(b"N")
@@ -141,8 +144,8 @@ class ClientSession(Dialing):
                     # follows then gets the real ErrorResponse, which psql prints.
                     self.write(b"N")
                     continue
-                if self.proxy.refuses_ssl(self._target):
-                    self.write(b"N")  # what it said a moment ago (see DbProxy.refuses_ssl)
+                if self.proxy.ssl_answers.refuses(self._target):
+                    self.write(b"N")  # what it said a moment ago (dbproxy/sslanswers.py)
                     continue
                 # The server answers; whatever the client sends before the
                 # answer waits (in _buffer and _pending) and is read after an
@@ -220,7 +223,7 @@ class ClientSession(Dialing):
     def ssl_answer(self, side: ServerSide, answer: bytes) -> None:
         """The server answered the forwarded SSLRequest."""
         self._probing = None
-        self.proxy.ssl_answered(side.server, answer)
+        self.proxy.ssl_answers.answered(side.server, answer)
         if answer == b"S":
             # TLS end to end from here on: relay; the session's key stays unseen.
             # Bytes the client sent before the answer go first, as the server

@@ -12,13 +12,16 @@ from typing import Any, Protocol
 from proxycore.channel import Message
 from proxycore.counters import add, snapshot, zero
 from proxycore.servers import TRAFFIC_FIELDS, ServerSet
+from proxycore.tls import TlsEnd
 
 from .cancels import Cancels
 from .listener import Listener
 from .pool import Pools
 from .sessionqueue import SessionQueue
+from .sslanswers import SslAnswers
 
-_PROXY = ("ssl_forwarded", "ssl_answered_for_server", "redials")
+_PROXY = ("redials",)
+_SSL = ("forwarded", "answered_for_server")
 _QUEUE = ("queued", "timeouts", "refused", "abandoned", "wait")
 _CANCELS = ("routed", "broadcast", "idle")
 _LISTENER = ("active", "total", "queued")
@@ -33,8 +36,8 @@ class Counted(Protocol):
     queue: SessionQueue
     cancels: Cancels
     pools: Pools
-    ssl_forwarded: int
-    ssl_answered_for_server: int
+    ssl_answers: SslAnswers
+    tls: TlsEnd | None
     redials: int
 
 
@@ -42,6 +45,8 @@ def worker_counters(proxy: Counted) -> Message:
     """A worker's counters, for the supervisor to sum."""
     return {
         "proxy": snapshot(proxy, _PROXY),
+        "ssl": snapshot(proxy.ssl_answers, _SSL),
+        "tls": None if proxy.tls is None else proxy.tls.counters.as_dict(),
         "queue": snapshot(proxy.queue, _QUEUE),
         "cancels": snapshot(proxy.cancels, _CANCELS),
         "pools": proxy.pools.status(),
@@ -53,6 +58,9 @@ def worker_counters(proxy: Counted) -> Message:
 def add_up(proxy: Counted, answers: list[Message]) -> list[dict[str, Any]]:
     """The supervisor's counters made its workers' sum; the pools' rows, summed."""
     zero(proxy, _PROXY)
+    zero(proxy.ssl_answers, _SSL)
+    if proxy.tls is not None:
+        proxy.tls.counters.reset()
     zero(proxy.queue, _QUEUE)
     zero(proxy.cancels, _CANCELS)
     for listener in proxy.listeners.values():
@@ -62,6 +70,9 @@ def add_up(proxy: Counted, answers: list[Message]) -> list[dict[str, Any]]:
     pools: dict[tuple[str, str, str], dict[str, Any]] = {}
     for answer in answers:
         add(proxy, answer["proxy"])
+        add(proxy.ssl_answers, answer["ssl"])
+        if proxy.tls is not None and answer["tls"] is not None:
+            proxy.tls.counters.absorb(answer["tls"])
         add(proxy.queue, answer["queue"])
         add(proxy.cancels, answer["cancels"])
         for pool in answer["pools"]:

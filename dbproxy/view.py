@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from proxycore.deadline import Expiries
 from proxycore.servers import Server
+from proxycore.tls import TlsEnd
 
 from .cancels import Cancels
 from .config import DbProxyConfig
@@ -19,6 +20,7 @@ from .credentials import Secrets
 from .listener import Listener
 from .pool import Pools
 from .sessionqueue import SessionQueue
+from .sslanswers import SslAnswers
 
 
 class Proxy(Protocol):
@@ -34,6 +36,8 @@ class Proxy(Protocol):
     startup_limits: Expiries[Any]
     queue: SessionQueue
     redials: int
+    ssl_answers: SslAnswers  # ssl = "passthrough"'s
+    tls: TlsEnd | None  # ssl = "terminate"'s certificates and handshakes
 
     @property
     def client_count(self) -> int: ...
@@ -45,5 +49,3 @@ class Proxy(Protocol):
     def attach(self, session: Any, server: Server) -> None: ...
     def detach(self, session: Any, server: Server) -> None: ...
     def session_closed(self) -> None: ...
-    def ssl_answered(self, server: Server, answer: bytes) -> None: ...
-    def refuses_ssl(self, server: Server | None) -> bool: ...

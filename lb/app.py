@@ -15,29 +15,30 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from proxycore.admin import make_admin_app, start_admin
 from proxycore.channel import Message
-from proxycore.compiled import hot_path, protocol_factory
+from proxycore.compiled import hot_path
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import Server, ServerGroups
 from proxycore.silence import StallWatch
+from proxycore.tls import TlsEnd
+from proxycore.tlsmetrics import TlsCollector
 from proxycore.workers import SupervisorSide, WorkersCollector, WorkerSide
 
 from .accesslog import AccessLog
 from .checks import http_answers
 from .client import ClientConnection
 from .collector import LbCollector
+from .listeners import Listener
 from .pools import Pool
 from .ratelimit import remove_stale, shared_path
 from .routes import Route, build_routes
-from .settings import LbConfig, PoolConfig, RouteConfig
+from .settings import AnswerConfig, LbConfig, ListenerConfig, PoolConfig, RouteConfig
 from .state import LbState
 from .totals import add_up, worker_counters
 
@@ -67,8 +68,9 @@ class Balancer:
         self._answers = Pool(PoolConfig(name=ANSWERS, timeouts=config.timeouts), loop, self.metrics)
         self.routes: list[Route] = []
         self.started = time.time()
-        self._server: asyncio.Server | None = None
-        self._sock: socket.socket | None = None
+        self.listeners = [
+            Listener(lc, self.state, self._redirect(lc, config)) for lc in config.all_listeners
+        ]
         self._admin: web.AppRunner | None = None
         self._idle = asyncio.Event()
         self.state.client_closed = self._client_closed
@@ -98,6 +100,15 @@ class Balancer:
             server.on_change = self._server_changed
         return pool
 
+    def _redirect(self, lc: ListenerConfig, config: LbConfig) -> Route | None:
+        """A plain listener's 308 to the first TLS listener (redirect_https)."""
+        if not lc.redirect_https:
+            return None
+        port = next(x.address.port for x in config.all_listeners if x.tls is not None)
+        to = "https://$host" + ("" if port == 443 else f":{port}") + "$request_uri"
+        rc = RouteConfig(name=f"{lc.name}-to-https", answer=AnswerConfig(308, location=to))
+        return Route(rc, self._answers, config, None, unrouted=True)
+
     def _use_routes(self, config: LbConfig) -> None:
         # Workers share each limit's buckets (in a file named for their supervisor).
         shared_by = os.getppid() if self.placement.role == WORKER else 0
@@ -107,7 +118,6 @@ class Balancer:
 
     async def start(self) -> None:
         config = self.config
-        listen = config.listen
         placement = self.placement
         if placement.role != SUPERVISOR and config.access_log:
             self.state.access = AccessLog(config.access_log, config.access_log_format, self.loop)
@@ -120,31 +130,24 @@ class Balancer:
             await self._worker.start()
             self._stalls.report_to(self._worker)
             self._stalls.start()
-            self._sock = placement.inherited.listeners["http"]
-            self._server = await self.loop.create_server(
-                self._client_factory, sock=self._sock, backlog=4096
-            )
+            for listener in self.listeners:
+                await listener.serve(self.loop, placement.inherited.listeners[listener.name])
             self._worker.ready()
-            log.info("worker serving %s, hot path %s", listen, hot_path())
+            log.info("worker serving %s, hot path %s", self._addresses(), hot_path())
             return
-        sock = socket.socket(
-            socket.AF_INET6 if ":" in listen.host else socket.AF_INET, socket.SOCK_STREAM
-        )
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((listen.host, listen.port))
-        self._sock = sock
+        socks = {listener.name: listener.bind() for listener in self.listeners}
         if placement.role == SUPERVISOR:
             stale = remove_stale()  # the limits' files of supervisors killed before
             if stale:
                 log.info("removed %d rate-limit file(s) of lb supervisors that are gone", stale)
-            sock.listen(4096)
+            for sock in socks.values():
+                sock.listen(4096)
             self._supervisor = SupervisorSide(
-                self.groups, {"http": sock}, placement.workers, self._from_worker
+                self.groups, socks, placement.workers, self._from_worker
             )
         else:
-            self._server = await self.loop.create_server(
-                self._client_factory, sock=sock, backlog=4096
-            )
+            for listener in self.listeners:
+                await listener.serve(self.loop, socks[listener.name])
             self._stalls.start()
         for pool in self.pools.values():
             pool.start_checks()
@@ -158,15 +161,17 @@ class Balancer:
                 self.find_server,
                 [
                     LbCollector(self.metrics, lambda: self.pools, lambda: self.routes),
+                    TlsCollector("lb", self._tls_listeners),
                     WorkersCollector("lb", lambda: self._supervisor),
                 ],
                 refresh=self._totals if self._supervisor is not None else None,
+                reload_tls=self.reload_tls,
             )
             self._admin = await start_admin(app, config.admin.host, config.admin.port)
         log.warning(
             "lb listening on %s, %d pool(s) of %d server(s), %d route(s), admin %s, %s, "
             "hot path %s",
-            listen,
+            self._addresses(),
             len(self.pools),
             sum(len(p.servers) for p in self.pools.values()),
             len(self.routes),
@@ -174,6 +179,21 @@ class Balancer:
             f"{placement.workers} workers" if self._supervisor else "one process",
             hot_path(),
         )
+
+    def _addresses(self) -> str:
+        return ", ".join(
+            f"{x.name}={x.config.address}{' (tls)' if x.tls else ''}" for x in self.listeners
+        )
+
+    def _tls_listeners(self) -> list[TlsEnd]:
+        return [x.tls for x in self.listeners if x.tls is not None]
+
+    def reload_tls(self) -> dict[str, bool]:
+        """The certificate files read again, every TLS listener (the admin API's
+        POST /tls/reload; SIGHUP does it with the whole configuration)."""
+        if self._supervisor is not None:
+            self._supervisor.workers.signal(signal.SIGHUP)
+        return {x.name: x.reload() for x in self.listeners if x.tls is not None}
 
     def find_server(self, key: str) -> Server | None:
         """A server by "pool/name", or by its name alone when one pool has it."""
@@ -186,7 +206,9 @@ class Balancer:
     async def _still_answers(self, server: Server, timeout: float) -> bool:
         """Whether ``server`` answers its pool's check within ``timeout``, at all."""
         pool = self.pools.get(server.key.partition("/")[0])
-        return pool is not None and await http_answers(pool.config.check, server, timeout)
+        return pool is not None and await http_answers(
+            pool.config.check, server, timeout, pool.conns.tls_for
+        )
 
     def _from_worker(self, worker: object, message: Message) -> Any:
         self._stalls.from_worker(message, self.groups.get)
@@ -195,7 +217,7 @@ class Balancer:
     # -- one server, several processes (proxycore/workers.py) -----------------------
     def counters(self) -> Message:
         """A worker's counters, for the supervisor to sum (lb/totals.py)."""
-        return worker_counters(self.metrics, self.pools, self.groups, self.routes)
+        return worker_counters(self.metrics, self.pools, self.groups, self.routes, self.listeners)
 
     async def _totals(self) -> None:
         """The supervisor's counters become the sum of its workers' (before a scrape)."""
@@ -203,16 +225,11 @@ class Balancer:
         await self._supervisor.totals(self._sum)
 
     def _sum(self, answers: list[Message]) -> None:
-        add_up(answers, self.metrics, self.pools, self.groups, self.routes)
+        add_up(answers, self.metrics, self.pools, self.groups, self.routes, self.listeners)
 
     async def new_generation(self) -> None:
         if self._supervisor is not None:
             await self._supervisor.workers.replace()
-
-    @property
-    def _client_factory(self) -> Callable[[], asyncio.BaseProtocol]:
-        state = self.state
-        return protocol_factory(lambda: ClientConnection(state))
 
     def _server_changed(self, server: Server) -> None:
         """Marked down by the checks, or disabled: requests still waiting there for
@@ -236,11 +253,17 @@ class Balancer:
         """SIGHUP: pools, servers, routes and limits change; connections stay, and
         requests on their way keep the route and pool they took."""
         old = self.config
-        if new.listen != old.listen or new.admin != old.admin:
+        if _shape(new.all_listeners) != _shape(old.all_listeners) or new.admin != old.admin:
             log.warning(
-                "reload: listen and admin addresses change only on restart; keeping %s", old.listen
+                "reload: listeners and the admin address change only on restart; keeping %s",
+                self._addresses(),
             )
-            new = dataclasses.replace(new, listen=old.listen, admin=old.admin)
+            new = dataclasses.replace(
+                new, listen=old.listen, listeners=old.listeners, admin=old.admin
+            )
+        if self._supervisor is None:
+            for listener, lc in zip(self.listeners, new.all_listeners, strict=True):
+                listener.reload(lc.tls)
         checks = self._worker is None  # a worker follows its supervisor's checks
         added = removed = 0
         for pc in new.pools:
@@ -310,7 +333,7 @@ class Balancer:
         return {
             "service": "lb",
             "hot_path": hot_path(),
-            "listen": str(self.config.listen),
+            "listeners": {x.name: x.status() for x in self.listeners},
             "uptime_seconds": round(time.time() - self.started, 3),
             "client_connections": m.client_active,
             "in_flight": m.in_flight,
@@ -334,29 +357,8 @@ class Balancer:
 
     # -- stopping -----------------------------------------------------------------------
     def _stop_listening(self) -> None:
-        """Close the listener without resetting the connections the kernel has
-        queued on it (closing a listening socket resets them): a duplicate keeps
-        the socket open while the server closes, what is queued is accepted and
-        served, then the duplicate closes."""
-        server, sock = self._server, self._sock
-        self._server = self._sock = None
-        if server is None or sock is None:
-            return
-        if self._worker is not None:
-            server.close()  # the socket stays open in the supervisor and the other workers
-            return
-        spare = sock.dup()
-        server.close()
-        spare.setblocking(False)
-        try:
-            while True:
-                try:
-                    conn, _ = spare.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                self.loop.create_task(self.loop.connect_accepted_socket(self._client_factory, conn))
-        finally:
-            spare.close()
+        for listener in self.listeners:
+            listener.stop(self.loop, inherited=self._worker is not None)
 
     def _client_closed(self) -> None:
         if self.state.draining and not self.state.clients:
@@ -413,9 +415,15 @@ class Balancer:
         await self._stop_pools()
         if self._admin is not None:
             await self._admin.cleanup()
-        if self._sock is not None:
-            self._sock.close()
+        for listener in self.listeners:
+            if listener.sock is not None:
+                listener.sock.close()
         for route in self.routes:
             if route.limiter is not None:
                 shared_path(os.getpid(), route.name).unlink(missing_ok=True)
         log.warning("lb stopped")
+
+
+def _shape(listeners: tuple[ListenerConfig, ...]) -> list[tuple[object, ...]]:
+    """What a reload cannot change (the certificates it can)."""
+    return [(x.name, x.address, x.tls is not None, x.hsts, x.redirect_https) for x in listeners]

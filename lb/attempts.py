@@ -296,6 +296,7 @@ class Attempts(Waiter):
                 self.request_id,
                 self.client.client_ip,
                 self.lb.default_host,
+                self.client.https,
             )
         conn.send(head)
         self.reached_upstream = True

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Callable
 
 from proxycore.health import CheckFailed
 from proxycore.servers import Server
 
 from .config import ActiveCheck
 
+TlsFor = Callable[[Server], tuple[ssl.SSLContext | None, str | None]]
 
-def http_probe(check: ActiveCheck):  # type: ignore[no-untyped-def]
+
+def _plain(server: Server) -> tuple[ssl.SSLContext | None, str | None]:
+    return None, None
+
+
+def http_probe(check: ActiveCheck, tls_for: TlsFor = _plain):  # type: ignore[no-untyped-def]
+    """``tls_for``: the pool's way to its servers when it speaks TLS (the check
+    goes the way requests go)."""
     request = (
         f"GET {check.path} HTTP/1.0\r\nHost: {check.host}\r\nUser-Agent: balance-lb-check\r\n"
         "Connection: close\r\n\r\n"
@@ -18,7 +28,10 @@ def http_probe(check: ActiveCheck):  # type: ignore[no-untyped-def]
 
     async def probe(server: Server, timeout: float) -> str:
         address = server.spec.address
-        reader, writer = await asyncio.open_connection(address.host, address.port)
+        context, name = tls_for(server)
+        reader, writer = await asyncio.open_connection(
+            address.host, address.port, ssl=context, server_hostname=name
+        )
         try:
             writer.write(request)
             line = await reader.readline()
@@ -35,12 +48,14 @@ def http_probe(check: ActiveCheck):  # type: ignore[no-untyped-def]
     return probe
 
 
-async def http_answers(check: ActiveCheck, server: Server, timeout: float) -> bool:
+async def http_answers(
+    check: ActiveCheck, server: Server, timeout: float, tls_for: TlsFor = _plain
+) -> bool:
     """Whether ``server`` answers ``check``'s request within ``timeout`` at all (a
     failing answer is an answer: a live process; a frozen one says nothing)."""
     try:
         async with asyncio.timeout(timeout):
-            await http_probe(check)(server, timeout)
+            await http_probe(check, tls_for)(server, timeout)
     except CheckFailed:
         return True
     except (OSError, TimeoutError, ValueError):

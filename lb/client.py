@@ -154,6 +154,8 @@ class ClientConnection(RequestReader):
     def _route(self, info: RequestInfo, method: bytes, target: bytes) -> Route:
         """The route of a request whose head is whole; its own body limit checked."""
         lb = self.lb
+        if self.side.redirect is not None:
+            return self.side.redirect
         router = lb.router
         if router.single:
             route = lb.routes[0]

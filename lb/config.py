@@ -22,6 +22,15 @@ from proxycore.balancing import POLICIES
 from proxycore.config import ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
+from proxycore.tls import (
+    VERSIONS,
+    CertPair,
+    TlsSettings,
+    check_files,
+    pairs_from_flags,
+    read_settings,
+    resolve,
+)
 from proxycore.workers import count as worker_count
 
 from .routeconfig import read_route
@@ -30,12 +39,14 @@ from .settings import (
     ActiveCheck,
     LbConfig,
     Limits,
+    ListenerConfig,
     PoolConfig,
     QueueSettings,
     RetryBudgetSettings,
     RouteConfig,
     Timeouts,
     UpstreamKeepalive,
+    UpstreamTls,
 )
 
 # The name of the pool a file of one pool makes (and what the flags configure).
@@ -80,7 +91,28 @@ def _check(h: Section, d: ActiveCheck) -> ActiveCheck:
     return check
 
 
-def _pool(s: Section, d: PoolConfig, timeouts: Timeouts | None = None) -> PoolConfig:
+def _upstream_tls(s: Section, d: UpstreamTls | None, base: Path | None) -> UpstreamTls | None:
+    # the table's presence turns it on (enabled = false turns a default off)
+    present = s.has("upstream_tls")
+    t = s.section("upstream_tls")
+    default = d or UpstreamTls()
+    enabled = t.boolean("enabled", d is not None or present)
+    ca_file = t.string("ca_file", "")
+    tls = UpstreamTls(
+        verify=t.boolean("verify", default.verify),
+        ca_file=resolve(ca_file, base) if ca_file else default.ca_file,
+        server_name=t.string("server_name", default.server_name),
+        min_version=t.string("min_version", default.min_version, tuple(VERSIONS)),
+    )
+    t.done()
+    if tls.ca_file is not None and not tls.ca_file.is_file():
+        raise ConfigError(f"{t.where('ca_file')}: no such file: {tls.ca_file}")
+    return tls if enabled else None
+
+
+def _pool(
+    s: Section, d: PoolConfig, timeouts: Timeouts | None = None, base: Path | None = None
+) -> PoolConfig:
     """A pool's settings read from ``s`` (the file's top level, or a [[pool]]),
     each defaulting to ``d``'s; ``timeouts``: the top level's, read already."""
     method = s.string("method", d.method, POLICIES)
@@ -144,6 +176,7 @@ def _pool(s: Section, d: PoolConfig, timeouts: Timeouts | None = None) -> PoolCo
     k.done()
     return dataclasses.replace(
         d,
+        tls=_upstream_tls(s, d.tls, base),
         method=method,
         tries=tries,
         hedge_after=hedge_after,
@@ -177,9 +210,52 @@ def _servers(s: Section, max_conns: int) -> tuple[ServerSpec, ...]:
     return tuple(servers)
 
 
+ALPN = ("http/1.1",)
+
+
+def _listeners(root: Section, base: Path | None) -> tuple[ListenerConfig, ...]:
+    listeners = []
+    for s in root.sections("listener"):
+        name = s.string("name", "")
+        if not name:
+            raise ConfigError(f"{s.where('name')}: every [[listener]] needs a name")
+        address = s.address("address", None)
+        if address is None:
+            raise ConfigError(f"{s.where('address')}: every [[listener]] needs an address")
+        tls = read_settings(s, base, ALPN) if s.boolean("tls", False) else None
+        redirect = s.boolean("redirect_https", False)
+        hsts = s.string("hsts", "")
+        if tls is None and hsts:
+            raise ConfigError(f"{s.where('hsts')}: only a TLS listener sends HSTS")
+        if tls is not None and redirect:
+            raise ConfigError(f"{s.where('redirect_https')}: is for a plain listener")
+        s.done()
+        listeners.append(ListenerConfig(name, address, tls, redirect, hsts))
+    return tuple(listeners)
+
+
+def _check_listeners(config: LbConfig, where: str) -> None:
+    listeners = config.all_listeners
+    if not listeners:
+        raise ConfigError(f"{where}: no listener (listen is off and no [[listener]])")
+    names = [x.name for x in listeners]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: listener names must differ: {', '.join(names)}")
+    addresses = [x.address for x in listeners]
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError(f"{where}: two listeners on one address")
+    if any(x.redirect_https for x in listeners) and not any(x.tls for x in listeners):
+        raise ConfigError(f"{where}: redirect_https needs a TLS listener to redirect to")
+    for x in listeners:
+        if x.tls is not None:
+            check_files(x.tls, f"{where} {x.name}")
+
+
 def from_section(root: Section, source: Path | None) -> LbConfig:
     d = LbConfig()
-    listen = root.address("listen", d.listen)
+    listen = None if root.raw("listen") == "off" else root.address("listen", d.listen)
+    base = source.parent if source is not None else None
+    listeners = _listeners(root, base)
     admin_raw = root.raw("admin")
     if admin_raw is None:
         admin = d.admin
@@ -223,7 +299,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         raise ConfigError(f"{lim.where('max_header_bytes')}: must be at least 1k")
     lim.done()
 
-    defaults = _pool(root, PoolConfig(timeouts=timeouts), timeouts)
+    defaults = _pool(root, PoolConfig(timeouts=timeouts), timeouts, base)
     pools = []
     top_servers = _servers(root, defaults.queue.max_conns)
     pool_sections = root.sections("pool")
@@ -237,7 +313,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     for s in pool_sections:
         if not s.has("name"):
             raise ConfigError(f"{s.where('name')}: every [[pool]] needs a name")
-        pool = _pool(s, dataclasses.replace(defaults, name=s.string("name", "")))
+        pool = _pool(s, dataclasses.replace(defaults, name=s.string("name", "")), None, base)
         pools.append(dataclasses.replace(pool, servers=_servers(s, pool.queue.max_conns)))
         if not pool.name or "/" in pool.name:
             raise ConfigError(f"{s.where('name')}: a pool's name is a word, got {pool.name!r}")
@@ -251,8 +327,9 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
     if not routes and pools:
         routes = [RouteConfig(name="default", pool=pools[0].name)]
     root.done()
-    return LbConfig(
+    config = LbConfig(
         listen=listen,
+        listeners=listeners,
         admin=admin,
         workers=workers,
         pools=tuple(pools),
@@ -265,6 +342,8 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         trusted_proxies=tuple(trusted),
         source=source,
     )
+    _check_listeners(config, root.where("listener"))
+    return config
 
 
 def load(path: Path) -> LbConfig:
@@ -277,7 +356,25 @@ def load(path: Path) -> LbConfig:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lb", description="HTTP load balancer (see README).")
     p.add_argument("--config", type=Path, help="TOML file (see infra/balance/lb.toml)")
-    p.add_argument("--listen", metavar="HOST:PORT", help="public listener (default 127.0.0.1:8080)")
+    p.add_argument(
+        "--listen", metavar="HOST:PORT|off", help="plain HTTP listener (default 127.0.0.1:8080)"
+    )
+    p.add_argument("--tls-listen", metavar="HOST:PORT", help="an HTTPS listener (named https)")
+    p.add_argument(
+        "--tls-cert",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="certificate (and chain) of --tls-listen; repeat, SNI picks; the first is the default",
+    )
+    p.add_argument(
+        "--tls-key", action="append", default=[], metavar="PEM", help="its key, one per --tls-cert"
+    )
+    p.add_argument(
+        "--redirect-https",
+        action="store_true",
+        help="answer the plain listener's requests 308 to the HTTPS listener",
+    )
     p.add_argument(
         "--server",
         action="append",
@@ -317,7 +414,18 @@ def from_args(args: argparse.Namespace) -> LbConfig:
     config = load(args.config) if args.config else LbConfig()
     changes: dict[str, Any] = {}
     if args.listen:
-        changes["listen"] = parse_address(args.listen, "--listen")
+        changes["listen"] = None if args.listen == "off" else parse_address(args.listen, "--listen")
+    if args.tls_listen or args.tls_cert or args.tls_key:
+        changes["listeners"] = _tls_flags(args, config)
+    if args.redirect_https:
+        plain = changes.get("listen", config.listen)
+        if plain is None:
+            raise ConfigError("--redirect-https: no plain listener (--listen) to redirect")
+        changes["listen"] = None
+        changes["listeners"] = (
+            ListenerConfig("http", plain, redirect_https=True),
+            *changes.get("listeners", config.listeners),
+        )
     if args.admin:
         changes["admin"] = None if args.admin == "off" else parse_address(args.admin, "--admin")
     if args.workers:
@@ -345,9 +453,24 @@ def from_args(args: argparse.Namespace) -> LbConfig:
         if not config.routes:
             changes["routes"] = (RouteConfig(name="default", pool=pool.name),)
     config = dataclasses.replace(config, **changes)
+    _check_listeners(config, "the flags")
     if not any(p.servers for p in config.pools):
         raise ConfigError("no servers: give --server HOST:PORT or a --config file with [[server]]")
     return config
+
+
+def _tls_flags(args: argparse.Namespace, config: LbConfig) -> tuple[ListenerConfig, ...]:
+    """--tls-listen with its --tls-cert/--tls-key pairs: the listener "https"
+    (replacing the file's of that name)."""
+    if not args.tls_listen or not args.tls_cert:
+        raise ConfigError("--tls-listen needs --tls-cert PEM --tls-key PEM (and they it)")
+    pairs: tuple[CertPair, ...] = pairs_from_flags(args.tls_cert, args.tls_key, "--tls-key")
+    listener = ListenerConfig(
+        "https",
+        parse_address(args.tls_listen, "--tls-listen"),
+        TlsSettings(certificates=pairs, alpn=ALPN),
+    )
+    return (*(x for x in config.listeners if x.name != "https"), listener)
 
 
 def _server_flag(text: str, max_conns: int) -> ServerSpec:

@@ -15,8 +15,18 @@ from proxycore.flow import Valve, unconnected_write
 
 
 class Downstream:
-    def __init__(self, loop: asyncio.AbstractEventLoop, lingering: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lingering: float,
+        https: bool = False,
+        status_line_end: bytes = b"\r\n",
+    ) -> None:
         self.loop = loop
+        # of the listener it came in on (lb/state.ClientSide): X-Forwarded-Proto,
+        # and the end of a response's status line with any header it adds (HSTS)
+        self.https = https
+        self.status_line_end = status_line_end
         self.transport: asyncio.Transport | None = None
         self.valve: Valve = None  # type: ignore[assignment]  # set in connection_made
         self._send: Callable[[bytes], None] = unconnected_write

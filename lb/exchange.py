@@ -94,7 +94,10 @@ class Exchange(Hedging):
         assert answer is not None
         if not self.body_done:
             self.client_keep_alive = False  # the body is not read: the connection ends
-        lines = [b"HTTP/1.1 %d %b\r\n" % (answer.status, REASONS.get(answer.status, b"OK"))]
+        lines = [
+            b"HTTP/1.1 %d %b%b"
+            % (answer.status, REASONS.get(answer.status, b"OK"), self.client.status_line_end)
+        ]
         if answer.location:
             location = expand_location(answer.location, self.info.host, self.target)
             lines.append(b"Location: " + location + b"\r\n")
@@ -191,6 +194,7 @@ class Exchange(Hedging):
             chunked_to_client=self.chunked_to_client,
             keep_alive=self.client_keep_alive,
             request_id=self.request_id,
+            status_line_end=self.client.status_line_end,
         )
         self.answered_client = True
         self.client.write_parts(head)

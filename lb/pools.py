@@ -155,7 +155,9 @@ class Pool:
             return
         if self._checker is None:
             self._checker = HealthChecker(
-                self.servers, http_probe(self.config.check), self.config.check.timing
+                self.servers,
+                http_probe(self.config.check, self.conns.tls_for),
+                self.config.check.timing,
             )
         self._checker.sync()
 

@@ -23,15 +23,16 @@ from .framing import ChunkedBody, head_end
 from .heads import BadRequest
 from .request_head import RequestInfo, as_http11, escape_request_line, new_request_id
 from .response_head import error_response
-from .state import LbState
+from .state import PLAIN, ClientSide, LbState
 
 log = logging.getLogger("lb")
 
 
 class RequestReader(Downstream):
-    def __init__(self, lb: LbState) -> None:
-        super().__init__(lb.loop, lb.config.timeouts.lingering)
+    def __init__(self, lb: LbState, side: ClientSide = PLAIN) -> None:
+        super().__init__(lb.loop, lb.config.timeouts.lingering, side.https, side.status_line_end)
         self.lb = lb
+        self.side = side  # of the listener it came in on
         self._new_parser()
         # One timer per kind of wait: each only ever moves later, so re-arming it
         # costs a float store (see proxycore/deadline.py).

@@ -31,6 +31,8 @@ _REQUEST_LINE_END: Final = b" HTTP/1.1\r\n"
 _XFF_NAME: Final = b"X-Forwarded-For: "
 _PROTO_AND_FORWARDED_HOST: Final = b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
 _PROTO_AND_HOST: Final = b"\r\nX-Forwarded-Proto: http\r\nHost: "
+_HTTPS_AND_FORWARDED_HOST: Final = b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: "
+_HTTPS_AND_HOST: Final = b"\r\nX-Forwarded-Proto: https\r\nHost: "
 _REQUEST_ID_END: Final = b"\r\n\r\n"
 
 # Headers a client cannot make hop-by-hop by naming them in Connection: what lb
@@ -397,6 +399,7 @@ def upstream_request_head(
     request_id: bytes,
     client_ip: bytes,
     default_host: bytes = b"localhost",
+    https: bool = False,
 ) -> bytes:
     """The head sent upstream: always HTTP/1.1 keep-alive, framed as we forward the body.
 
@@ -405,9 +408,10 @@ def upstream_request_head(
     """
     xff = client_ip if info.x_forwarded_for is None else info.x_forwarded_for + b", " + client_ip
     if info.host:
-        host_name, host = _PROTO_AND_FORWARDED_HOST, info.host
+        host_name = _HTTPS_AND_FORWARDED_HOST if https else _PROTO_AND_FORWARDED_HOST
+        host = info.host
     else:
-        host_name, host = _PROTO_AND_HOST, default_host
+        host_name, host = (_HTTPS_AND_HOST if https else _PROTO_AND_HOST), default_host
     framing = b""
     if info.upgrade is not None:
         framing = b"Connection: upgrade\r\nUpgrade: " + info.upgrade + b"\r\n"

@@ -145,6 +145,7 @@ def client_response_head(
     keep_alive: bool,
     request_id: bytes,
     upgrade: bool = False,
+    status_line_end: bytes = b"\r\n",
 ) -> list[bytes]:
     """The head sent to the client, framed for it (HTTP/1.1 keep-alive unless told
     otherwise), as at most nine parts: the client's connection joins them with the
@@ -152,8 +153,10 @@ def client_response_head(
     (CPython's join allocates its bookkeeping for more) for the whole response.
 
     ``content_length``: the digits to send, as in ResponseInfo.content_length.
+    ``status_line_end``: the status line's end, and any header the listener
+    adds to every response (HSTS) after it.
     """
-    parts = [_status_line_start(status), reason, b"\r\n", info.lines]
+    parts = [_status_line_start(status), reason, status_line_end, info.lines]
     # each ending comes without and with the end of an X-Request-ID line before it
     with_id = 0
     if not info.request_id:

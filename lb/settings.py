@@ -17,6 +17,7 @@ from pathlib import Path
 from proxycore.config import Address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
+from proxycore.tls import TlsSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,18 @@ class Limits:
 class UpstreamKeepalive:
     max_idle: int = 64  # keepalive (idle connections kept per server)
     idle_timeout: float = 30.0  # keepalive_timeout of the upstream block
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS to a pool's servers (nginx: proxy_pass https:// with proxy_ssl_*;
+    HAProxy: server ... ssl verify required ca-file). Unlike nginx's
+    proxy_ssl_verify, verifying is the default: off only when said."""
+
+    verify: bool = True  # proxy_ssl_verify
+    ca_file: Path | None = None  # proxy_ssl_trusted_certificate (None: the system's)
+    server_name: str = ""  # proxy_ssl_name: SNI and the name verified ("": the address)
+    min_version: str = "1.2"  # proxy_ssl_protocols' lowest
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +145,7 @@ class PoolConfig:
     passive_statuses: frozenset[int] = frozenset()  # proxy_next_upstream http_502 ...
     timeouts: Timeouts = Timeouts()  # (only connect, first_byte and upstream_idle are a pool's)
     keepalive: UpstreamKeepalive = UpstreamKeepalive()
+    tls: UpstreamTls | None = None  # [upstream_tls]: None speaks plain HTTP to the servers
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +194,26 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One address lb serves (nginx's ``listen``, HAProxy's ``bind``)."""
+
+    name: str
+    address: Address
+    tls: TlsSettings | None = None  # listen ... ssl; bind ... ssl crt
+    # A plain listener's requests answered 308 to https (nginx: return 308
+    # https://$host$request_uri): to the first TLS listener's port.
+    redirect_https: bool = False
+    # Strict-Transport-Security on a TLS listener's responses ("" none;
+    # nginx: add_header Strict-Transport-Security "max-age=..." always)
+    hsts: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LbConfig:
-    listen: Address = Address("127.0.0.1", 8080)
+    # The plain HTTP listener named "http" (None: "off", only [[listener]]s).
+    listen: Address | None = Address("127.0.0.1", 8080)
+    # More listeners, plain or TLS, each by name ([[listener]], --tls-listen).
+    listeners: tuple[ListenerConfig, ...] = ()
     admin: Address | None = Address("127.0.0.1", 9101)
     # Worker processes (nginx: worker_processes); 1: one process, no supervisor.
     # "auto" in the file or on the command line is one per core.
@@ -205,6 +237,16 @@ class LbConfig:
 
     def pool(self, name: str) -> PoolConfig:
         return next(p for p in self.pools if p.name == name)
+
+    @property
+    def all_listeners(self) -> tuple[ListenerConfig, ...]:
+        plain = () if self.listen is None else (ListenerConfig("http", self.listen),)
+        return plain + self.listeners
+
+    @property
+    def main_address(self) -> Address:
+        """The first listener's: the Host an HTTP/1.0 request without one gets."""
+        return self.all_listeners[0].address
 
     # The single-pool view: what a file of one pool (and the flags) configure.
     @property

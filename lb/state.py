@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Callable
+from typing import Final
 
 from .accesslog import AccessLog
 from .metrics import LbMetrics
@@ -22,6 +23,21 @@ def _nothing() -> None:
     pass
 
 
+class ClientSide:
+    """What a client connection knows of the listener it came in on."""
+
+    def __init__(self, https: bool, hsts: str, redirect: Route | None) -> None:
+        self.https = https
+        self.redirect = redirect  # the 308 every request gets (redirect_https)
+        # ends a relayed response's status line: the HSTS header rides along free
+        self.status_line_end = b"\r\n"
+        if hsts:
+            self.status_line_end = b"\r\nStrict-Transport-Security: " + hsts.encode() + b"\r\n"
+
+
+PLAIN: Final = ClientSide(False, "", None)
+
+
 class LbState:
     def __init__(self, config: LbConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -29,7 +45,7 @@ class LbState:
         self.clock: Callable[[], float] = loop.time
         self.config = config
         self.metrics = LbMetrics()
-        self.default_host = str(config.listen).encode()
+        self.default_host = str(config.main_address).encode()
         self.draining = False
         # The open client connections (ClientConnection), for a drain and for a
         # server going down; and what to call when one closes.

@@ -12,6 +12,7 @@ from proxycore.channel import Message
 from proxycore.counters import add, snapshot, zero
 from proxycore.servers import TRAFFIC_FIELDS, ServerGroups
 
+from .listeners import Listener
 from .metrics import FIELDS as METRIC_FIELDS
 from .metrics import LbMetrics
 from .pools import Pool
@@ -22,7 +23,11 @@ _HEDGES = ("sent", "won", "suppressed")
 
 
 def worker_counters(
-    metrics: LbMetrics, pools: Mapping[str, Pool], groups: ServerGroups, routes: Sequence[Route]
+    metrics: LbMetrics,
+    pools: Mapping[str, Pool],
+    groups: ServerGroups,
+    routes: Sequence[Route],
+    listeners: Sequence[Listener],
 ) -> Message:
     """A worker's counters, for the supervisor to sum."""
     return {
@@ -38,6 +43,7 @@ def worker_counters(
         },
         "servers": {s.key: snapshot(s, TRAFFIC_FIELDS) for s in groups},
         "routes": {r.name: [r.limited, *r.by_class] for r in routes},
+        "tls": {x.name: x.tls.counters.as_dict() for x in listeners if x.tls is not None},
     }
 
 
@@ -47,9 +53,13 @@ def add_up(
     pools: Mapping[str, Pool],
     groups: ServerGroups,
     routes: Sequence[Route],
+    listeners: Sequence[Listener],
 ) -> None:
     """The supervisor's counters become the sum of its workers' ``answers``."""
     zero(metrics, METRIC_FIELDS)
+    tls = {x.name: x.tls.counters for x in listeners if x.tls is not None}
+    for counters in tls.values():
+        counters.reset()
     for pool in pools.values():
         zero(pool.budget, _BUDGET)
         zero(pool.hedges, _HEDGES)
@@ -75,6 +85,9 @@ def add_up(
             known = groups.get(key)
             if known is not None:
                 add(known, fields)
+        for name, fields in answer["tls"].items():
+            if name in tls:
+                tls[name].absorb(fields)
         for name, counts in answer["routes"].items():
             known_route = by_name.get(name)
             if known_route is not None:

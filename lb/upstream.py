@@ -4,6 +4,7 @@ the exchange it carries (Receiver), and the keep-alive pool."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -13,12 +14,13 @@ from proxycore.compiled import is_compiled, protocol_factory
 from proxycore.deadline import Deadline
 from proxycore.flow import Reason, Valve, bound_writes, unconnected_write
 from proxycore.servers import Server
+from proxycore.tls import client_context
 
 from . import plain
 from .downstream import Downstream
 from .plain import scan
 from .response_head import ResponseInfo
-from .settings import PoolConfig, Timeouts
+from .settings import PoolConfig, Timeouts, UpstreamTls
 
 # lb.plain's byte loop pays only compiled; interpreted, llhttp (C) reads a
 # response faster (scripts/lb_cost.py, interpreted: 16.7 µs a request with the
@@ -336,6 +338,18 @@ class UpstreamPool:
         self.loop = loop
         self.config = config
         self._idle: dict[Server, list[UpstreamConnection]] = {}
+        self._tls: tuple[UpstreamTls, ssl.SSLContext] | None = None
+
+    def tls_for(self, server: Server) -> tuple[ssl.SSLContext | None, str | None]:
+        """How to reach ``server`` when the pool speaks TLS to its servers: the
+        client context (made again when a reload changed the settings) and the
+        name to send and verify; (None, None) in plain HTTP."""
+        tls = self.config.tls
+        if tls is None:
+            return None, None
+        if self._tls is None or self._tls[0] != tls:
+            self._tls = (tls, client_context(tls.verify, tls.ca_file, tls.min_version))
+        return self._tls[1], tls.server_name or server.spec.address.host
 
     def take(self, server: Server) -> UpstreamConnection | None:
         idle = self._idle.get(server)
@@ -367,11 +381,14 @@ class UpstreamPool:
 
     async def connect(self, server: Server, timeout: float) -> UpstreamConnection:
         address = server.spec.address
+        context, name = self.tls_for(server)
         _, protocol = await asyncio.wait_for(
             self.loop.create_connection(
                 protocol_factory(lambda: UpstreamConnection(server, self)),
                 address.host,
                 address.port,
+                ssl=context,
+                server_hostname=name,
             ),
             timeout,
         )

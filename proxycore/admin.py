@@ -33,9 +33,11 @@ def make_admin_app(
     collectors: Iterable[Collector],
     on_admin_change: Callable[[Server, str], None] | None = None,
     refresh: Callable[[], Awaitable[None]] | None = None,
+    reload_tls: Callable[[], dict[str, bool]] | None = None,
 ) -> web.Application:
     """``refresh``: brings the counters up to date before /metrics and /status
-    answer (a supervisor sums its workers' then)."""
+    answer (a supervisor sums its workers' then). ``reload_tls``: POST
+    /tls/reload reads the certificate files again (listener: whether it took)."""
     registry = CollectorRegistry()
     for collector in collectors:
         registry.register(collector)
@@ -71,6 +73,12 @@ def make_admin_app(
         log.warning("admin API: %s %s", action, name)
         return web.json_response(server.status())
 
+    async def tls_reload(_: web.Request) -> web.Response:
+        assert reload_tls is not None
+        taken = reload_tls()
+        log.warning("admin API: TLS certificates reloaded: %s", taken)
+        return web.json_response({"reloaded": taken}, status=200 if all(taken.values()) else 409)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status_json)
@@ -78,6 +86,8 @@ def make_admin_app(
     app.router.add_get("/", status_html)
     app.router.add_post("/servers/{name}/{action}", change)
     app.router.add_post("/pools/{pool}/servers/{name}/{action}", change)
+    if reload_tls is not None:
+        app.router.add_post("/tls/reload", tls_reload)
     return app
 
 

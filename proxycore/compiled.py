@@ -32,6 +32,7 @@ HOT_MODULES = (
     "proxycore.flow",
     "proxycore.balancing",
     "proxycore.histogram",
+    "proxycore.tlslayer",
     "lb.settings",
     "lb.config",
     "lb.metrics",

@@ -21,6 +21,7 @@ _ADDRESS = re.compile(r"(?<![\w.-])([A-Za-z][\w.-]*|\d+\.\d+\.\d+\.\d+):(\d{1,5}
 # The compose address of each port of the stack, by Ports field.
 COMPOSE_ADDRESSES: Mapping[str, str] = {
     "entry": "0.0.0.0:8080",
+    "entry_tls": "0.0.0.0:8443",
     "lb_admin": "0.0.0.0:9101",
     "backend_1": "users-backend-1:8081",
     "backend_2": "users-backend-2:8082",

@@ -434,24 +434,36 @@ def containers(engine: Engine) -> dict[str, str]:
     return {service: cid for cid, service in pairs}
 
 
+# Services that run once and end (their end is their success): the TLS material.
+ONE_SHOT = frozenset({"tls-init"})
+
+
 def health(engine: Engine, container: str) -> str:
-    """'healthy', 'starting', 'unhealthy', or 'none' (no healthcheck); 'exited' when not running."""
+    """'healthy', 'starting', 'unhealthy', or 'none' (no healthcheck); 'exited' when
+    not running, 'done' when it ended with status 0."""
     result = engine.run(
         "inspect",
         "--format",
-        "{{.State.Running}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}",
+        "{{.State.Running}} {{.State.ExitCode}} "
+        "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}",
         container,
         check=False,
     )
-    running, _, status = result.stdout.strip().partition(" ")
-    return status if running == "true" else "exited"
+    running, code, status = [*result.stdout.strip().split(" ", 2), "", ""][:3]
+    if running == "true":
+        return status
+    return "done" if code == "0" else "exited"
 
 
 def wait_healthy(engine: Engine, profile: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         states = {s: health(engine, c) for s, c in containers(engine).items()}
-        waiting = {s: st for s, st in states.items() if st not in ("healthy", "none", "")}
+        waiting = {
+            s: st
+            for s, st in states.items()
+            if st not in ("healthy", "none", "") and not (s in ONE_SHOT and st == "done")
+        }
         if not waiting:
             return
         if time.monotonic() > deadline:

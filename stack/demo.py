@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,20 @@ async def status_of(http: aiohttp.ClientSession, url: str) -> int:
     async with http.get(url) as response:
         await response.read()
         return response.status
+
+
+async def _over_https(
+    http: aiohttp.ClientSession, topology: Topology, path: str, say: Callable[[str], None]
+) -> None:
+    """The same read over https, the certificate checked against the stack's CA."""
+    context = ssl.create_default_context(cafile=str(topology.tls_dir / "ca.pem"))
+    url = f"https://localhost:{topology.ports.entry_tls}{path}"
+    async with http.get(url, ssl=context) as response:
+        await response.read()
+        say(
+            f"GET {url} -> {response.status} over TLS, checked against the stack's CA "
+            f"(curl --cacert {topology.tls_dir / 'ca.pem'} {url})"
+        )
 
 
 async def run(state_dir: Path, say: Callable[[str], None]) -> None:
@@ -69,8 +84,10 @@ async def run(state_dir: Path, say: Callable[[str], None]) -> None:
             "GET", "/user/search", params={"first_name": "Ив", "last_name": "Пе", "limit": "3"}
         )
         await call("GET", "/user/get/not-a-uuid")
+        topology = state.topology
+        if topology.proxies != "none":
+            await _over_https(http, topology, f"/user/get/{user_id}", say)
 
-    topology = state.topology
     if topology.proxies == "none":
         return
     await livedrill.run(state_dir, base, say)

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from . import classic, metrics
+from . import classic, metrics, pki
 from .errors import StackError
 from .postgres import REPO_ROOT, find_bindir, remove_stale_lock, run_as, server_argv
 
@@ -37,6 +37,9 @@ PROXIES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classic": ((HAPROXY,), (NGINX,)),
 }
 BALANCE_CONFIG = REPO_ROOT / "infra" / "balance"
+# The names the stack's certificate is good for: the local addresses and the
+# compose service names and aliases of the entry and database proxies.
+TLS_NAMES = ["localhost", "127.0.0.1", LB, "http-proxy", NGINX, DBPROXY, "pgproxy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class Ports:
     """
 
     entry: int = 8080
+    entry_tls: int = 8443  # https at the entry proxy (the stack's own CA, stack/pki.py)
     backend_1: int = 8081
     backend_2: int = 8082
     hello_1: int = 8083
@@ -169,6 +173,8 @@ class Topology:
         else:
             rw_port, ro_port = self.ports.db_rw, self.ports.db_ro
         base = "postgresql://users_app@127.0.0.1:{}/users"
+        if self.proxies == "python":
+            base += "?sslmode=require"  # dbproxy terminates TLS (ssl = "terminate")
         return base.format(rw_port), base.format(ro_port)
 
     def local_addresses(self) -> dict[str, str]:
@@ -181,6 +187,29 @@ class Topology:
     def _render_config(self, source: Path, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(classic.render(source, self.local_addresses()))
+
+    @property
+    def tls_dir(self) -> Path:
+        """The stack's CA (ca.pem: what a client trusts) and its certificate."""
+        return self.state_dir / "tls"
+
+    def certificate(self) -> pki.Issued:
+        """The entry's and dbproxy's certificate, made with the CA at the first `up`."""
+        site = pki.Issued(self.tls_dir / "site.pem", self.tls_dir / "site.key")
+        if not (site.cert.exists() and site.key.exists()):
+            site = pki.authority(self.tls_dir).issue(self.tls_dir, "site", TLS_NAMES)
+        return site
+
+    def _with_tls(self, then: Callable[[], None] | None = None, link: Path | None = None) -> None:
+        """Before a TLS proxy starts: the certificate made; ``link``: a tls/ beside
+        a rendered config that names its files relative to itself (nginx's)."""
+        self.certificate()
+        if link is not None:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(self.tls_dir, target_is_directory=True)
+        if then is not None:
+            then()
 
     def spec(self, name: str) -> ServiceSpec:
         log = self.log_dir / f"{name}.log"
@@ -246,19 +275,28 @@ class Topology:
             )
         if name == LB and name in self.services():
             conf = self.state_dir / LB / "lb.toml"
-            argv = (sys.executable, "-m", "lb", "--config", str(conf))
+            site = pki.Issued(self.tls_dir / "site.pem", self.tls_dir / "site.key")
+            argv = (
+                *(sys.executable, "-m", "lb", "--config", str(conf)),
+                *("--tls-listen", f"127.0.0.1:{self.ports.entry_tls}"),
+                *("--tls-cert", str(site.cert), "--tls-key", str(site.key)),
+            )
+            render = partial(self._render_config, BALANCE_CONFIG / "lb.toml", conf)
             return ServiceSpec(
                 name=name,
                 argv=argv,
                 env=dict(os.environ),
-                listens=(self.ports.entry, self.ports.lb_admin),
+                listens=(self.ports.entry, self.ports.entry_tls, self.ports.lb_admin),
                 ready=(
                     Readiness("http", self.ports.entry),
                     Readiness("http", self.ports.lb_admin, "/status"),
                 ),
                 log=log,
-                address=f"127.0.0.1:{self.ports.entry} (admin :{self.ports.lb_admin})",
-                before_start=partial(self._render_config, BALANCE_CONFIG / "lb.toml", conf),
+                address=(
+                    f"127.0.0.1:{self.ports.entry}, https :{self.ports.entry_tls} "
+                    f"(admin :{self.ports.lb_admin})"
+                ),
+                before_start=partial(self._with_tls, render),
             )
         if name == DBPROXY and name in self.services():
             p = self.ports
@@ -280,6 +318,9 @@ class Topology:
                 f"{REPLICA}=127.0.0.1:{p.replica}",
                 "--admin",
                 f"127.0.0.1:{p.dbproxy_admin}",
+                *("--ssl", "terminate"),
+                *("--ssl-cert", str(self.tls_dir / "site.pem")),
+                *("--ssl-key", str(self.tls_dir / "site.key")),
             )
             env = dict(os.environ, DBPROXY_CHECK_PASSWORD=self.credentials.check_password)
             return ServiceSpec(
@@ -297,6 +338,7 @@ class Topology:
                 ),
                 log=log,
                 address=f"127.0.0.1:{p.db_rw}/{p.db_ro}/{p.db_any} (admin :{p.dbproxy_admin})",
+                before_start=self._with_tls,
             )
         if name == NGINX and name in self.services():
             prefix = self.state_dir / NGINX
@@ -310,12 +352,19 @@ class Topology:
                     *("-g", "daemon off;"),
                 ),
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                listens=(self.ports.entry, self.ports.lb_admin),
+                listens=(self.ports.entry, self.ports.entry_tls, self.ports.lb_admin),
                 ready=(Readiness("http", self.ports.entry),),
                 log=log,
-                address=f"127.0.0.1:{self.ports.entry} (status :{self.ports.lb_admin})",
+                address=(
+                    f"127.0.0.1:{self.ports.entry}, https :{self.ports.entry_tls} "
+                    f"(status :{self.ports.lb_admin})"
+                ),
                 stop_signal=signal.SIGQUIT,  # nginx's graceful shutdown, as lb's SIGTERM
-                before_start=partial(self._render_config, BALANCE_CONFIG / "nginx.conf", conf),
+                before_start=partial(
+                    self._with_tls,
+                    partial(self._render_config, BALANCE_CONFIG / "nginx.conf", conf),
+                    prefix / "tls",
+                ),
             )
         if name == HAPROXY and name in self.services():
             p = self.ports

@@ -46,11 +46,17 @@ class Upstream:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    tls: tuple[str, str] | None = None  # (certificate, key): it serves HTTPS
 
     def start(self) -> None:
         out = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
+        tls = ["--tls", *self.tls] if self.tls else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.upstream", "--port", str(self.port), "--name", self.name],
+            [
+                sys.executable,
+                *("-m", "tests.upstream", "--port", str(self.port), "--name", self.name),
+                *tls,
+            ],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -31,7 +31,8 @@ from stack.topology import BACKENDS, HELLO, MASTER, REPLICA, Ports, Topology
 from tests.stackctl import REPO, random_ports
 
 COMPOSE = REPO / "docker-compose-balance.yml"
-EXTRAS = {"python": {"grafana"}, "classic": {"grafana"}}  # Grafana has no local stand-in
+# Grafana has no local stand-in; tls-init makes in a volume what `stack up` makes on disk
+EXTRAS = {"python": {"grafana", "tls-init"}, "classic": {"grafana", "tls-init"}}
 ALIASES = {"lb": "http-proxy", "nginx": "http-proxy", "dbproxy": "pgproxy", "haproxy": "pgproxy"}
 
 
@@ -105,8 +106,9 @@ def test_backends_reach_the_db_proxy_by_alias_on_its_ports(
     ro_port = COMPOSE_ADDRESSES["db_ro"].rpartition(":")[2]
     for backend in BACKENDS:
         env = services[backend]["environment"]
-        assert env["USERS_RW_DSN"] == f"postgresql://users_app@pgproxy:{rw_port}/users"
-        assert env["USERS_RO_DSN"] == f"postgresql://users_app@pgproxy:{ro_port}/users"
+        tls = "?sslmode=prefer"  # TLS where the database proxy offers it
+        assert env["USERS_RW_DSN"] == f"postgresql://users_app@pgproxy:{rw_port}/users{tls}"
+        assert env["USERS_RO_DSN"] == f"postgresql://users_app@pgproxy:{ro_port}/users{tls}"
         assert env["USERS_INSTANCE"] == backend
         # Ready before any proxy starts, as `stack` starts them tier by tier.
         assert services[backend]["depends_on"][MASTER]["condition"] == "service_healthy"
@@ -124,7 +126,10 @@ def test_backends_reach_the_db_proxy_by_alias_on_its_ports(
 def test_python_proxies_servers_are_the_compose_addresses() -> None:
     services = compose_config("python")["services"]
     dbproxy = services["dbproxy"]["command"]
-    assert services["lb"]["command"][-1] == "--config=/etc/balance/lb.toml"
+    assert "--config=/etc/balance/lb.toml" in services["lb"]["command"]
+    # https beside it, and dbproxy ending its clients' TLS, with tls-init's certificate
+    assert "--tls-listen=" + COMPOSE_ADDRESSES["entry_tls"] in services["lb"]["command"]
+    assert "--ssl=terminate" in dbproxy
     lb = load_lb(REPO / "infra/balance/lb.toml")
     servers = {p.name: {s.name: f"{s.address}" for s in p.servers} for p in lb.pools}
     assert servers == {

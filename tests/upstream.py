@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import ssl
 
 from aiohttp import WSMsgType, web
 
@@ -126,8 +127,20 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--name", required=True)
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"), help="serve HTTPS")
     args = p.parse_args()
-    web.run_app(make_app(args.name), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    context = None
+    if args.tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*args.tls)
+    web.run_app(
+        make_app(args.name),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+        ssl_context=context,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,256 @@
+"""dbproxy terminating its clients' TLS (ssl = "terminate") on a real PostgreSQL 15:
+psql, asyncpg and psycopg with verify-full against the test CA, a relayed and a
+pooled listener, cancels of TLS sessions routed to their own server, a reload of
+the certificate, and hostile handshakes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from stack.pki import Authority, authority
+from tests.browser import page_text
+from tests.dbproxyctl import DbProxyProc, spawn
+from tests.lbctl import stop, wait_port
+from tests.pgcluster import Cluster, cluster
+from tests.stackctl import free_ports
+from tests.test_dbproxy_pooling import AUTH_QUERY, PASSWORD, SETUP
+
+PSQL = "/usr/lib/postgresql/15/bin/psql"
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with cluster(tmp_path_factory.mktemp("tls-pg"), *SETUP) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    return authority(tmp_path_factory.mktemp("tls-ca"))
+
+
+@contextlib.contextmanager
+def terminating(
+    pg: Cluster, tmp: Path, ca: Authority, mode: str = "none", workers: int = 1
+) -> Iterator[DbProxyProc]:
+    leaf = ca.issue(tmp, "dbproxy", ["localhost", "127.0.0.1"])
+    rw, admin = free_ports(2)
+    auth = ""
+    if mode != "none":
+        auth = (
+            f'[auth]\ntype = "scram-sha-256"\nuser = "authuser"\nquery = "{AUTH_QUERY}"\n'
+            'dbname = "postgres"\n'
+        )
+    config, log = tmp / "dbproxy.toml", tmp / "dbproxy.log"
+    config.write_text(
+        f'admin = "127.0.0.1:{admin}"\nworkers = {workers}\nssl = "terminate"\n'
+        f'[listen]\nrw = "127.0.0.1:{rw}"\n'
+        '[check]\nuser = "postgres"\ndatabase = "postgres"\ninterval = "200ms"\n'
+        'timeout = "1s"\nrise = 1\nfall = 1\n'
+        f'[pool]\nmode = "{mode}"\nsize = 4\n'
+        f"{auth}"
+        '[tls]\nhandshake_timeout = "1s"\n'
+        f'certificates = [{{ cert = "{leaf.cert.name}", key = "{leaf.key.name}" }}]\n'
+        f'[[server]]\nname = "pg"\naddress = "127.0.0.1:{pg.port}"\n'
+    )
+    env = dict(os.environ, DBPROXY_AUTH_PASSWORD="authpw")
+    proc = spawn(config, log, env)
+    try:
+        wait_port(admin, proc)
+        wait_port(rw, proc)
+        yield DbProxyProc({"rw": rw}, admin, config, log, proc)
+    finally:
+        stop(proc)
+
+
+def _client_context(ca: Authority) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca.cert))
+
+
+@pytest.mark.parametrize("mode", ["none", "session"])
+def test_clients_connect_with_verify_full(
+    pg: Cluster, tmp_path: Path, ca: Authority, mode: str
+) -> None:
+    user, password = ("postgres", "") if mode == "none" else ("app", PASSWORD)
+    with terminating(pg, tmp_path, ca, mode) as proxy:
+        port = proxy.ports["rw"]
+        env = dict(
+            os.environ,
+            PGSSLMODE="verify-full",
+            PGSSLROOTCERT=str(ca.cert),
+            PGPASSWORD=password,
+            PGCONNECT_TIMEOUT="5",
+        )
+        # dbproxy holds the TLS: the server sees a session in clear
+        query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        done = subprocess.run(
+            [PSQL, "-h", "localhost", "-p", str(port), "-U", user, "-d", "postgres", "-Atc", query],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "f"
+
+        async def with_asyncpg() -> None:
+            conn = await asyncpg.connect(
+                host="localhost",
+                port=port,
+                user=user,
+                password=password or None,
+                database="postgres",
+                ssl=_client_context(ca),
+                timeout=5,
+            )
+            try:
+                assert await conn.fetchval("SELECT 41 + 1") == 42
+                # asyncpg's statement cache over TLS: prepared and run again
+                for _ in range(3):
+                    assert await conn.fetchval("SELECT $1::int * 2", 21) == 42
+            finally:
+                await conn.close()
+
+        asyncio.run(with_asyncpg())
+        dsn = (
+            f"host=localhost port={port} user={user} dbname=postgres sslmode=verify-full "
+            f"sslrootcert={ca.cert} connect_timeout=5"
+        )
+        with psycopg.connect(dsn, password=password or None) as conn:
+            assert conn.execute("SELECT 'tls'").fetchone() == ("tls",)
+            assert conn.pgconn.ssl_in_use
+
+        # a client that will not have TLS still gets in, in clear
+        async def in_clear() -> None:
+            conn = await asyncpg.connect(
+                host="127.0.0.1",
+                port=port,
+                user=user,
+                password=password or None,
+                database="postgres",
+                ssl=False,
+                timeout=5,
+            )
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+
+        asyncio.run(in_clear())
+        tls = proxy.status()["tls"]
+        assert tls["handshakes"]["handshakes"] >= 3
+        assert tls["handshakes"]["versions"].get("TLSv1.3", 0) >= 3
+        assert "dbproxy_tls_handshakes_total" in proxy.metrics()
+        text = page_text(f"http://127.0.0.1:{proxy.admin_port}/status.html")
+        assert "TLS from clients" in text and "days left" in text, text[:400]
+
+
+@pytest.mark.parametrize("mode", ["none", "transaction"])
+def test_a_cancel_of_a_tls_session_reaches_its_own_server_connection(
+    pg: Cluster, tmp_path: Path, ca: Authority, mode: str
+) -> None:
+    user, password = ("postgres", None) if mode == "none" else ("app", PASSWORD)
+
+    async def run(port: int) -> None:
+        conns = [
+            await asyncpg.connect(
+                host="localhost",
+                port=port,
+                user=user,
+                password=password,
+                database="postgres",
+                ssl=_client_context(ca),
+                timeout=5,
+            )
+            for _ in range(2)
+        ]
+        try:
+            for conn in conns:
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await conn.fetchval("SELECT pg_sleep(20)", timeout=0.3)
+                assert await conn.fetchval("SELECT 1") == 1
+                assert time.monotonic() - started < 10
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    with terminating(pg, tmp_path, ca, mode, workers=2) as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+        status = proxy.status()
+        # each cancel went to the session's own server, none to every server
+        # (which a TLS session passed through gets: its key is unseen)
+        assert status["cancels_to_session_server"] == 2
+        assert status["cancels_to_every_server"] == 0
+
+
+def _ssl_request() -> bytes:
+    return struct.pack("!II", 8, 80877103)
+
+
+def test_garbage_after_an_ssl_request_and_a_stalled_handshake_are_closed(
+    pg: Cluster, tmp_path: Path, ca: Authority
+) -> None:
+    with terminating(pg, tmp_path, ca) as proxy:
+        port = proxy.ports["rw"]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(_ssl_request())
+            assert s.recv(1) == b"S"
+            s.sendall(b"\x00garbage, not a ClientHello" * 4)
+            assert s.recv(100) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(_ssl_request())
+            assert s.recv(1) == b"S"
+            s.sendall(b"\x16\x03\x01")  # a handshake begun, never ended
+            started = time.monotonic()
+            assert s.recv(100) == b""  # closed at the handshake timeout (1 s)
+            assert time.monotonic() - started < 8
+        deadline = time.monotonic() + 5
+        while proxy.status()["sessions"]["rw"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = proxy.status()
+        assert status["sessions"]["rw"] == 0
+        failures = status["tls"]["handshakes"]["failures"]
+        assert failures.get("not_tls") == 1 and failures.get("timeout") == 1
+        assert "Traceback" not in proxy.log_text()
+
+
+def test_sighup_swaps_the_certificate(pg: Cluster, tmp_path: Path, ca: Authority) -> None:
+    def serial(port: int) -> int:
+        from cryptography import x509
+
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(_ssl_request())
+            assert raw.recv(1) == b"S"
+            with _client_context(ca).wrap_socket(raw, server_hostname="localhost") as tls:
+                der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der).serial_number
+
+    with terminating(pg, tmp_path, ca) as proxy:
+        port = proxy.ports["rw"]
+        before = serial(port)
+        ca.issue(tmp_path, "dbproxy", ["localhost", "127.0.0.1"])
+        os.kill(proxy.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while serial(port) == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = serial(port)
+        assert after != before
+        (tmp_path / "dbproxy.key").write_text("garbage\n")
+        os.kill(proxy.proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert serial(port) == after
+        assert "reload refused" in proxy.log_text()
