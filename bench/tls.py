@@ -26,6 +26,7 @@ from typing import Any
 
 from stack.pki import Issued, authority
 
+from . import http
 from .http import Measure, measure_argv, median, upstreams
 from .procs import NGINX_HEAD, free_port, machine, require, rotated
 
@@ -71,29 +72,13 @@ NGINX_CONF = (
 """
 )
 
-HAPROXY_CFG = """
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 30s
-  timeout http-keep-alive 75s
-  option http-keep-alive
-  http-reuse always
-frontend web
-  bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1 ssl-min-ver TLSv1.2
-  option forwardfor
-  http-request set-header X-Forwarded-Proto https
-  default_backend backends
-backend backends
-  balance roundrobin
-  option httpchk GET /health
-  server up1 127.0.0.1:{up1} check inter 1s rise 2 fall 2
-  server up2 127.0.0.1:{up2} check inter 1s rise 2 fall 2
-"""
+# bench http's HAProxy, its frontend binding TLS (HAProxy's crt: the chain and key in one file)
+HAPROXY_CFG = http.HAPROXY_CFG.replace(
+    "  bind 127.0.0.1:{port}\n",
+    "  bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1 ssl-min-ver TLSv1.2\n"
+    "  http-request set-header X-Forwarded-Proto https\n",
+)
+assert HAPROXY_CFG != http.HAPROXY_CFG
 
 
 def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int, cert: Issued) -> list[str]:
@@ -116,7 +101,7 @@ def proxy_argv(name: str, work: Path, port: int, up1: int, up2: int, cert: Issue
         pem = work / "haproxy.pem"  # HAProxy's crt: the chain and the key in one file
         pem.write_bytes(cert.cert.read_bytes() + cert.key.read_bytes())
         cfg = work / "haproxy.cfg"
-        cfg.write_text(HAPROXY_CFG.format(port=port, up1=up1, up2=up2, pem=pem))
+        cfg.write_text(HAPROXY_CFG.format(port=port, up1=up1, up2=up2, pem=pem, workers=1))
         return ["haproxy", "-db", "-f", str(cfg)]
     if name == "lb":
         return [

@@ -170,24 +170,7 @@ class DbProxy:
                 self.status,
                 self.servers.get,
                 [
-                    DbProxyCollector(
-                        lambda: self.listeners.values(),
-                        lambda: self.servers,
-                        lambda: (self.cancels.routed, self.cancels.broadcast, self.cancels.idle),
-                        lambda: (
-                            self.ssl_answers.forwarded,
-                            self.ssl_answers.answered_for_server,
-                        ),
-                        lambda: self.redials,
-                        lambda: (
-                            self.queue.lengths(),
-                            self.queue.timeouts,
-                            self.queue.refused,
-                            self.queue.abandoned,
-                            self.queue.wait,
-                        ),
-                        self.pool_status,
-                    ),
+                    DbProxyCollector(self, self.pool_status),
                     WorkersCollector("dbproxy", lambda: self._supervisor),
                     TlsCollector("dbproxy", lambda: [] if self.tls is None else [self.tls]),
                 ],

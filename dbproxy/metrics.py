@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxycore.histogram import Histogram
-from proxycore.servers import Server
 
 from .pgwire import lsn_bytes
+from .totals import Counted
 
 ROLES = ("primary", "replica")
 
@@ -20,22 +20,11 @@ WaitHistogram = Histogram
 
 
 class DbProxyCollector(Collector):
-    def __init__(
-        self,
-        listeners: Callable[[], Iterable[object]],
-        servers: Callable[[], Iterable[Server]],
-        cancels: Callable[[], tuple[int, int, int]],
-        ssl_requests: Callable[[], tuple[int, int]],
-        redials: Callable[[], int],
-        queue: Callable[[], tuple[dict[str, int], int, int, int, Histogram]],
-        pools: Callable[[], list[dict[str, Any]]],
-    ) -> None:
-        self._listeners = listeners
-        self._servers = servers
-        self._cancels = cancels
-        self._ssl_requests = ssl_requests
-        self._redials = redials
-        self._queue = queue
+    """Read from the proxy at each scrape (its counters are the workers' sum
+    in a supervisor); ``pools``: the server pools' rows, summed likewise."""
+
+    def __init__(self, proxy: Counted, pools: Callable[[], list[dict[str, Any]]]) -> None:
+        self._proxy = proxy
         self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
@@ -45,9 +34,9 @@ class DbProxyCollector(Collector):
         total = CounterMetricFamily(
             "dbproxy_listener_sessions", "Sessions accepted per listener", labels=["listener"]
         )
-        for listener in self._listeners():
-            active.add_metric([listener.name], listener.active)  # type: ignore[attr-defined]
-            total.add_metric([listener.name], listener.total)  # type: ignore[attr-defined]
+        for listener in self._proxy.listeners.values():
+            active.add_metric([listener.name], listener.active)
+            total.add_metric([listener.name], listener.total)
         yield active
         yield total
         s_active = GaugeMetricFamily(
@@ -96,7 +85,7 @@ class DbProxyCollector(Collector):
         check_ok = GaugeMetricFamily(
             "dbproxy_check_last_ok", "1 when the last check passed", labels=["server"]
         )
-        for s in self._servers():
+        for s in self._proxy.servers:
             s_active.add_metric([s.name], s.active)
             s_total.add_metric([s.name], s.total)
             b_in.add_metric([s.name], s.bytes_in)
@@ -131,7 +120,8 @@ class DbProxyCollector(Collector):
             check,
             check_ok,
         )
-        routed, broadcast, idle = self._cancels()
+        sent = self._proxy.cancels
+        routed, broadcast, idle = sent.routed, sent.broadcast, sent.idle
         cancels = CounterMetricFamily(
             "dbproxy_cancels", "Cancel requests delivered", labels=["how"]
         )
@@ -140,7 +130,8 @@ class DbProxyCollector(Collector):
         cancels.add_metric(["nothing_running"], idle)
         yield cancels
         yield from self._pool_families()
-        forwarded, answered = self._ssl_requests()
+        ssl_answers = self._proxy.ssl_answers
+        forwarded, answered = ssl_answers.forwarded, ssl_answers.answered_for_server
         ssl = CounterMetricFamily(
             "dbproxy_ssl_requests",
             "SSLRequests forwarded, or answered 'N' as the server had just answered one",
@@ -152,9 +143,11 @@ class DbProxyCollector(Collector):
         yield CounterMetricFamily(
             "dbproxy_sessions_redialed",
             "Sessions sent on to another server: the first said nothing to the first packet",
-            value=self._redials(),
+            value=self._proxy.redials,
         )
-        waiting, timeouts, refused, abandoned, wait = self._queue()
+        queue = self._proxy.queue
+        waiting, timeouts, refused = queue.lengths(), queue.timeouts, queue.refused
+        abandoned, wait = queue.abandoned, queue.wait
         length = GaugeMetricFamily(
             "dbproxy_queue_length",
             "Sessions waiting for a slot (every fitting server at max_sessions)",

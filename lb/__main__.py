@@ -9,13 +9,14 @@ from proxycore.config import ConfigError
 from proxycore.lifecycle import Runner, setup_logging
 
 from .app import Balancer
-from .config import from_args, parser
+from .config import check_certificates, from_args, parser
 
 
 def main() -> int:
     args = parser().parse_args()
     try:
         config = from_args(args)
+        check_certificates(config)
     except ConfigError as exc:
         print(f"lb: {exc}", file=sys.stderr)
         return 2

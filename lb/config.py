@@ -246,9 +246,16 @@ def _check_listeners(config: LbConfig, where: str) -> None:
         raise ConfigError(f"{where}: two listeners on one address")
     if any(x.redirect_https for x in listeners) and not any(x.tls for x in listeners):
         raise ConfigError(f"{where}: redirect_https needs a TLS listener to redirect to")
-    for x in listeners:
+
+
+def check_certificates(config: LbConfig) -> None:
+    """Every TLS listener's certificates load (at start and with --check-config, as
+    nginx -t reads them). Not on a reload: there a set that does not load is
+    refused by the listener, which keeps the one it has."""
+    for x in config.all_listeners:
         if x.tls is not None:
-            check_files(x.tls, f"{where} {x.name}")
+            where = f"{config.source or 'flags'}: listener {x.name}"
+            check_files(x.tls, where)
 
 
 def from_section(root: Section, source: Path | None) -> LbConfig:

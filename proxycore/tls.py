@@ -57,7 +57,6 @@ class TlsSettings:
     session_tickets: bool = True  # ssl_session_tickets
     handshake_timeout: float = 10.0  # nginx's client_header_timeout covers it
     alpn: tuple[str, ...] = ()  # "http/1.1" on lb's listeners
-    client_ca: Path | None = None  # verify clients' certificates (ssl_client_certificate)
 
 
 @dataclass(frozen=True)
@@ -105,9 +104,6 @@ def _context(settings: TlsSettings, pair: CertPair | None) -> ssl.SSLContext:
         ctx.num_tickets = 0
     if settings.alpn:
         ctx.set_alpn_protocols(list(settings.alpn))
-    if settings.client_ca is not None:
-        ctx.load_verify_locations(cafile=str(settings.client_ca))
-        ctx.verify_mode = ssl.CERT_REQUIRED
     if pair is not None:
         try:
             ctx.load_cert_chain(str(pair.cert), str(pair.key))
@@ -282,7 +278,6 @@ def read_settings(s: Section, base: Path | None, alpn: tuple[str, ...] = ()) -> 
             f"{s.where('certificates')}: a TLS listener needs certificates = "
             '[{ cert = "PEM", key = "PEM" }]'
         )
-    client_ca = s.string("client_ca", "")
     return TlsSettings(
         certificates=tuple(pairs),
         min_version=s.string("min_version", d.min_version, tuple(VERSIONS)),
@@ -291,7 +286,6 @@ def read_settings(s: Section, base: Path | None, alpn: tuple[str, ...] = ()) -> 
         session_tickets=s.boolean("session_tickets", d.session_tickets),
         handshake_timeout=s.duration("handshake_timeout", d.handshake_timeout),
         alpn=alpn,
-        client_ca=resolve(client_ca, base) if client_ca else None,
     )
 
 

@@ -275,12 +275,7 @@ class Topology:
             )
         if name == LB and name in self.services():
             conf = self.state_dir / LB / "lb.toml"
-            site = pki.Issued(self.tls_dir / "site.pem", self.tls_dir / "site.key")
-            argv = (
-                *(sys.executable, "-m", "lb", "--config", str(conf)),
-                *("--tls-listen", f"127.0.0.1:{self.ports.entry_tls}"),
-                *("--tls-cert", str(site.cert), "--tls-key", str(site.key)),
-            )
+            argv = (sys.executable, "-m", "lb", "--config", str(conf))
             render = partial(self._render_config, BALANCE_CONFIG / "lb.toml", conf)
             return ServiceSpec(
                 name=name,
@@ -296,7 +291,7 @@ class Topology:
                     f"127.0.0.1:{self.ports.entry}, https :{self.ports.entry_tls} "
                     f"(admin :{self.ports.lb_admin})"
                 ),
-                before_start=partial(self._with_tls, render),
+                before_start=partial(self._with_tls, render, conf.parent / "tls"),
             )
         if name == DBPROXY and name in self.services():
             p = self.ports

@@ -126,10 +126,10 @@ def test_backends_reach_the_db_proxy_by_alias_on_its_ports(
 def test_python_proxies_servers_are_the_compose_addresses() -> None:
     services = compose_config("python")["services"]
     dbproxy = services["dbproxy"]["command"]
-    assert "--config=/etc/balance/lb.toml" in services["lb"]["command"]
-    # https beside it, and dbproxy ending its clients' TLS, with tls-init's certificate
-    assert "--tls-listen=" + COMPOSE_ADDRESSES["entry_tls"] in services["lb"]["command"]
+    assert services["lb"]["command"][-1] == "--config=/etc/balance/lb.toml"
+    # dbproxy ends its clients' TLS with tls-init's certificate, as lb.toml's https does
     assert "--ssl=terminate" in dbproxy
+    assert "balance-tls:/etc/balance/tls:ro" in services["lb"]["volumes"]
     lb = load_lb(REPO / "infra/balance/lb.toml")
     servers = {p.name: {s.name: f"{s.address}" for s in p.servers} for p in lb.pools}
     assert servers == {
@@ -140,6 +140,9 @@ def test_python_proxies_servers_are_the_compose_addresses() -> None:
         COMPOSE_ADDRESSES["entry"],
         COMPOSE_ADDRESSES["lb_admin"],
     )
+    [https] = lb.listeners
+    assert str(https.address) == COMPOSE_ADDRESSES["entry_tls"] and https.tls is not None
+    assert https.tls.certificates[0].cert == REPO / "infra/balance/tls/site.pem"  # /etc/balance/tls
     assert f"--server={MASTER}={COMPOSE_ADDRESSES['master']}" in dbproxy
     assert f"--server={REPLICA}={COMPOSE_ADDRESSES['replica']}" in dbproxy
 

@@ -56,14 +56,16 @@ def pooled(
     size: int = 3,
     workers: int = 1,
     extra: str = "",
+    top: str = "",
 ) -> Iterator[DbProxyProc]:
+    """``extra``: tables after [pool]; ``top``: top-level keys."""
     port, ro, any_, admin = free_ports(4)
     auth = auth or (
         f'type = "scram-sha-256"\nuser = "authuser"\nquery = "{AUTH_QUERY}"\ndbname = "postgres"\n'
     )
     config, log = tmp / f"dbproxy-{mode}.toml", tmp / f"dbproxy-{mode}.log"
     config.write_text(
-        f'admin = "127.0.0.1:{admin}"\nworkers = {workers}\n'
+        f'admin = "127.0.0.1:{admin}"\nworkers = {workers}\n{top}'
         f'[listen]\nrw = "127.0.0.1:{port}"\nro = "127.0.0.1:{ro}"\nany = "127.0.0.1:{any_}"\n'
         '[check]\nuser = "postgres"\ndatabase = "postgres"\ninterval = "200ms"\n'
         'timeout = "1s"\nrise = 1\nfall = 1\n'

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -23,11 +24,9 @@ import pytest
 
 from stack.pki import Authority, authority
 from tests.browser import page_text
-from tests.dbproxyctl import DbProxyProc, spawn
-from tests.lbctl import stop, wait_port
+from tests.dbproxyctl import DbProxyProc
 from tests.pgcluster import Cluster, cluster
-from tests.stackctl import free_ports
-from tests.test_dbproxy_pooling import AUTH_QUERY, PASSWORD, SETUP
+from tests.test_dbproxy_pooling import PASSWORD, SETUP, pooled
 
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 
@@ -43,38 +42,29 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Authority:
     return authority(tmp_path_factory.mktemp("tls-ca"))
 
 
-@contextlib.contextmanager
 def terminating(
     pg: Cluster, tmp: Path, ca: Authority, mode: str = "none", workers: int = 1
-) -> Iterator[DbProxyProc]:
+) -> contextlib.AbstractContextManager[DbProxyProc]:
+    """A dbproxy ending its clients' TLS with a certificate of ``ca`` (relative
+    paths: the file's directory), relaying (``none``) or pooling."""
     leaf = ca.issue(tmp, "dbproxy", ["localhost", "127.0.0.1"])
-    rw, admin = free_ports(2)
-    auth = ""
-    if mode != "none":
-        auth = (
-            f'[auth]\ntype = "scram-sha-256"\nuser = "authuser"\nquery = "{AUTH_QUERY}"\n'
-            'dbname = "postgres"\n'
-        )
-    config, log = tmp / "dbproxy.toml", tmp / "dbproxy.log"
-    config.write_text(
-        f'admin = "127.0.0.1:{admin}"\nworkers = {workers}\nssl = "terminate"\n'
-        f'[listen]\nrw = "127.0.0.1:{rw}"\n'
-        '[check]\nuser = "postgres"\ndatabase = "postgres"\ninterval = "200ms"\n'
-        'timeout = "1s"\nrise = 1\nfall = 1\n'
-        f'[pool]\nmode = "{mode}"\nsize = 4\n'
-        f"{auth}"
+    tls = (
         '[tls]\nhandshake_timeout = "1s"\n'
         f'certificates = [{{ cert = "{leaf.cert.name}", key = "{leaf.key.name}" }}]\n'
-        f'[[server]]\nname = "pg"\naddress = "127.0.0.1:{pg.port}"\n'
     )
-    env = dict(os.environ, DBPROXY_AUTH_PASSWORD="authpw")
-    proc = spawn(config, log, env)
-    try:
-        wait_port(admin, proc)
-        wait_port(rw, proc)
-        yield DbProxyProc({"rw": rw}, admin, config, log, proc)
-    finally:
-        stop(proc)
+    return pooled(pg, tmp, mode, size=4, workers=workers, top='ssl = "terminate"\n', extra=tls)
+
+
+async def _connect(port: int, user: str, password: str, ssl: ssl.SSLContext | bool) -> Any:
+    return await asyncpg.connect(
+        host="localhost" if ssl else "127.0.0.1",
+        port=port,
+        user=user,
+        password=password or None,
+        database="postgres",
+        ssl=ssl,
+        timeout=5,
+    )
 
 
 def _client_context(ca: Authority) -> ssl.SSLContext:
@@ -108,15 +98,7 @@ def test_clients_connect_with_verify_full(
         assert done.stdout.strip() == "f"
 
         async def with_asyncpg() -> None:
-            conn = await asyncpg.connect(
-                host="localhost",
-                port=port,
-                user=user,
-                password=password or None,
-                database="postgres",
-                ssl=_client_context(ca),
-                timeout=5,
-            )
+            conn = await _connect(port, user, password, _client_context(ca))
             try:
                 assert await conn.fetchval("SELECT 41 + 1") == 42
                 # asyncpg's statement cache over TLS: prepared and run again
@@ -136,15 +118,7 @@ def test_clients_connect_with_verify_full(
 
         # a client that will not have TLS still gets in, in clear
         async def in_clear() -> None:
-            conn = await asyncpg.connect(
-                host="127.0.0.1",
-                port=port,
-                user=user,
-                password=password or None,
-                database="postgres",
-                ssl=False,
-                timeout=5,
-            )
+            conn = await _connect(port, user, password, False)
             assert await conn.fetchval("SELECT 1") == 1
             await conn.close()
 
@@ -161,21 +135,10 @@ def test_clients_connect_with_verify_full(
 def test_a_cancel_of_a_tls_session_reaches_its_own_server_connection(
     pg: Cluster, tmp_path: Path, ca: Authority, mode: str
 ) -> None:
-    user, password = ("postgres", None) if mode == "none" else ("app", PASSWORD)
+    user, password = ("postgres", "") if mode == "none" else ("app", PASSWORD)
 
     async def run(port: int) -> None:
-        conns = [
-            await asyncpg.connect(
-                host="localhost",
-                port=port,
-                user=user,
-                password=password,
-                database="postgres",
-                ssl=_client_context(ca),
-                timeout=5,
-            )
-            for _ in range(2)
-        ]
+        conns = [await _connect(port, user, password, _client_context(ca)) for _ in range(2)]
         try:
             for conn in conns:
                 started = time.monotonic()

@@ -474,3 +474,33 @@ def test_upstreams_over_tls_verified_against_a_ca(tmp_path: Path) -> None:
     finally:
         lb.stop()
         upstream.kill()
+
+
+@pytest.mark.parametrize(
+    ("listeners", "expected"),
+    [
+        ('[[listener]]\nname = "x"\naddress = "127.0.0.1:2"\nhsts = "max-age=1"\n', "only a TLS"),
+        ('[[listener]]\nname = "http"\naddress = "127.0.0.1:2"\n', "names must differ"),
+        ('[[listener]]\nname = "x"\naddress = "127.0.0.1:1"\n', "two listeners on one address"),
+        ('[[listener]]\nname = "x"\naddress = "127.0.0.1:2"\nredirect_https = true\n', "a TLS"),
+        ('[[listener]]\naddress = "127.0.0.1:2"\n', "needs a name"),
+        ('[[listener]]\nname = "x"\n', "needs an address"),
+        ('[[listener]]\nname = "x"\naddress = "127.0.0.1:2"\ntls = true\nbogus = 1\n', "bogus"),
+    ],
+)
+def test_listener_tables_are_checked_naming_the_key(
+    tmp_path: Path, listeners: str, expected: str
+) -> None:
+    from lb.config import load
+    from proxycore.config import ConfigError
+
+    config = tmp_path / "lb.toml"
+    config.write_text(
+        f'listen = "{HOST}:1"\n[[server]]\naddress = "{HOST}:3"\n{listeners}'
+        f'certificates = [{{ cert = "a.pem", key = "a.key" }}]\n'
+        if "tls = true" in listeners
+        else f'listen = "{HOST}:1"\n[[server]]\naddress = "{HOST}:3"\n{listeners}'
+    )
+    with pytest.raises(ConfigError, match=expected) as raised:
+        load(config)
+    assert str(config) in str(raised.value)

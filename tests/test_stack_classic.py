@@ -36,7 +36,7 @@ def test_each_file_uses_only_stack_addresses_and_all_of_its_own() -> None:
     nginx = set(compose_addresses_in(NGINX_CONF.read_text()))
     haproxy = set(compose_addresses_in(HAPROXY_CFG.read_text()))
     assert nginx | haproxy <= known
-    entry = {"entry", "lb_admin", "backend_1", "backend_2", "hello_1", "hello_2"}
+    entry = {"entry", "entry_tls", "lb_admin", "backend_1", "backend_2", "hello_1", "hello_2"}
     assert nginx == {COMPOSE_ADDRESSES[k] for k in entry}
     # like for like: lb.toml reaches the same servers (and is rendered the same way)
     lb = set(compose_addresses_in((NGINX_CONF.parent / "lb.toml").read_text()))
