@@ -34,6 +34,8 @@ from .pgfuzz import table as pgfuzz_table
 from .pgpool import CASES as POOL_CASES
 from .pgpool import run_pool
 from .pgpool import table as pool_table
+from .pgtls import run_pg_tls
+from .pgtls import table as pg_tls_table
 from .procs import BenchError
 from .ryw import run_ryw
 from .ryw import table as ryw_table
@@ -149,6 +151,12 @@ def main() -> int:
     tls.add_argument(
         "--case", action="append", choices=[c.name for c in TLS_CASES], help="only this case"
     )
+    tls.add_argument(
+        "--only",
+        choices=("http", "pg"),
+        help="http: lb, nginx, HAProxy; pg: pgbench through dbproxy terminating TLS and "
+        "HAProxy passing it (bench/pgtls.py); default http",
+    )
     tls.add_argument("--out", type=Path, help="JSON file (default bench/runs/tls-<time>.json)")
     ryw = sub.add_parser("ryw", help="register, then read back at once, on each profile's stack")
     ryw.add_argument("--pairs", type=int, default=2_000, help="pairs each way (default 2,000)")
@@ -185,6 +193,9 @@ def main() -> int:
                 result = {**result, "features": features} if result else features
                 parts.append(features_table(features))
             shown = "\n\n".join(parts)
+        elif args.command == "tls" and args.only == "pg":
+            result = run_pg_tls(seconds=args.seconds, rounds=args.rounds, say=say)
+            shown = pg_tls_table(result)
         elif args.command == "tls":
             result = run_tls(
                 seconds=args.seconds,

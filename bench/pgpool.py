@@ -108,7 +108,8 @@ class Result(NamedTuple):
     aborted: int  # clients pgbench reported aborted (their connect or query failed)
 
 
-def _pgbench(port: int, case: Case, seconds: int) -> Result:
+def pgbench(port: int, case: Case, seconds: int, env: dict[str, str] | None = None) -> Result:
+    """``case`` for ``seconds`` through ``port``; ``env``: libpq's (PGSSLMODE ...)."""
     command = [
         "taskset",
         "-c",
@@ -130,7 +131,13 @@ def _pgbench(port: int, case: Case, seconds: int) -> Result:
         *case.flags,
         "bench",
     ]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    out = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 120,
+        env=None if env is None else {**os.environ, **env},
+    )
     tps = re.search(r"^tps = ([0-9.]+)", out.stdout, re.MULTILINE)
     if tps is None:
         # every client aborted: no tps line; what pgbench said is the result
@@ -142,7 +149,9 @@ def _pgbench(port: int, case: Case, seconds: int) -> Result:
 
 
 @contextlib.contextmanager
-def _cluster(work: Path) -> Iterator[int]:
+def cluster(work: Path, tls: tuple[Path, Path] | None = None) -> Iterator[int]:
+    """A throwaway cluster of ``MAX_CONNECTIONS``; ``tls``: its (certificate, key)
+    and ``ssl = on``."""
     bindir, user = pg.find_bindir(), pg.run_as()
     root = pg_root_for(work / "pg")
     datadir = root / "data"
@@ -151,6 +160,13 @@ def _cluster(work: Path) -> Iterator[int]:
     pg.configure(datadir, port, publisher=False)
     with open(datadir / "balance.conf", "a") as conf:
         conf.write(f"max_connections = {MAX_CONNECTIONS}\n")
+        if tls is not None:
+            owner = datadir.stat()
+            for source, name in zip(tls, ("server.crt", "server.key"), strict=True):
+                shutil.copy(source, datadir / name)
+                os.chown(datadir / name, owner.st_uid, owner.st_gid)
+                (datadir / name).chmod(0o600)
+            conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
     argv = pg.server_argv(bindir, datadir)
     with running(
         argv if user is None else ["runuser", "-u", user, "--", *argv],
@@ -227,49 +243,87 @@ def _pgbouncer() -> str:
     raise BenchError("pgbouncer not found; `make setup` installs it")
 
 
+def pgbench_tables(master: int) -> None:
+    """The database ``bench`` with pgbench's tables at scale 16."""
+    _superuser(master, "CREATE DATABASE bench")
+    init = ["-i", "-q", "-s", "16", "bench"]
+    subprocess.run(
+        [_pg_bin("pgbench"), "-h", "127.0.0.1", "-p", str(master), "-U", "postgres", *init],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def slicing(seconds: float) -> tuple[int, int]:
+    """A path's time of a round in 2 s slices: (slices, seconds each)."""
+    slices = max(1, int(seconds // 2))
+    return slices, max(1, round(seconds / slices))
+
+
+Proxies = Callable[[str, str, int, Path], contextlib.AbstractContextManager[int]]
+Tps = dict[str, dict[str, list[float]]]
+
+
+def run_cases(
+    cases: dict[str, Case],
+    master: int,
+    work: Path,
+    seconds: float,
+    rounds: int,
+    say: Callable[[str], None],
+    proxy: Proxies,
+    env: dict[str, str] | None = None,
+) -> tuple[Tps, dict[str, dict[str, list[int]]]]:
+    """Each case's paths in turn, ``rounds`` times: a round starts each path's
+    proxy afresh (``proxy(kind, mode, master, work)`` gives its port) and takes
+    their slices interleaved. Per case and path: each round's tps, and the
+    clients that aborted."""
+    slices, length = slicing(seconds)
+    tps: Tps = {c: {p: [] for p in cases[c].paths} for c in cases}
+    aborted: dict[str, dict[str, list[int]]] = {c: {p: [] for p in cases[c].paths} for c in cases}
+    for r in range(1, rounds + 1):
+        for i, (name, case) in enumerate(cases.items()):
+            order = rotated(tuple(case.paths), r + i)
+            say(f"round {r}/{rounds}: {name}, {slices} slices of {length}s: {order}")
+            taken: dict[str, list[Result]] = {p: [] for p in order}
+            with contextlib.ExitStack() as up:
+                ports = {p: up.enter_context(proxy(*case.paths[p], master, work)) for p in order}
+                for path in interleaved(order, slices):
+                    taken[path].append(pgbench(ports[path], case, length, env))
+                    time.sleep(0.2)  # the sessions of one path gone before the next
+            for path, results in taken.items():
+                tps[name][path].append(statistics.fmean(x.tps for x in results))
+                aborted[name][path].append(sum(x.aborted for x in results))
+    return tps, aborted
+
+
+def medians_of(tps: Tps) -> dict[str, dict[str, float]]:
+    return {c: {p: round(statistics.median(v), 1) for p, v in t.items()} for c, t in tps.items()}
+
+
+def head(benchmark: str) -> dict[str, Any]:
+    """What a result file starts with: the benchmark, when, where."""
+    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **machine()}
+
+
 def run_pool(
     *, seconds: float, rounds: int, say: Callable[[str], None], cases: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     require("taskset", "haproxy")
     _pgbouncer()
     chosen = {name: CASES[name] for name in (cases or tuple(CASES))}
-    slices = max(1, int(seconds // 2))
-    length = max(1, round(seconds / slices))
-    tps: dict[str, dict[str, list[float]]] = {c: {p: [] for p in chosen[c].paths} for c in chosen}
-    aborted: dict[str, dict[str, list[int]]] = {c: {p: [] for p in chosen[c].paths} for c in chosen}
+    slices, length = slicing(seconds)
     with tempfile.TemporaryDirectory(prefix="bench-pgpool-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
         say(f"a cluster with max_connections {MAX_CONNECTIONS}; pgbench -i -s 16")
-        with _cluster(work) as master:
-            _superuser(master, "CREATE DATABASE bench")
-            init = ["-i", "-q", "-s", "16", "bench"]
-            subprocess.run(
-                [_pg_bin("pgbench"), "-h", "127.0.0.1", "-p", str(master), "-U", "postgres", *init],
-                check=True,
-                capture_output=True,
-                timeout=300,
-            )
-            for r in range(1, rounds + 1):
-                for i, (name, case) in enumerate(chosen.items()):
-                    order = rotated(tuple(case.paths), r + i)
-                    say(f"round {r}/{rounds}: {name}, {slices} slices of {length}s: {order}")
-                    taken: dict[str, list[Result]] = {p: [] for p in order}
-                    with contextlib.ExitStack() as up:
-                        ports = {
-                            p: up.enter_context(_proxy(*case.paths[p], master, work)) for p in order
-                        }
-                        for path in interleaved(order, slices):
-                            taken[path].append(_pgbench(ports[path], case, length))
-                            time.sleep(0.2)  # the sessions of one path gone before the next
-                    for path, results in taken.items():
-                        tps[name][path].append(statistics.fmean(x.tps for x in results))
-                        aborted[name][path].append(sum(x.aborted for x in results))
-    medians = {c: {p: round(statistics.median(v), 1) for p, v in t.items()} for c, t in tps.items()}
+        with cluster(work) as master:
+            pgbench_tables(master)
+            tps, aborted = run_cases(chosen, master, work, seconds, rounds, say, _proxy)
+    medians = medians_of(tps)
     return {
-        "benchmark": "pg-pooling",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **machine(),
+        **head("pg-pooling"),
         "settings": {
             "seconds": seconds,
             "rounds": rounds,

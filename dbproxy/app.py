@@ -33,13 +33,14 @@ from . import routing
 from .cancels import Cancels
 from .checks import pg_probe
 from .choice import Choice
-from .config import LISTENERS, DbProxyConfig
+from .config import LISTENERS, CheckSettings, DbProxyConfig
 from .credentials import Secrets
 from .listener import Listener, listening
 from .liveness import postmaster_answers
 from .metrics import DbProxyCollector
 from .pool import Pools
 from .pooled import PooledSession
+from .servertls import server_tls
 from .session import ClientSession
 from .sessionqueue import SessionQueue
 from .sslanswers import SslAnswers
@@ -74,7 +75,8 @@ class DbProxy:
         self.by_server: dict[Server, set[ClientSession]] = {}
         self.cancels = Cancels(loop, lambda: self.config.timeouts.connect)
         self.cancels.targets = self.choice.may_route
-        self.pools = Pools(loop, config.pool, config.timeouts.connect)
+        self.server_tls = server_tls(config.server_ssl, config.server_ssl_ca)
+        self.pools = Pools(loop, config.pool, config.timeouts.connect, self.server_tls)
         self.secrets = Secrets(config.auth, loop)
         self.tls = None
         if config.ssl == "terminate" and config.tls is not None:
@@ -84,9 +86,7 @@ class DbProxy:
         self.ssl_answers = SslAnswers(loop.time, lambda: self.config.ssl_refusal_memory)
         self.draining = False
         self.started = time.time()
-        self._checker = HealthChecker(
-            self.servers, pg_probe(config.check), config.check.timing, after_check=self._after_check
-        )
+        self._checker = self._health_checker(config.check)
         self._admin: web.AppRunner | None = None
         self._idle = asyncio.Event()
         # Sessions waiting for their first packet, or for a server's connect.
@@ -260,9 +260,11 @@ class DbProxy:
 
     def apply(self, new: DbProxyConfig) -> None:
         old = self.config
-        if new.ssl != old.ssl:
-            log.warning("reload: ssl changes only on restart")
-            new = dataclasses.replace(new, ssl=old.ssl, tls=old.tls)
+        restart_only = ("ssl", "server_ssl", "server_ssl_ca")
+        if any(getattr(new, key) != getattr(old, key) for key in restart_only):
+            log.warning("reload: ssl, server_ssl and server_ssl_ca change only on restart")
+            kept = {key: getattr(old, key) for key in (*restart_only, "tls")}
+            new = dataclasses.replace(new, **kept)
         if self.tls is not None:
             self.tls.reload(new.tls)  # (a supervisor's workers each reload their own)
         if dict(new.listen) != dict(old.listen) or new.admin != old.admin:
@@ -290,9 +292,7 @@ class DbProxy:
             return  # a worker follows its supervisor's checks; it logs nothing of its own
         if new.check != old.check:
             self.loop.create_task(self._checker.stop())
-            self._checker = HealthChecker(
-                self.servers, pg_probe(new.check), new.check.timing, after_check=self._after_check
-            )
+            self._checker = self._health_checker(new.check)
         self._checker.sync()
         if self._supervisor is not None:
             self._supervisor.workers.signal(signal.SIGHUP)  # each reads the file again
@@ -353,6 +353,10 @@ class DbProxy:
             sessions.discard(session)
 
     # -- health ---------------------------------------------------------------------
+    def _health_checker(self, check: CheckSettings) -> HealthChecker:
+        probe = pg_probe(check, self.server_tls)  # logged in as sessions are (server_ssl)
+        return HealthChecker(self.servers, probe, check.timing, after_check=self._after_check)
+
     def _watch(self, servers: Iterable[Server]) -> None:
         for server in servers:
             server.on_change = self._server_changed

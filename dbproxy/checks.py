@@ -15,6 +15,7 @@ import asyncpg
 from proxycore.servers import Server
 
 from .config import CheckSettings
+from .servertls import ServerTls
 
 ROLE_SQL = """
 SELECT pg_is_in_recovery() AS recovery,
@@ -34,7 +35,11 @@ WHERE s.slot_type = 'logical'
 """
 
 
-def pg_probe(settings: CheckSettings):  # type: ignore[no-untyped-def]
+def pg_probe(settings: CheckSettings, tls: ServerTls | None = None):  # type: ignore[no-untyped-def]
+    """``tls``: server_ssl's, so a check logs in as the sessions do (none:
+    asyncpg's own default, prefer)."""
+    extra = {} if tls is None else {"ssl": tls.for_checks()}
+
     async def probe(server: Server, timeout: float) -> str:
         address = server.spec.address
         conn = await asyncpg.connect(
@@ -46,6 +51,7 @@ def pg_probe(settings: CheckSettings):  # type: ignore[no-untyped-def]
             timeout=timeout,
             statement_cache_size=0,
             server_settings={"application_name": "dbproxy-check"},
+            **extra,
         )
         try:
             row = await conn.fetchrow(ROLE_SQL)

@@ -19,7 +19,7 @@ from proxycore.balancing import SESSION_POLICIES
 from proxycore.config import Address, ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
-from proxycore.tls import TlsSettings, check_files, pairs_from_flags, read_settings
+from proxycore.tls import TlsSettings, check_files, pairs_from_flags, read_settings, resolve
 from proxycore.workers import count as worker_count
 
 LISTENERS = ("rw", "ro", "any")
@@ -28,6 +28,7 @@ PASSWORD_ENV = "DBPROXY_CHECK_PASSWORD"
 AUTH_PASSWORD_ENV = "DBPROXY_AUTH_PASSWORD"
 POOL_MODES = ("none", "session", "transaction")
 SSL_MODES = ("passthrough", "refuse", "terminate")
+SERVER_SSL_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 # pgbouncer's auth_query default: the role's secret, none past its VALID UNTIL.
 DEFAULT_AUTH_QUERY = (
@@ -136,6 +137,11 @@ class DbProxyConfig:
     # client_tls_sslmode), so cancel keys and roles stay visible
     ssl: str = "passthrough"
     tls: TlsSettings | None = None  # [tls]: ssl = "terminate"'s certificates and protocol
+    # TLS to the servers on the connections dbproxy opens itself (libpq's
+    # sslmode: disable, prefer, require, verify-ca, verify-full; pgbouncer's
+    # server_tls_sslmode), checked against server_ssl_ca (None: the system's CAs)
+    server_ssl: str = "disable"
+    server_ssl_ca: Path | None = None
     # passthrough: how long a server's 'N' to an SSLRequest is given again on its
     # behalf, sparing the client a round trip to a backend still starting (0: never)
     ssl_refusal_memory: float = 1.0
@@ -161,13 +167,17 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
     method = root.string("method", d.method, SESSION_POLICIES)
     workers = worker_count(root.raw("workers", d.workers), root.where("workers"))
     ssl = root.string("ssl", d.ssl, SSL_MODES)
+    base = source.parent if source is not None else None  # relative paths' directory
     tls = None
     if root.has("tls"):
         t = root.section("tls")
-        tls = read_settings(t, source.parent if source is not None else None)
+        tls = read_settings(t, base)
         t.done()
     if ssl == "terminate" and tls is None:
         raise ConfigError(f"{root.where('ssl')}: terminate needs a [tls] table with certificates")
+    server_ssl = root.string("server_ssl", d.server_ssl, SERVER_SSL_MODES)
+    ca_text = root.string("server_ssl_ca", "")
+    server_ssl_ca = resolve(ca_text, base) if ca_text else None
     ssl_refusal_memory = root.duration("ssl_refusal_memory", d.ssl_refusal_memory)
     close_sessions = root.boolean("close_sessions_on_down", d.close_sessions_on_down)
     max_clients = root.integer("max_client_connections", d.max_client_connections, minimum=1)
@@ -262,6 +272,8 @@ def from_section(root: Section, source: Path | None, env: Mapping[str, str]) -> 
         close_sessions_on_down=close_sessions,
         ssl=ssl,
         tls=tls,
+        server_ssl=server_ssl,
+        server_ssl_ca=server_ssl_ca,
         ssl_refusal_memory=ssl_refusal_memory,
         pool=pool,
         auth=auth,
@@ -324,6 +336,18 @@ def check_auth(config: DbProxyConfig, where: str) -> None:
         raise ConfigError(f"{where}: auth file {auth.file} is not a readable file")
 
 
+def check_server_ssl(config: DbProxyConfig, where: str) -> None:
+    if config.server_ssl == "disable":
+        return
+    if config.ssl == "passthrough" and config.pool.mode == "none":
+        raise ConfigError(
+            f"{where}: server_ssl needs ssl = terminate or refuse, or a pooled listener: "
+            "with passthrough a relayed client's own TLS goes to the server"
+        )
+    if config.server_ssl_ca is not None and not config.server_ssl_ca.is_file():
+        raise ConfigError(f"{where}: server_ssl_ca {config.server_ssl_ca} is not a file")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dbproxy", description="PostgreSQL-aware proxy (see README)."
@@ -380,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ssl-key", action="append", default=[], metavar="PEM", help="its key, one per --ssl-cert"
     )
+    p.add_argument(
+        "--server-ssl",
+        choices=SERVER_SSL_MODES,
+        help="TLS to the servers on dbproxy's own connections (libpq's sslmode)",
+    )
+    p.add_argument("--server-ssl-ca", type=Path, metavar="PEM", help="CAs for verify-ca/-full")
     p.add_argument(
         "--check-config", action="store_true", help="validate the configuration and exit"
     )
@@ -444,12 +474,17 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         changes["auth"] = dataclasses.replace(config.auth, **auth_changes)
     if args.ssl:
         changes["ssl"] = args.ssl
+    if args.server_ssl:
+        changes["server_ssl"] = args.server_ssl
+    if args.server_ssl_ca:
+        changes["server_ssl_ca"] = args.server_ssl_ca
     if args.ssl_cert or args.ssl_key:
         pairs = pairs_from_flags(args.ssl_cert, args.ssl_key, "--ssl-key")
         base = config.tls or TlsSettings(certificates=())
         changes["tls"] = dataclasses.replace(base, certificates=pairs)
     config = dataclasses.replace(config, **changes)
     check_auth(config, str(args.config) if args.config else "flags")
+    check_server_ssl(config, str(args.config) if args.config else "flags")
     if config.ssl == "terminate":
         if config.tls is None:
             raise ConfigError("--ssl terminate needs --ssl-cert PEM --ssl-key PEM (or [tls])")

@@ -16,6 +16,7 @@ from proxycore.servers import Server
 
 from .clientend import ClientEnd
 from .serverside import ServerSide
+from .servertls import ServerTlsRefused
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -127,6 +128,7 @@ class Dialing(ClientEnd):
 
     async def _connect(self, server: Server) -> None:
         address = server.spec.address
+        side: ServerSide | None = None
         try:
             _, protocol = await self.proxy.loop.create_connection(
                 protocol_factory(
@@ -135,17 +137,26 @@ class Dialing(ClientEnd):
                 address.host,
                 address.port,
             )
-        except OSError as exc:
+            side = cast(ServerSide, protocol)
+            tls = self.proxy.server_tls
+            if tls is not None:  # (within the connect's time limit)
+                side.upgraded(await tls.negotiate(self.proxy.loop, side, address.host))
+        except (OSError, ServerTlsRefused) as exc:  # (ssl.SSLError is an OSError)
+            if side is not None:
+                side.abort()
+                self._dial_failed(server, f"TLS to the server failed: {exc}")
+                return
             refused = isinstance(exc, ConnectionRefusedError)
             self._dial_failed(server, f"connect failed: {exc}", at_once=refused)
             return
         except asyncio.CancelledError:
+            if side is not None:
+                side.abort()
             if not self._dial_timed_out:
                 raise  # the session ended first
             self._dial_failed(server, "connect timed out", timed_out=True)
             return
         self._dial_done()
-        side = cast(ServerSide, protocol)
         if self.closed:
             side.close()
         elif self._want is None:

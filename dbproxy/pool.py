@@ -29,6 +29,7 @@ from .pgwire import error_response, parameter_status
 from .scram import Secret
 from .serverconn import IDLE, LENT, LOGIN, ServerConn
 from .serverlogin import ServerLogin
+from .servertls import ServerTls, ServerTlsRefused
 
 log = logging.getLogger("dbproxy")
 
@@ -241,6 +242,19 @@ class Pool:
             self.pools.server_freed(server)
             return
         server.connecting -= 1
+        conn = cast(ServerConn, _protocol)
+        tls = self.pools.server_tls
+        if tls is not None:
+            try:
+                upgraded = await asyncio.wait_for(
+                    tls.negotiate(loop, conn, address.host), self.pools.connect_timeout
+                )
+            except (OSError, TimeoutError, ServerTlsRefused) as exc:  # (ssl.SSLError: OSError)
+                conn.abort()  # connection_lost counts it gone
+                self.login_failed(conn, b"", f"TLS to the server failed: {exc}")
+                return
+            conn.upgraded(upgraded)
+        conn.begin_login()
 
     def made(self, conn: ServerConn) -> None:
         conn.created = self.pools.loop.time()
@@ -329,11 +343,16 @@ class Pools:
     timer, the wait limits."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, settings: PoolSettings, connect_timeout: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: PoolSettings,
+        connect_timeout: float,
+        server_tls: ServerTls | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
         self.connect_timeout = connect_timeout
+        self.server_tls = server_tls  # server_ssl: TLS on the connections opened
         self.by_key: dict[tuple[Server, str, str], Pool] = {}
         self.waiting_since: dict[Waiter, float] = {}
         self.wait_limits: Expiries[Any] = Expiries(loop, _late)

@@ -77,6 +77,8 @@ class ServerConn:
         self._own_error: bytes | None = None
         self._set_failed: OwnDone | None = None
         self._reset_after: str | None = None
+        # dbproxy's SSLRequest (server_ssl), answered before the login starts
+        self.tls_answer: asyncio.Future[bytes] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,8 +86,17 @@ class ServerConn:
         self.valve = Valve(self.transport)
         bound_writes(self.transport)
         self.pool.made(self)
-        assert self.login is not None
-        self.transport.write(self.login.start())
+
+    def upgraded(self, transport: asyncio.Transport) -> None:
+        """TLS to the server is on (server_ssl): this is the transport from now."""
+        self.transport = transport
+        self.valve = Valve(transport)
+        bound_writes(transport)
+
+    def begin_login(self) -> None:
+        """Connected (over TLS when server_ssl asks): the startup packet."""
+        if self.transport is not None and self.login is not None:
+            self.transport.write(self.login.start())
 
     def data_received(self, data: bytes) -> None:
         self.server.bytes_in += len(data)
@@ -94,6 +105,11 @@ class ServerConn:
             client.from_server(self, data)
             return
         if self.state == LOGIN:
+            answer = self.tls_answer
+            if answer is not None:
+                if not answer.done():
+                    answer.set_result(data[:1])
+                return
             self._login_data(data)
             return
         self._read_own(data)
@@ -104,6 +120,9 @@ class ServerConn:
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
         self.state = CLOSED
+        answer = self.tls_answer
+        if answer is not None and not answer.done():
+            answer.set_exception(ConnectionError("the server closed before answering"))
         client, self.client = self.client, None
         done, self._own_done = self._own_done, None
         self.pool.lost(self, was)

@@ -43,6 +43,8 @@ class ServerSide:
         self._client_transport: asyncio.Transport | None = None
         self._ssl_probe = False  # the first byte answers an SSLRequest: 'S' or 'N'
         self._owes_answer = False  # sent a first packet, no byte back yet
+        # dbproxy's own SSLRequest (server_ssl), answered before anything else
+        self.tls_answer: asyncio.Future[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -54,6 +56,11 @@ class ServerSide:
         out = self._out
         if out is not None:  # relaying and done watching: straight through
             out.write(data)
+            return
+        answer = self.tls_answer
+        if answer is not None:
+            if not answer.done():
+                answer.set_result(data[:1])
             return
         if self._owes_answer:
             self._owes_answer = False
@@ -77,6 +84,12 @@ class ServerSide:
             self.watcher = None
             self._out = self._client_transport
 
+    def upgraded(self, transport: asyncio.Transport) -> None:
+        """TLS to the server is on (server_ssl): this is the transport from now."""
+        self.transport = transport
+        self.valve = Valve(transport)
+        bound_writes(transport)
+
     def expect_ssl_answer(self) -> None:
         self._ssl_probe = True
 
@@ -95,6 +108,9 @@ class ServerSide:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out = None
+        answer = self.tls_answer
+        if answer is not None and not answer.done():
+            answer.set_exception(ConnectionError("the server closed before answering"))
         client = self.client
         if client.holds(self):
             client.close()

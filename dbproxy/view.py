@@ -19,6 +19,7 @@ from .config import DbProxyConfig
 from .credentials import Secrets
 from .listener import Listener
 from .pool import Pools
+from .servertls import ServerTls
 from .sessionqueue import SessionQueue
 from .sslanswers import SslAnswers
 
@@ -38,6 +39,7 @@ class Proxy(Protocol):
     redials: int
     ssl_answers: SslAnswers  # ssl = "passthrough"'s
     tls: TlsEnd | None  # ssl = "terminate"'s certificates and handshakes
+    server_tls: ServerTls | None  # server_ssl: TLS on the connections to the servers
 
     @property
     def client_count(self) -> int: ...

@@ -9,7 +9,8 @@ from proxycore.config import ConfigError
 from proxycore.lifecycle import Runner, setup_logging
 
 from .app import Balancer
-from .config import check_certificates, from_args, parser
+from .config import from_args, parser
+from .listenerconfig import check_certificates
 
 
 def main() -> int:

@@ -22,17 +22,10 @@ from proxycore.balancing import POLICIES
 from proxycore.config import ConfigError, Section, load_toml, parse_address
 from proxycore.health import CheckTiming
 from proxycore.servers import HealthParams, ServerSpec
-from proxycore.tls import (
-    VERSIONS,
-    CertPair,
-    TlsSettings,
-    check_files,
-    pairs_from_flags,
-    read_settings,
-    resolve,
-)
+from proxycore.tls import VERSIONS, resolve
 from proxycore.workers import count as worker_count
 
+from .listenerconfig import check_listeners, read_listeners, tls_flags
 from .routeconfig import read_route
 from .settings import (
     UPSTREAM_TIMEOUTS,
@@ -210,59 +203,11 @@ def _servers(s: Section, max_conns: int) -> tuple[ServerSpec, ...]:
     return tuple(servers)
 
 
-ALPN = ("http/1.1",)
-
-
-def _listeners(root: Section, base: Path | None) -> tuple[ListenerConfig, ...]:
-    listeners = []
-    for s in root.sections("listener"):
-        name = s.string("name", "")
-        if not name:
-            raise ConfigError(f"{s.where('name')}: every [[listener]] needs a name")
-        address = s.address("address", None)
-        if address is None:
-            raise ConfigError(f"{s.where('address')}: every [[listener]] needs an address")
-        tls = read_settings(s, base, ALPN) if s.boolean("tls", False) else None
-        redirect = s.boolean("redirect_https", False)
-        hsts = s.string("hsts", "")
-        if tls is None and hsts:
-            raise ConfigError(f"{s.where('hsts')}: only a TLS listener sends HSTS")
-        if tls is not None and redirect:
-            raise ConfigError(f"{s.where('redirect_https')}: is for a plain listener")
-        s.done()
-        listeners.append(ListenerConfig(name, address, tls, redirect, hsts))
-    return tuple(listeners)
-
-
-def _check_listeners(config: LbConfig, where: str) -> None:
-    listeners = config.all_listeners
-    if not listeners:
-        raise ConfigError(f"{where}: no listener (listen is off and no [[listener]])")
-    names = [x.name for x in listeners]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{where}: listener names must differ: {', '.join(names)}")
-    addresses = [x.address for x in listeners]
-    if len(set(addresses)) != len(addresses):
-        raise ConfigError(f"{where}: two listeners on one address")
-    if any(x.redirect_https for x in listeners) and not any(x.tls for x in listeners):
-        raise ConfigError(f"{where}: redirect_https needs a TLS listener to redirect to")
-
-
-def check_certificates(config: LbConfig) -> None:
-    """Every TLS listener's certificates load (at start and with --check-config, as
-    nginx -t reads them). Not on a reload: there a set that does not load is
-    refused by the listener, which keeps the one it has."""
-    for x in config.all_listeners:
-        if x.tls is not None:
-            where = f"{config.source or 'flags'}: listener {x.name}"
-            check_files(x.tls, where)
-
-
 def from_section(root: Section, source: Path | None) -> LbConfig:
     d = LbConfig()
     listen = None if root.raw("listen") == "off" else root.address("listen", d.listen)
     base = source.parent if source is not None else None
-    listeners = _listeners(root, base)
+    listeners = read_listeners(root, base)
     admin_raw = root.raw("admin")
     if admin_raw is None:
         admin = d.admin
@@ -349,7 +294,7 @@ def from_section(root: Section, source: Path | None) -> LbConfig:
         trusted_proxies=tuple(trusted),
         source=source,
     )
-    _check_listeners(config, root.where("listener"))
+    check_listeners(config, root.where("listener"))
     return config
 
 
@@ -423,7 +368,7 @@ def from_args(args: argparse.Namespace) -> LbConfig:
     if args.listen:
         changes["listen"] = None if args.listen == "off" else parse_address(args.listen, "--listen")
     if args.tls_listen or args.tls_cert or args.tls_key:
-        changes["listeners"] = _tls_flags(args, config)
+        changes["listeners"] = tls_flags(args, config)
     if args.redirect_https:
         plain = changes.get("listen", config.listen)
         if plain is None:
@@ -460,24 +405,10 @@ def from_args(args: argparse.Namespace) -> LbConfig:
         if not config.routes:
             changes["routes"] = (RouteConfig(name="default", pool=pool.name),)
     config = dataclasses.replace(config, **changes)
-    _check_listeners(config, "the flags")
+    check_listeners(config, "the flags")
     if not any(p.servers for p in config.pools):
         raise ConfigError("no servers: give --server HOST:PORT or a --config file with [[server]]")
     return config
-
-
-def _tls_flags(args: argparse.Namespace, config: LbConfig) -> tuple[ListenerConfig, ...]:
-    """--tls-listen with its --tls-cert/--tls-key pairs: the listener "https"
-    (replacing the file's of that name)."""
-    if not args.tls_listen or not args.tls_cert:
-        raise ConfigError("--tls-listen needs --tls-cert PEM --tls-key PEM (and they it)")
-    pairs: tuple[CertPair, ...] = pairs_from_flags(args.tls_cert, args.tls_key, "--tls-key")
-    listener = ListenerConfig(
-        "https",
-        parse_address(args.tls_listen, "--tls-listen"),
-        TlsSettings(certificates=pairs, alpn=ALPN),
-    )
-    return (*(x for x in config.listeners if x.name != "https"), listener)
 
 
 def _server_flag(text: str, max_conns: int) -> ServerSpec:

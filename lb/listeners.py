@@ -11,6 +11,7 @@ redirects every request to https.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -63,13 +64,15 @@ class Listener:
         if tls is None:
             return protocol_factory(lambda: ClientConnection(state, side))
         certs, counters, timeout = tls.certs, tls.counters, tls.handshake_timeout
+        make = functools.partial(ClientConnection, state, side)
         return protocol_factory(
             lambda: TlsServer(
-                ClientConnection(state, side),
+                None,
                 certs.context,  # read per connection: a reload takes the next handshake
                 counters,
                 timeout,
                 plain_http_answer,
+                make=make,  # once the handshake is done
             )
         )
 

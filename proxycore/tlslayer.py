@@ -116,17 +116,21 @@ class TlsServer:
 
     def __init__(
         self,
-        carried: Carried,
+        carried: Carried | None,
         context: ssl.SSLContext,
         counters: TlsCounters,
         handshake_timeout: float,
         plain_answer: PlainAnswer | None = None,
         on_open: Callable[[TlsTransport], None] | None = None,
+        make: Callable[[], Carried] | None = None,
     ) -> None:
-        """``on_open``: TLS starts mid-stream (dbproxy after its 'S'): the carried
-        protocol has had the plain transport since its connection_made, hears
+        """``make``: the carried protocol made once the handshake is done (a
+        connection that never finishes one costs no more than this object and
+        its BIOs). ``on_open``: TLS starts mid-stream (dbproxy after its 'S'):
+        ``carried`` has had the plain transport since its connection_made, hears
         every connection_lost and pause, and gets the TLS one from this call."""
         self.carried = carried
+        self.make = make
         self.on_open = on_open
         self.context = context
         self.counters = counters
@@ -170,11 +174,12 @@ class TlsServer:
         self._handshake()
 
     def eof_received(self) -> bool | None:
-        if self.state == OPEN:
+        carried = self.carried
+        if self.state == OPEN and carried is not None:
             # TLS cannot half-close: the carried protocol hears the end and
             # may still write what it owes (a response to a client that
             # shut down its sending side).
-            return self.carried.eof_received()
+            return carried.eof_received()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -185,16 +190,19 @@ class TlsServer:
             self.counters.handshaking -= 1
         if self.transport is not None:
             self.transport.closing = True
-        if self.transport is not None or self.on_open is not None:
-            self.carried.connection_lost(exc)
+        carried = self.carried
+        if carried is not None and (self.transport is not None or self.on_open is not None):
+            carried.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        if self.transport is not None or self.on_open is not None:
-            self.carried.pause_writing()
+        carried = self.carried
+        if carried is not None and (self.transport is not None or self.on_open is not None):
+            carried.pause_writing()
 
     def resume_writing(self) -> None:
-        if self.transport is not None or self.on_open is not None:
-            self.carried.resume_writing()
+        carried = self.carried
+        if carried is not None and (self.transport is not None or self.on_open is not None):
+            carried.resume_writing()
 
     # -- the handshake ------------------------------------------------------------------
     def _not_tls(self, data: bytes) -> None:
@@ -236,7 +244,11 @@ class TlsServer:
         if self.on_open is not None:
             self.on_open(transport)
         else:
-            self.carried.connection_made(transport)
+            carried = self.carried
+            if carried is None:
+                assert self.make is not None
+                carried = self.carried = self.make()
+            carried.connection_made(transport)
         if self.state == OPEN and not self.app_paused:
             self._read_app()
 
@@ -288,9 +300,12 @@ class TlsServer:
             return
         if self._outgoing.pending:
             self._flush()  # a TLS 1.3 key update's answer
+        carried = self.carried
+        if carried is None:
+            return
         if chunks:
-            self.carried.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        if ended and self.state == OPEN and not self.carried.eof_received():
+            carried.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if ended and self.state == OPEN and not carried.eof_received():
             self.close()
 
     def resume_app(self) -> None:

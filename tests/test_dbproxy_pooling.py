@@ -95,6 +95,22 @@ async def _connect(port: int, password: str = PASSWORD, **kwargs: object) -> asy
     )
 
 
+async def cancel_each(conns: list[asyncpg.Connection]) -> None:
+    """A query on each that its client cancels, then one more (and closes them):
+    asyncpg sends a CancelRequest when its timeout passes; the next query waits
+    for the sleep to end, 20 s unless the cancel got there."""
+    try:
+        for conn in conns:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.fetchval("SELECT pg_sleep(20)", timeout=0.3)
+            assert await conn.fetchval("SELECT 1") == 1
+            assert time.monotonic() - started < 10
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
 def _pools(proxy: DbProxyProc) -> list[dict]:
     return proxy.status()["server_pools"]
 
@@ -240,19 +256,7 @@ def test_cancels_reach_the_connection_a_client_holds_through_two_workers(
     pg: Cluster, tmp_path: Path, mode: str
 ) -> None:
     async def run(port: int) -> None:
-        conns = [await _connect(port) for _ in range(4)]
-        try:
-            for conn in conns:
-                started = time.monotonic()
-                # asyncpg sends a CancelRequest when its timeout passes; the next
-                # query waits for the sleep to end: 20 s unless the cancel got there
-                with pytest.raises(TimeoutError):
-                    await conn.fetchval("SELECT pg_sleep(20)", timeout=0.3)
-                assert await conn.fetchval("SELECT 1") == 1
-                assert time.monotonic() - started < 10
-        finally:
-            for conn in conns:
-                await conn.close()
+        await cancel_each([await _connect(port) for _ in range(4)])
 
     with pooled(pg, tmp_path, mode, workers=2, size=4) as proxy:
         asyncio.run(run(proxy.ports["rw"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -26,7 +27,7 @@ from stack.pki import Authority, authority
 from tests.browser import page_text
 from tests.dbproxyctl import DbProxyProc
 from tests.pgcluster import Cluster, cluster
-from tests.test_dbproxy_pooling import PASSWORD, SETUP, pooled
+from tests.test_dbproxy_pooling import PASSWORD, SETUP, cancel_each, pooled
 
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 
@@ -138,17 +139,8 @@ def test_a_cancel_of_a_tls_session_reaches_its_own_server_connection(
     user, password = ("postgres", "") if mode == "none" else ("app", PASSWORD)
 
     async def run(port: int) -> None:
-        conns = [await _connect(port, user, password, _client_context(ca)) for _ in range(2)]
-        try:
-            for conn in conns:
-                started = time.monotonic()
-                with pytest.raises(TimeoutError):
-                    await conn.fetchval("SELECT pg_sleep(20)", timeout=0.3)
-                assert await conn.fetchval("SELECT 1") == 1
-                assert time.monotonic() - started < 10
-        finally:
-            for conn in conns:
-                await conn.close()
+        tls = _client_context(ca)
+        await cancel_each([await _connect(port, user, password, tls) for _ in range(2)])
 
     with terminating(pg, tmp_path, ca, mode, workers=2) as proxy:
         asyncio.run(run(proxy.ports["rw"]))
@@ -217,3 +209,97 @@ def test_sighup_swaps_the_certificate(pg: Cluster, tmp_path: Path, ca: Authority
         time.sleep(0.5)
         assert serial(port) == after
         assert "reload refused" in proxy.log_text()
+
+
+@pytest.fixture(scope="module")
+def tls_pg(tmp_path_factory: pytest.TempPathFactory, ca: Authority) -> Iterator[Cluster]:
+    """A cluster with TLS on, its certificate from ``ca`` for 127.0.0.1."""
+    with cluster(tmp_path_factory.mktemp("tls-server-pg"), *SETUP) as c:
+        leaf = ca.issue(tmp_path_factory.mktemp("tls-server-cert"), "server", ["127.0.0.1"])
+        owner = c.datadir.stat()
+        for source, name in ((leaf.cert, "server.crt"), (leaf.key, "server.key")):
+            target = c.datadir / name
+            shutil.copy(source, target)
+            os.chown(target, owner.st_uid, owner.st_gid)
+            target.chmod(0o600)
+        for statement in (
+            "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+            "ALTER SYSTEM SET ssl = on",
+            "SELECT pg_reload_conf()",
+        ):
+            asyncio.run(c.sql(statement))
+        yield c
+
+
+def _server_tls_proxy(
+    pg: Cluster, tmp: Path, ca: Authority, mode: str, server_ssl: str, server_ca: Path
+) -> contextlib.AbstractContextManager[DbProxyProc]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    leaf = ca.issue(tmp, "dbproxy", ["localhost", "127.0.0.1"])
+    top = f'ssl = "terminate"\nserver_ssl = "{server_ssl}"\nserver_ssl_ca = "{server_ca}"\n'
+    tls = f'[tls]\ncertificates = [{{ cert = "{leaf.cert}", key = "{leaf.key}" }}]\n'
+    return pooled(pg, tmp, mode, size=2, top=top, extra=tls)
+
+
+SERVER_SSL_QUERY = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+
+
+@pytest.mark.parametrize("mode", ["none", "session", "transaction"])
+def test_server_ssl_verify_full_reaches_the_server_over_tls(
+    tls_pg: Cluster, tmp_path: Path, ca: Authority, mode: str
+) -> None:
+    user, password = ("postgres", "") if mode == "none" else ("app", PASSWORD)
+
+    async def run(port: int) -> None:
+        # TLS from the client to dbproxy, and from dbproxy to the server
+        conn = await _connect(port, user, password, _client_context(ca))
+        try:
+            assert await conn.fetchval(SERVER_SSL_QUERY) is True
+            for _ in range(3):
+                assert await conn.fetchval("SELECT $1::int + 1", 41) == 42
+        finally:
+            await conn.close()
+
+    with _server_tls_proxy(tls_pg, tmp_path, ca, mode, "verify-full", ca.cert) as proxy:
+        asyncio.run(run(proxy.ports["rw"]))
+        assert proxy.server("pg")["state"] == "UP"  # the checks log in over TLS too
+        assert "Traceback" not in proxy.log_text()
+
+
+@pytest.mark.parametrize("mode", ["none", "session"])
+def test_server_ssl_refused_or_unverified_keeps_the_session_out(
+    pg: Cluster, tls_pg: Cluster, tmp_path: Path, ca: Authority, mode: str
+) -> None:
+    """require against a server without TLS, and verify-full against a CA that did
+    not sign the server's certificate: the client gets an error, never a session
+    in clear; prefer against the same server goes on in clear."""
+    user, password = ("postgres", "") if mode == "none" else ("app", PASSWORD)
+    stranger = authority(tmp_path / "stranger", "another CA")
+
+    async def refused(port: int) -> str:
+        with pytest.raises((asyncpg.PostgresError, OSError)) as raised:
+            await _connect(port, user, password, _client_context(ca))
+        return str(raised.value)
+
+    async def in_clear(port: int) -> bool:
+        conn = await _connect(port, user, password, _client_context(ca))
+        try:
+            return bool(await conn.fetchval(SERVER_SSL_QUERY))
+        finally:
+            await conn.close()
+
+    with _server_tls_proxy(pg, tmp_path / "require", ca, mode, "require", ca.cert) as proxy:
+        message = asyncio.run(refused(proxy.ports["rw"]))
+        assert "dbproxy" in message, message
+        # the checks log in as the sessions do: the server is down for want of TLS
+        # (or, had it been up, the session's own connect would say so)
+        log = proxy.log_text()
+        assert "rejected SSL upgrade" in log or "TLS to the server failed" in log, log
+    with _server_tls_proxy(
+        tls_pg, tmp_path / "wrong-ca", ca, mode, "verify-full", stranger.cert
+    ) as proxy:
+        asyncio.run(refused(proxy.ports["rw"]))
+        assert "certificate verify failed" in proxy.log_text()
+    with _server_tls_proxy(pg, tmp_path / "prefer", ca, mode, "prefer", ca.cert) as proxy:
+        assert asyncio.run(in_clear(proxy.ports["rw"])) is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
+from stack.pki import authority
 from tests.lbctl import FAST_CHECKS, Lb, Upstream, lb_with, spawn_lb, stop, wait_port, write_config
 from tests.rawhttp import closed_by_peer, get, read_response
 from tests.stackctl import REPO, free_ports
@@ -163,7 +165,14 @@ def run_lb(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config(tmp_path: Path) -> None:
-    good = REPO / "infra" / "balance" / "lb.toml"
+    shipped = REPO / "infra" / "balance" / "lb.toml"
+    # as nginx -t, the check reads the https listener's certificates (tls/, beside
+    # the file: `stack up` and compose's tls-init make them)
+    result = run_lb("--config", str(shipped), "--check-config")
+    assert result.returncode == 2 and "tls/site.pem" in result.stderr
+    good = tmp_path / "lb.toml"
+    shutil.copy(shipped, good)
+    authority(tmp_path / "tls").issue(tmp_path / "tls", "site", ["localhost"])
     result = run_lb("--config", str(good), "--check-config")
     assert result.returncode == 0, result.stderr
     bad = tmp_path / "bad.toml"
