@@ -302,6 +302,12 @@ def medians_of(tps: Tps) -> dict[str, dict[str, float]]:
     return {c: {p: round(statistics.median(v), 1) for p, v in t.items()} for c, t in tps.items()}
 
 
+def timing(seconds: float, rounds: int) -> dict[str, Any]:
+    """How long a run's paths ran: what every result's settings begin with."""
+    slices, length = slicing(seconds)
+    return {"seconds": seconds, "rounds": rounds, "slices": slices, "slice_seconds": length}
+
+
 def head(benchmark: str) -> dict[str, Any]:
     """What a result file starts with: the benchmark, when, where."""
     return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **machine()}
@@ -313,7 +319,6 @@ def run_pool(
     require("taskset", "haproxy")
     _pgbouncer()
     chosen = {name: CASES[name] for name in (cases or tuple(CASES))}
-    slices, length = slicing(seconds)
     with tempfile.TemporaryDirectory(prefix="bench-pgpool-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
@@ -325,10 +330,7 @@ def run_pool(
     return {
         **head("pg-pooling"),
         "settings": {
-            "seconds": seconds,
-            "rounds": rounds,
-            "slices": slices,
-            "slice_seconds": length,
+            **timing(seconds, rounds),
             "pool_size": POOL_SIZE,
             "max_connections": MAX_CONNECTIONS,
             "cases": {

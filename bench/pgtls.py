@@ -38,7 +38,7 @@ from .pgpool import (
     medians_of,
     pgbench_tables,
     run_cases,
-    slicing,
+    timing,
 )
 from .procs import free_port, require, running
 
@@ -80,7 +80,6 @@ def _proxies(cert: Issued) -> Proxies:
 
 def run_pg_tls(*, seconds: float, rounds: int, say: Callable[[str], None]) -> dict[str, Any]:
     require("taskset", "haproxy")
-    slices, length = slicing(seconds)
     with tempfile.TemporaryDirectory(prefix="bench-pgtls-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
@@ -103,10 +102,7 @@ def run_pg_tls(*, seconds: float, rounds: int, say: Callable[[str], None]) -> di
     return {
         **head("tls-pg"),
         "settings": {
-            "seconds": seconds,
-            "rounds": rounds,
-            "slices": slices,
-            "slice_seconds": length,
+            **timing(seconds, rounds),
             "sslmode": "require",
             "cases": {name: [*c.flags, "-c", str(c.clients)] for name, c in CASES.items()},
         },

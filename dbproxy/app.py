@@ -33,7 +33,6 @@ from . import routing
 from .cancels import Cancels
 from .checks import pg_probe
 from .choice import Choice
-from .config import LISTENERS, CheckSettings, DbProxyConfig
 from .credentials import Secrets
 from .listener import Listener, listening
 from .liveness import postmaster_answers
@@ -43,6 +42,7 @@ from .pooled import PooledSession
 from .servertls import server_tls
 from .session import ClientSession
 from .sessionqueue import SessionQueue
+from .settings import LISTENERS, CheckSettings, DbProxyConfig
 from .sslanswers import SslAnswers
 from .totals import add_up, worker_counters
 

@@ -14,8 +14,8 @@ import asyncpg
 
 from proxycore.servers import Server
 
-from .config import CheckSettings
 from .servertls import ServerTls
+from .settings import CheckSettings
 
 ROLE_SQL = """
 SELECT pg_is_in_recovery() AS recovery,

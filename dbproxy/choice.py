@@ -12,7 +12,7 @@ from proxycore.balancing import Policy, pick
 from proxycore.servers import Server, ServerSet
 
 from . import routing
-from .config import ReadOnlyRouting
+from .settings import ReadOnlyRouting
 
 
 class _First(Policy):

@@ -22,8 +22,8 @@ from proxycore.config import ConfigError
 from proxycore.servers import Server
 
 from .auth import MD5, SCRAM, md5_secret
-from .config import AuthSettings
 from .scram import Secret
+from .settings import AuthSettings
 
 log = logging.getLogger("dbproxy")
 

@@ -24,12 +24,12 @@ from typing import Any, Protocol, cast
 from proxycore.deadline import Expiries
 from proxycore.servers import Server
 
-from .config import PoolSettings
 from .pgwire import error_response, parameter_status
 from .scram import Secret
 from .serverconn import IDLE, LENT, LOGIN, ServerConn
 from .serverlogin import ServerLogin
 from .servertls import ServerTls, ServerTlsRefused
+from .settings import PoolSettings
 
 log = logging.getLogger("dbproxy")
 

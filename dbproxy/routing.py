@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from proxycore.servers import Server
 
-from .config import ReadOnlyRouting
+from .settings import ReadOnlyRouting
 
 Accept = Callable[[Server], bool]
 

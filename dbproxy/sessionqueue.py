@@ -12,8 +12,8 @@ from proxycore.deadline import Expiries
 from proxycore.histogram import Histogram
 from proxycore.servers import Server
 
-from .config import QueueSettings
 from .listener import Listener
+from .settings import QueueSettings
 
 # the server with a free slot for a session of the listener, not one of those tried
 Chooser = Callable[[Listener, Collection[Server]], Server | None]

@@ -15,12 +15,12 @@ from proxycore.servers import Server
 from proxycore.tls import TlsEnd
 
 from .cancels import Cancels
-from .config import DbProxyConfig
 from .credentials import Secrets
 from .listener import Listener
 from .pool import Pools
 from .servertls import ServerTls
 from .sessionqueue import SessionQueue
+from .settings import DbProxyConfig
 from .sslanswers import SslAnswers
 
 

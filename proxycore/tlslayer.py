@@ -190,19 +190,26 @@ class TlsServer:
             self.counters.handshaking -= 1
         if self.transport is not None:
             self.transport.closing = True
-        carried = self.carried
-        if carried is not None and (self.transport is not None or self.on_open is not None):
+        carried = self._hearing()
+        if carried is not None:
             carried.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        carried = self.carried
-        if carried is not None and (self.transport is not None or self.on_open is not None):
+        carried = self._hearing()
+        if carried is not None:
             carried.pause_writing()
 
     def resume_writing(self) -> None:
-        carried = self.carried
-        if carried is not None and (self.transport is not None or self.on_open is not None):
+        carried = self._hearing()
+        if carried is not None:
             carried.resume_writing()
+
+    def _hearing(self) -> Carried | None:
+        """The carried protocol, when it has a transport to hear about: after the
+        handshake, or from the start when TLS began mid-stream."""
+        if self.transport is None and self.on_open is None:
+            return None
+        return self.carried
 
     # -- the handshake ------------------------------------------------------------------
     def _not_tls(self, data: bytes) -> None:
