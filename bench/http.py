@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .idle import run_idle
+from .idle import table as idle_table
 from .procs import NGINX_HEAD, cpu_seconds, free_port, machine, require, rotated, running
 from .wrk import WrkResult, run
 
@@ -304,7 +306,20 @@ def run_http_suite(
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **machine(),
         "runs": runs,
+        "idle": measure_idle_connections(say),
     }
+
+
+def measure_idle_connections(say: Callable[[str], None]) -> dict[str, Any]:
+    """bench/idle.py: memory per idle keep-alive connection, one worker each."""
+    with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
+        work = Path(tmp)
+        with upstreams(work) as (up1, up2):
+
+            def argv_of(name: str, port: int) -> list[str]:
+                return proxy_argv(name, work, port, up1, up2)
+
+            return run_idle(argv_of, free_port, PROXY_CORE, work, say)
 
 
 def suite_table(result: dict[str, Any]) -> str:
@@ -319,4 +334,7 @@ def suite_table(result: dict[str, Any]) -> str:
             f"{settings['connections']} connections, {workers} worker(s) each ({where}):\n\n"
             + table(run_result)
         )
+    if "idle" in result:
+        idle = idle_table(result["idle"])
+        parts.append(f"Idle keep-alive connections (bench/idle.py):\n\n{idle}")
     return "\n\n".join(parts)

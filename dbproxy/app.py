@@ -394,19 +394,28 @@ class DbProxy:
             self._stalls.ask(server, f"a check got no answer ({record.detail})")
 
     def _return_to_replica(self) -> None:
-        """Close the ro sessions parked on the primary once a replica fits ro again."""
+        """Close the ro sessions parked on the primary once a replica fits ro again,
+        relayed or session-pooled (a transaction-pooled client's next transaction
+        goes where ro fits)."""
         limits = self.config.ro
         if not limits.return_to_replica or "ro" not in self.listeners:
             return
         replica = self.choice.fitting_replica()
         if replica is None:
             return
-        parked = [
+        parked: list[ClientSession | PooledSession] = [
             session
             for server in self.servers
             if routing.is_primary(server)
             for session in self.by_server.get(server, ())
             if session.listener.name == "ro"
+        ]
+        parked += [
+            session
+            for session in self.sessions
+            if isinstance(session, PooledSession)
+            and session.listener.name == "ro"
+            and session.parked_on_primary()
         ]
         if parked:
             log.warning(

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 from proxycore.flow import Reason
 from proxycore.servers import Server
 
+from . import routing
 from .listener import Listener
 from .parameters import FOLLOWED, set_statement
 from .pgwire import (
@@ -111,6 +112,12 @@ class PooledSession(PooledLogin):
             else:
                 conn.close()
         proxy.session_closed()
+
+    def parked_on_primary(self) -> bool:
+        """Session-pooled on a connection to the primary (relayed unread, so
+        closed as a relayed session is: HAProxy's shutdown-backup-sessions)."""
+        conn = self.conn
+        return not self.transaction_mode and conn is not None and routing.is_primary(conn.server)
 
     def pause_writing(self) -> None:
         if self.conn is not None and self.conn.valve is not None:

@@ -19,7 +19,7 @@ from proxycore.flow import Reason, Valve, bound_writes
 from .exchange import Exchange
 from .framing import ChunkedBody
 from .heads import BadRequest
-from .reading import RequestReader
+from .reading import WAIT_BODY, WAIT_HEAD, WAIT_IDLE, RequestReader
 from .request_head import RequestInfo, new_request_id, origin_form
 from .response_head import error_response
 from .routes import Route
@@ -51,7 +51,7 @@ class ClientConnection(RequestReader):
             self.client_ip = str(peer[0]).encode()
         # TCP_NODELAY: uvloop sets it on every TCP transport (tests/test_proxycore_loop.py).
         bound_writes(transport)
-        self._head_timer.after(lb.config.timeouts.client_header)
+        self._wait(WAIT_HEAD, lb.config.timeouts.client_header)
 
     def eof_received(self) -> bool | None:
         tunnel = self.tunnel
@@ -103,13 +103,11 @@ class ClientConnection(RequestReader):
 
     # -- httptools callbacks (the rest: lb/reading.py) ------------------------------
     def on_headers_complete(self) -> None:
-        self._in_head = False
         parser = self.parser
         info = self._request
+        assert parser is not None and info is not None  # (llhttp calls back: on_url made both)
+        self._next_head(info)
         lb = self.lb
-        # for the next head, whatever becomes of this one; its Host (checked) is
-        # most likely the next head's too
-        self._request = RequestInfo(known_host=info.host, watch=lb.watch)
         # llhttp keeps an HTTP/1.0 connection alive only when a Connection header
         # asks: keep-alive without one means HTTP/1.1, and spares
         # get_http_version(), which formats a str (a tenth of a microsecond).
@@ -126,17 +124,31 @@ class ClientConnection(RequestReader):
             http11 = version == "1.1"
         method = parser.get_method()
         target = self._url
+        self._url = b""
         if not target.startswith(b"/") or method == b"CONNECT" or method == b"TRACE":
             target = origin_form(method, target, info)
         info.finish(http11, lb.max_body_bytes)
+        self._head_read(info, method, target, http11)
+
+    def _next_head(self, info: RequestInfo) -> None:
+        """The next head gets a RequestInfo of its own, whatever becomes of this
+        one; its Host (checked) is most likely the next head's too."""
+        self._in_head = False
+        self._request = None
+        self._known_host = info.host
+
+    def _head_read(self, info: RequestInfo, method: bytes, target: bytes, http11: bool) -> None:
+        """A request head is whole and checked (by llhttp and RequestInfo, or by
+        lb/plain_request.py): its exchange is queued, its body awaited."""
+        self._next_head(info)
+        lb = self.lb
         self._last = info.close
         route = self._route(info, method, target)
         ex = Exchange(self, lb, method, target, info, http11, route)
-        self._url = b""
         self._current = ex
         self.queue.append(ex)
         lb.metrics.in_flight += 1
-        self._head_timer.cancel()
+        self._stop_waiting(WAIT_HEAD)
         if info.upgrade is None:  # (an upgrade's bytes after its head are the tunnel's)
             if info.chunked:
                 limits = lb.config.limits
@@ -145,7 +157,7 @@ class ClientConnection(RequestReader):
                 self._body_left = info.content_length
         if not ex.body_done:
             self._reading_body = True
-            self._body_timer.after(lb.config.timeouts.client_body)
+            self._wait(WAIT_BODY, lb.config.timeouts.client_body)
         if len(self.queue) == 1:
             self._starting = ex  # begun by _read once llhttp has read the whole head
         else:
@@ -177,20 +189,6 @@ class ClientConnection(RequestReader):
             )
         return route
 
-    def on_body(self, body: bytes) -> None:
-        if self._current is not None:
-            self._current.request_body(body)
-
-    def on_message_complete(self) -> None:
-        self._at_start = True
-        ex = self._current
-        self._current = None
-        if self._reading_body:
-            self._reading_body = False
-            self._body_timer.cancel()  # now waiting on an upstream, not on the client
-        if ex is not None:
-            ex.request_body_end()
-
     # -- what an exchange calls back ----------------------------------------------------
     def last_answer(self, ex: object) -> bool:
         """Whether the connection closes after ``ex``'s response, so its head says
@@ -209,7 +207,7 @@ class ClientConnection(RequestReader):
 
     def exchange_finished(self, ex: object, keep_alive: bool, abort: bool, now: float) -> None:
         if self.queue and self.queue[0] is ex:
-            self.queue.popleft()
+            self.queue.pop(0)
             self.lb.metrics.in_flight -= 1
         held = None
         tunnel = self.tunnel
@@ -238,9 +236,9 @@ class ClientConnection(RequestReader):
         self.valve.resume(Reason.WAITING_TURN)
         timeouts = self.lb.config.timeouts
         if self._in_head:
-            self._head_timer.after(timeouts.client_header)
+            self._wait(WAIT_HEAD, timeouts.client_header)
         else:
-            self._idle_timer.at(now + timeouts.client_keepalive)
+            self._wait_until(WAIT_IDLE, now + timeouts.client_keepalive)
         if held:
             self.data_received(held)
 
@@ -308,4 +306,4 @@ class ClientConnection(RequestReader):
         sending on it: that request would get no answer at all."""
         if not self.queue and not self._in_head and self.tunnel is None:
             timeouts = self.lb.config.timeouts
-            self._idle_timer.after(min(timeouts.shutdown_idle, timeouts.client_keepalive))
+            self._wait(WAIT_IDLE, min(timeouts.shutdown_idle, timeouts.client_keepalive))

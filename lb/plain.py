@@ -30,14 +30,14 @@ _PREFIX: Final = b"HTTP/1.1 "
 # value), 2 = other field-value bytes (SP, HTAB, other VCHAR, obs-text); 0 = a
 # byte no head line may hold (controls, DEL): CR ends a line, others refuse.
 _TCHARS: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_CLASS: Final = bytes(
+CLASS: Final = bytes(
     1 if c in _TCHARS else 2 if c in (9, 32) or 0x21 <= c <= 0x7E or c >= 0x80 else 0
     for c in range(256)
 )
 _MAX_LENGTH_DIGITS: Final = 18
 
 
-def _field_end(data: bytes, i: i64, n: i64) -> i64:
+def field_end(data: bytes, i: i64, n: i64) -> i64:
     """The index of the CR ending the field text from ``i`` on, when a LF follows
     it; -1 when a byte on the way may not be in a head line, or the line does
     not end in this read."""
@@ -47,7 +47,7 @@ def _field_end(data: bytes, i: i64, n: i64) -> i64:
             if i + 1 < n and data[i + 1] == 10:
                 return i
             return -1
-        if not _CLASS[c]:
+        if not CLASS[c]:
             return -1
         i += 1
     return -1
@@ -75,7 +75,7 @@ def scan(data: bytes, head: ResponseInfo) -> i64:
     status = d0 * 100 + d1 * 10 + d2
     if status < 200 or status > 599 or status == 204 or status == 304:
         return -1
-    i = _field_end(data, 13, n)
+    i = field_end(data, 13, n)
     if i < 0:
         return -1
     reason = data[13:i]
@@ -98,7 +98,7 @@ def scan(data: bytes, head: ResponseInfo) -> i64:
                 return -1
             break
         start = i
-        while i < n and _CLASS[data[i]] == 1:
+        while i < n and CLASS[data[i]] == 1:
             i += 1
         if i == start or i >= n or data[i] != 58:  # a name, then ':' (no space before it)
             return -1
@@ -107,7 +107,7 @@ def scan(data: bytes, head: ResponseInfo) -> i64:
         while i < n and (data[i] == 32 or data[i] == 9):
             i += 1
         value_start = i
-        i = _field_end(data, i, n)
+        i = field_end(data, i, n)
         if i < 0:
             return -1
         value_end = i

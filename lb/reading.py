@@ -10,22 +10,36 @@ wait on the client has a limit: the head (slowloris), the body, keep-alive idle.
 
 from __future__ import annotations
 
-import collections
 import logging
+from typing import Final
 
 import httptools
 
+from proxycore.compiled import is_compiled
 from proxycore.deadline import Deadline
 
+from . import plain_request
 from .downstream import Downstream
 from .exchange import Exchange
 from .framing import ChunkedBody, head_end
 from .heads import BadRequest
+from .plain_request import scan
 from .request_head import RequestInfo, as_http11, escape_request_line, new_request_id
 from .response_head import error_response
 from .state import PLAIN, ClientSide, LbState
 
 log = logging.getLogger("lb")
+
+# lb/plain_request.py's byte loop pays only compiled; interpreted, llhttp (C)
+# reads a head for less (as lb.plain for responses, lb/upstream.py).
+SCAN_REQUEST: Final = is_compiled(plain_request)
+
+
+# What the connection waits on the client for (RequestReader._waiting).
+WAIT_NOTHING: Final = 0
+WAIT_HEAD: Final = 1  # the rest of a head: timeouts.client_header
+WAIT_BODY: Final = 2  # the next bytes of a body: timeouts.client_body
+WAIT_IDLE: Final = 3  # the next request: timeouts.client_keepalive
 
 
 class RequestReader(Downstream):
@@ -33,22 +47,25 @@ class RequestReader(Downstream):
         super().__init__(lb.loop, lb.config.timeouts.lingering, side.https, side.status_line_end)
         self.lb = lb
         self.side = side  # of the listener it came in on
-        self._new_parser()
-        # One timer per kind of wait: each only ever moves later, so re-arming it
-        # costs a float store (see proxycore/deadline.py).
-        self._head_timer = Deadline(lb.loop, self._head_timeout)
-        self._body_timer = Deadline(lb.loop, self._body_timeout)
-        self._idle_timer = Deadline(lb.loop, self._idle_timeout)
-        # the requests read and not yet answered, in order; the one tunnelling
-        self.queue: collections.deque[Exchange] = collections.deque()
+        # llhttp, made when a head is not plain (lb/plain_request.py reads the
+        # others): an idle connection holds no parser
+        self.parser: httptools.HttpRequestParser | None = None
+        # One timer for the one wait on the client at a time (``_waiting``: the
+        # head, the body, or keep-alive idle); moving it later costs a float
+        # store (see proxycore/deadline.py), and an idle connection holds one.
+        self._timer = Deadline(lb.loop, self._timed_out_waiting)
+        self._waiting = WAIT_NOTHING
+        # the requests read and not yet answered, in order (rarely more than one,
+        # and a list costs an idle connection a tenth of a deque); the one tunnelling
+        self.queue: list[Exchange] = []
         self.tunnel: Exchange | None = None
         self._current: Exchange | None = None  # the request whose body is being read
         self._in_head = False
         self._reading_body = False
         self._url = b""
-        self._request = RequestInfo(
-            watch=lb.watch
-        )  # the head being read, gathered header by header
+        # the head being read, gathered header by header; made at its first byte
+        self._request: RequestInfo | None = None
+        self._known_host = b""  # the last head's Host, checked (RequestInfo's known_host)
         self._head_size = 0
         self._headers = 0  # header lines of the head being read
         self._rejected: bytes | None = None  # an error answer waiting for the response before it
@@ -62,9 +79,16 @@ class RequestReader(Downstream):
         self._head_tail = b""
         self._starting: Exchange | None = None  # its head is read; it begins once checked
         self._last = False  # a request that ends the connection has been read
+        # The body being read belongs to a head lb/plain_request.py read: it goes
+        # to the exchange directly (llhttp never saw the head).
+        self._scanned = False
 
     def _reject(self, exc: BadRequest) -> None:
         """Refuse the request being read with ``exc`` (ClientConnection's)."""
+        raise NotImplementedError
+
+    def _head_read(self, info: RequestInfo, method: bytes, target: bytes, http11: bool) -> None:
+        """A whole head, checked: queue its exchange (ClientConnection's)."""
         raise NotImplementedError
 
     # -- asyncio.Protocol ----------------------------------------------------------
@@ -75,7 +99,7 @@ class RequestReader(Downstream):
         if self._rejected is not None or self.closed or (self._last and self._at_start):
             return  # (after a request that ends the connection, nothing more is read)
         if self._reading_body:
-            self._body_timer.after(self.lb.config.timeouts.client_body)
+            self._wait(WAIT_BODY, self.lb.config.timeouts.client_body)
         if self._line:
             data = self._line + data
             self._line = b""
@@ -90,9 +114,9 @@ class RequestReader(Downstream):
                 self._reject(cause)
             else:
                 self._reject(BadRequest(400, "bad_request", f"malformed request: {malformed}"))
-        if self._in_head and not self.closed and not self.queue and not self._head_timer.armed:
+        if self._in_head and not self.closed and not self.queue and self._waiting != WAIT_HEAD:
             # From its first byte the whole head must come within client_header.
-            self._head_timer.after(self.lb.config.timeouts.client_header)
+            self._wait(WAIT_HEAD, self.lb.config.timeouts.client_header)
 
     def _read(self, data: bytes) -> None:
         """Feed llhttp ``data`` a part at a time: a head up to its blank line,
@@ -125,7 +149,14 @@ class RequestReader(Downstream):
             # The request whose head came last begins once its body's framing
             # has been found sound as far as this read goes.
             self._begin_next()
-            self._feed(data if pos == 0 and stop == n else data[pos:stop])
+            part = data if pos == 0 and stop == n else data[pos:stop]
+            if self._scanned:
+                self.on_body(part)
+                if ends:
+                    self._scanned = False
+                    self.on_message_complete()
+            else:
+                self._feed(part)
             if ends:
                 self._chunks = None
                 if not self._at_start and not self.closed:
@@ -139,6 +170,10 @@ class RequestReader(Downstream):
         when it is in this read, else all of it (a request line not whole yet is
         held instead). Returns where the part ended."""
         start = self._at_start  # a request line begins at pos (or blank lines before one)
+        if start and SCAN_REQUEST and not self._head_tail:
+            end = self._scan_head(data, pos)
+            if end >= 0:
+                return end
         tail, self._head_tail = self._head_tail, b""
         end = self._head_end(data, pos, tail)
         if end < 0:
@@ -174,6 +209,27 @@ class RequestReader(Downstream):
         elif self._chunks is None and self._body_left == 0:
             self._begin_next()  # no body to look at first
         return stop
+
+    def _scan_head(self, data: bytes, pos: int) -> int:
+        """Read a plain head at ``pos`` in one pass (lb/plain_request.py) instead of
+        through llhttp's callbacks; where it ends, or -1 (nothing read) when it is
+        not one."""
+        lb = self.lb
+        limits = lb.config.limits
+        info = RequestInfo(known_host=self._known_host, watch=lb.watch)
+        end, method, target = scan(
+            data, pos, info, limits.max_header_bytes, limits.max_headers, lb.max_body_bytes
+        )
+        if end < 0:
+            return -1
+        self._at_start = False
+        self._head_read(info, method, target, True)
+        if self._body_left:
+            self._scanned = True
+        else:
+            self.on_message_complete()
+            self._begin_next()  # no body to look at first
+        return end
 
     @staticmethod
     def _head_end(data: bytes, pos: int, tail: bytes) -> int:
@@ -213,8 +269,7 @@ class RequestReader(Downstream):
         if not self._in_head:
             self._in_head = True  # a head has begun: client_header runs from now
             if not self.queue:
-                self._idle_timer.cancel()
-                self._head_timer.after(self.lb.config.timeouts.client_header)
+                self._wait(WAIT_HEAD, self.lb.config.timeouts.client_header)
 
     def _begin_next(self) -> None:
         """Begin the request whose head was read last, when it is first in line."""
@@ -237,20 +292,22 @@ class RequestReader(Downstream):
             and data.rstrip(b"\r\n").endswith(b" " + url)
         )
 
-    def _new_parser(self) -> None:
-        self.parser = httptools.HttpRequestParser(self)
-        # Bound once per parser, not looked up per call (compiled: a direct call).
-        self._feed = self.parser.feed_data
+    def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
+        parser.feed_data(data)
 
     def _restart_head(self) -> None:
         """Read the next bytes as the start of a request, with a fresh parser."""
-        self._new_parser()
+        self.parser = None
         self._at_start = True
         self._in_head = False
         self._url = b""
-        self._request = RequestInfo(watch=self.lb.watch)
+        self._request = None
         self._head_tail = b""
         self._body_left = 0
+        self._scanned = False
         self._chunks = None
 
     # -- httptools callbacks ---------------------------------------------------------
@@ -267,6 +324,7 @@ class RequestReader(Downstream):
             self._in_head = True
             self._head_size = 0
             self._headers = 0
+            self._request = RequestInfo(known_host=self._known_host, watch=self.lb.watch)
         # a target split over reads comes in pieces; compiled, `+=` on bytes is a
         # generic call where this is a direct one
         self._url = url if not self._url else self._url + url
@@ -288,28 +346,59 @@ class RequestReader(Downstream):
             raise BadRequest(
                 431, "header_too_large", f"more than {limits.max_headers} header lines"
             )
-        self._request.add(name, value)
+        info = self._request
+        if info is not None:  # (always: on_url began the head)
+            info.add(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        if self._current is not None:
+            self._current.request_body(body)
+
+    def on_message_complete(self) -> None:
+        self._at_start = True
+        ex = self._current
+        self._current = None
+        if self._reading_body:
+            self._reading_body = False
+            self._stop_waiting(WAIT_BODY)  # now waiting on an upstream, not on the client
+        if ex is not None:
+            ex.request_body_end()
 
     # -- the limits on waiting for the client ------------------------------------------
+    def _wait(self, what: int, seconds: float) -> None:
+        """Wait on the client for ``what`` (WAIT_HEAD, WAIT_BODY, WAIT_IDLE) at most ``seconds``
+        from now: the one wait the connection has."""
+        self._waiting = what
+        self._timer.after(seconds)
+
+    def _wait_until(self, what: int, at: float) -> None:
+        """``_wait`` for a caller that has read the clock."""
+        self._waiting = what
+        self._timer.at(at)
+
+    def _stop_waiting(self, what: int) -> None:
+        if self._waiting == what:
+            self._waiting = WAIT_NOTHING
+            self._timer.cancel()
+
     def _stop_timers(self, for_good: bool) -> None:
-        for timer in (self._head_timer, self._body_timer, self._idle_timer):
-            if for_good:
-                timer.stop()
-            else:
-                timer.cancel()
-        if for_good and self._linger is not None:
-            self._linger.stop()
+        self._waiting = WAIT_NOTHING
+        if for_good:
+            self._timer.stop()
+            if self._linger is not None:
+                self._linger.stop()
+        else:
+            self._timer.cancel()
 
-    def _head_timeout(self) -> None:
-        if self._in_head and not self.closed:
+    def _timed_out_waiting(self) -> None:
+        what, self._waiting = self._waiting, WAIT_NOTHING
+        if self.closed:
+            return
+        if what == WAIT_HEAD and self._in_head:
             self._timed_out("request head")
-
-    def _body_timeout(self) -> None:
-        if self._reading_body and not self.closed:
+        elif what == WAIT_BODY and self._reading_body:
             self._timed_out("request body")
-
-    def _idle_timeout(self) -> None:
-        if not self.queue and not self._in_head and self.tunnel is None:
+        elif what == WAIT_IDLE and not self.queue and not self._in_head and self.tunnel is None:
             self.close(linger=False)  # keep-alive idle: nothing unread, nothing to answer
 
     def _timed_out(self, what: str) -> None:

@@ -171,9 +171,7 @@ class RequestInfo:
         "_content_lengths",
         "_forwarded",
         "_hosts",
-        "_known_host",
         "_transfer_encodings",
-        "_watch",
         "captured",
         "chunked",
         "close",
@@ -182,8 +180,10 @@ class RequestInfo:
         "expect_continue",
         "forwarded",
         "host",
+        "known_host",
         "request_id",
         "upgrade",
+        "watch",
         "x_forwarded_for",
     )
 
@@ -195,10 +195,10 @@ class RequestInfo:
         known_host: bytes = b"",
         watch: frozenset[bytes] | None = None,
     ) -> None:
-        self._known_host = known_host
+        self.known_host = known_host
         # The headers some route, rate limit or the access log reads (lowercase
         # names), kept in ``captured``; None (the usual case): nothing is kept.
-        self._watch = watch
+        self.watch = watch
         self.captured: dict[bytes, bytes] | None = None
         self.expect_continue = False
         self.upgrade: bytes | None = None
@@ -231,13 +231,13 @@ class RequestInfo:
         return self._connection is not None
 
     def add(self, name: bytes, value: bytes) -> None:
-        if self._watch is not None:
-            self._capture(name, value)
+        if self.watch is not None:
+            self.capture(name, value)
         lname = rule_name(name)
         if not lname or lname not in _REBUILT_REQUEST:
             add_line(self._forwarded, name, value)
             if lname == b"host":
-                if value != self._known_host and not valid_host(value):
+                if value != self.known_host and not valid_host(value):
                     raise BadRequest(400, "bad_request", "the Host header is not a valid host")
                 self.host = value
                 self._hosts += 1
@@ -269,10 +269,11 @@ class RequestInfo:
                 value if self.x_forwarded_for is None else self.x_forwarded_for + b", " + value
             )
 
-    def _capture(self, name: bytes, value: bytes) -> None:
-        assert self._watch is not None
+    def capture(self, name: bytes, value: bytes) -> None:
+        """Keep a header some rule reads (``watch``)."""
+        assert self.watch is not None
         lower = name.lower()
-        if lower in self._watch:
+        if lower in self.watch:
             if self.captured is None:
                 self.captured = {}
             self.captured.setdefault(lower, value)  # the first, as nginx's $http_name
@@ -284,6 +285,15 @@ class RequestInfo:
     def use_authority(self, authority: bytes) -> None:
         """The target was absolute-form: its authority goes upstream as Host."""
         self._authority = authority
+
+    def settle(self, host: bytes, forwarded: bytes, content_length: int) -> None:
+        """``finish`` for a plain head, checked by lb/plain_request.py: HTTP/1.1, one
+        Host, no rebuilt header but Content-Length (-1: none), lines as they came."""
+        self.host = host
+        self._hosts = 1
+        self.forwarded = forwarded
+        if content_length >= 0:
+            self.content_length = content_length
 
     def finish(self, http11: bool, max_body: int) -> None:
         """The head is whole: the checks that need all of it."""

@@ -47,6 +47,7 @@ HOT_MODULES = (
     "lb.request_head",
     "lb.response_head",
     "lb.plain",
+    "lb.plain_request",
     "lb.framing",
     "lb.retry",
     "lb.hedgepolicy",

@@ -602,11 +602,28 @@ async def test_without_fallback_ro_refuses_when_no_replica_fits(
             await connect(pystack, proxy.ports["ro"])
 
 
-@pytest.mark.parametrize("return_to_replica", [True, False])
+# A session-pooled ro listener, logging clients in as the stack's dbproxy does
+# (infra/balance/dbproxy.toml: the auth query as the check's role).
+SESSION_POOLED = """
+[pool]
+mode = "session"
+[auth]
+type = "scram-sha-256"
+user = "balance_check"
+query = "SELECT usename, passwd FROM public.dbproxy_user_secret($1)"
+dbname = "users"
+"""
+
+
+@pytest.mark.parametrize(
+    ("return_to_replica", "pooled"), [(True, False), (False, False), (True, True)]
+)
 async def test_ro_sessions_parked_on_the_primary_and_the_replicas_return(
-    pystack: StackHandle, tmp_path: Path, return_to_replica: bool
+    pystack: StackHandle, tmp_path: Path, return_to_replica: bool, pooled: bool
 ) -> None:
     settings = FAST + f"\n[ro]\nreturn_to_replica = {str(return_to_replica).lower()}\n"
+    if pooled:
+        settings += SESSION_POOLED
     with dbproxy_for(pystack, tmp_path, settings) as proxy:
         p = pystack.ports
         proxy.admin(f"/servers/{REPLICA}/drain")
