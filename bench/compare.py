@@ -51,8 +51,9 @@ from . import charts
 from .drill import FREEZE_SECONDS, STEPS, DrillResult, StackControl, run_drill, seeded_user_ids
 from .drillstats import latency_ms, step_stats, timeline
 from .entry import EntryMeasure, measure_entry, proxy_pids
-from .http import run_http
+from .http import measure_idle_connections, run_http
 from .http import table as http_table
+from .idle import table as idle_table
 from .pg import run_pg
 from .pg import table as pg_table
 from .procs import machine, require
@@ -98,7 +99,7 @@ class Plan:
 
     def phases(self) -> list[tuple[str, float]]:
         """(what, expected seconds), for the progress line."""
-        http = len(self.profiles) * self.rounds * (self.seconds + 2)
+        http = len(self.profiles) * self.rounds * (self.seconds + 2) + 30  # and idle memory
         pg = (1 + len(self.profiles)) * 3 * self.rounds * self.seconds + 8
         per_profile = [
             (
@@ -221,6 +222,8 @@ def run_compare(
         proxies=tuple(http_proxy(p) for p in PROFILES if p in plan.profiles),
         say=say,
     )
+    if set(PROFILES) <= set(plan.profiles):
+        result["http"]["idle"] = measure_idle_connections(say)
     progress.next()
     result["pg"] = run_pg(
         seconds=plan.seconds,
@@ -432,6 +435,13 @@ def report(result: dict[str, Any]) -> str:
         http_table(result["http"]),
         "",
     ]
+    if "idle" in result["http"]:
+        lines += [
+            "Idle keep-alive connections (`bench/idle.py`):",
+            "",
+            idle_table(result["http"]["idle"]),
+            "",
+        ]
     lines += ["PostgreSQL (`bench pg`, pgbench):", "", pg_table(result["pg"]), ""]
     if "ratios" in result:
         lines += [

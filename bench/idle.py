@@ -68,13 +68,13 @@ async def _open(port: int, count: int, clients: Clients) -> None:
         clients.extend(await asyncio.gather(*(_client(port) for _ in range(batch))))
 
 
-async def _grow(port: int, pid: int) -> tuple[int, int]:
+async def _grow(port: int, pid: int, base: int, more: int) -> tuple[int, int]:
     clients: Clients = []
     try:
-        await _open(port, BASE, clients)
+        await _open(port, base, clients)
         await asyncio.sleep(_SETTLE)
         before = rss_kib(pid)
-        await _open(port, MORE, clients)
+        await _open(port, more, clients)
         await asyncio.sleep(_SETTLE)
         after = rss_kib(pid)
     finally:
@@ -83,17 +83,26 @@ async def _grow(port: int, pid: int) -> tuple[int, int]:
     return before, after
 
 
-def measure_idle(name: str, argv: list[str], port: int, core: int | None, work: Path) -> dict:
+def measure_idle(
+    name: str,
+    argv: list[str],
+    port: int,
+    core: int | None,
+    work: Path,
+    base: int = BASE,
+    more: int = MORE,
+) -> dict[str, Any]:
     """One proxy started by ``argv`` (listening on ``port``): its RSS growth per
-    idle keep-alive connection."""
+    idle keep-alive connection, from ``base`` clients to ``base + more``."""
     with running(argv, core=core, port=port, log=work / f"idle-{name}.log") as proc:
-        before, after = asyncio.run(_grow(port, proc.pid))
+        before, after = asyncio.run(_grow(port, proc.pid, base, more))
     return {
         "proxy": name,
-        "connections": MORE,
+        "pid": proc.pid,
+        "connections": more,
         "rss_before_kib": before,
         "rss_after_kib": after,
-        "kib_per_connection": round((after - before) / MORE, 2),
+        "kib_per_connection": round((after - before) / more, 2),
     }
 
 

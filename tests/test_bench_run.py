@@ -54,3 +54,22 @@ def test_quick_run_of_one_profile_writes_json_report_and_charts(tmp_path: Path) 
     assert len(rows) == sum(s["reads"] + s["writes"] for s in steps)
     assert {r["step_name"] for r in rows} == {s.name for s in STEPS}
     assert not (out / "work").exists()  # the stack it ran was taken down and removed
+
+
+def test_idle_connections_are_measured_and_the_proxy_stopped(tmp_path: Path) -> None:
+    """bench/idle.py on a small scale: lb in front of bench's upstreams holds
+    every client it was given, its growth is reported, and it is stopped after."""
+    from bench.http import proxy_argv, upstreams
+    from bench.idle import measure_idle
+    from bench.procs import free_port
+    from stack import processes
+
+    with upstreams(tmp_path, core=None) as (up1, up2):
+        port = free_port()
+        argv = proxy_argv("lb", tmp_path, port, up1, up2)
+        row = measure_idle("lb", argv, port, None, tmp_path, base=20, more=300)
+    assert row["connections"] == 300 and row["rss_after_kib"] > row["rss_before_kib"] > 0
+    assert row["kib_per_connection"] == round(
+        (row["rss_after_kib"] - row["rss_before_kib"]) / 300, 2
+    )
+    assert processes.ref_of(row["pid"]) is None

@@ -5,9 +5,9 @@ the master is down (503 with Retry-After), when it was in flight on the backend
 at the moment that backend was killed (502: it may have run, so it is not
 retried), or when it waited on the frozen backend (it is never sent twice). In
 the gray steps (a backend, then the replica, frozen for 6 s and thawed) no read
-waits for the thaw (see SLOWEST_GRAY_READ). classic (nginx + HAProxy): the seed's claim, that the service
-answers again after each kill; its counts are printed beside python's at the
-end of the run (see conftest.py).
+waits for the thaw (see SLOWEST_GRAY_READ). classic (nginx + HAProxy): the
+seed's claim, that the service answers again after each kill; its counts are
+printed beside python's at the end of the run (see conftest.py).
 """
 
 from __future__ import annotations
