@@ -13,15 +13,12 @@ pages of that array, its buffers and pools.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stack import processes
-
-from .procs import running
+from .procs import running, tree_sum
 
 IDLE_PROXIES = ("nginx", "lb")
 BASE, MORE = 200, 8_000
@@ -32,18 +29,16 @@ _REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 Clients = list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
 
 
+def _vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0  # (a zombie has none)
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of ``pid`` and all its descendants, KiB."""
-    ref = processes.ref_of(pid)
-    if ref is None:
-        return 0
-    total = 0
-    for p in processes.tree(ref):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total
+    return tree_sum(pid, _vm_rss)
 
 
 async def _client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from stack import processes
@@ -96,17 +96,27 @@ def stolen_seconds(cores: Sequence[int], stat: str | None = None) -> list[float]
     return [stolen[c] for c in cores]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the process and all its descendants (nginx's workers)."""
+def tree_sum(pid: int, of: Callable[[int], int]) -> int:
+    """``of(p)`` summed over the process and all its descendants (nginx's
+    workers); a process gone meanwhile counts nothing."""
     ref = processes.ref_of(pid)
     if ref is None:
-        return 0.0
+        return 0
     total = 0
     for p in processes.tree(ref):
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += of(p)
+    return total
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of the process and all its descendants."""
+    return tree_sum(pid, _cpu_ticks) / CLOCK_TICKS
 
 
 @contextlib.contextmanager

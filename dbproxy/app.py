@@ -408,13 +408,14 @@ class DbProxy:
             for server in self.servers
             if routing.is_primary(server)
             for session in self.by_server.get(server, ())
-            if session.listener.name == "ro"
+            if session.listener.name == "ro" and not session.closed
         ]
         parked += [
             session
             for session in self.sessions
             if isinstance(session, PooledSession)
             and session.listener.name == "ro"
+            and not session.closed
             and session.parked_on_primary()
         ]
         if parked:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,3 +208,24 @@ def lb_with(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(upstream.proc.pid, signal.SIGCONT)
             upstream.kill()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def lb_in_front_of(backend: Handler, tmp: Path) -> AsyncIterator[Lb]:
+    """An lb (its one upstream ``backend``, an asyncio server in the test's own
+    loop, so the test sees every byte it gets and writes every byte it sends),
+    started, then stopped and the server closed whatever happens."""
+    port, lb_port, admin_port = free_ports(3)
+    server = await asyncio.start_server(backend, "127.0.0.1", port)
+    lb = Lb(lb_port, admin_port, tmp / "lb.toml", tmp / "lb.log")
+    write_config(lb.config, lb.port, lb.admin_port, [Upstream("a", port, tmp / "a.log")])
+    try:
+        await asyncio.to_thread(lb.start)
+        yield lb
+    finally:
+        lb.stop()
+        server.close()
+        await server.wait_closed()

@@ -19,9 +19,8 @@ import pytest
 
 from lb.plain import scan
 from lb.response_head import ResponseInfo
-from tests.lbctl import Lb, Upstream, write_config
+from tests.lbctl import lb_in_front_of
 from tests.rawhttp import get, read_response
-from tests.stackctl import free_ports
 
 PLAIN = [
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 16\r\n\r\nhello from up1\n\n",
@@ -223,12 +222,7 @@ async def test_plain_and_parsed_responses_reach_the_client_alike(tmp_path: Path)
         finally:
             writer.close()
 
-    (port, lb_port, admin_port) = free_ports(3)
-    server = await asyncio.start_server(backend, "127.0.0.1", port)
-    lb = Lb(lb_port, admin_port, tmp_path / "lb.toml", tmp_path / "lb.log")
-    write_config(lb.config, lb.port, lb.admin_port, [Upstream("a", port, tmp_path / "a.log")])
-    try:
-        await asyncio.to_thread(lb.start)
+    async with lb_in_front_of(backend, tmp_path) as lb:
         reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
         try:
             bodies = []
@@ -248,10 +242,6 @@ async def test_plain_and_parsed_responses_reach_the_client_alike(tmp_path: Path)
             # a connection's last request may be /close; none carried one after it
             assert b"/close" not in paths[:-1], carried
         assert sum(paths.count(b"/close") for paths in ours) == 3
-    finally:
-        lb.stop()
-        server.close()
-        await server.wait_closed()
 
 
 def test_the_scan_is_used_exactly_when_the_hot_path_is_compiled() -> None:

@@ -26,9 +26,8 @@ from lb.heads import BadRequest
 from lb.plain_request import scan
 from lb.request_head import RequestInfo, origin_form
 from lb.settings import Limits
-from tests.lbctl import Lb, Upstream, write_config
+from tests.lbctl import lb_in_front_of
 from tests.rawhttp import read_response
-from tests.stackctl import free_ports
 
 LIMITS = Limits()
 MAX_BODY = 1 << 20
@@ -367,12 +366,7 @@ async def test_plain_and_parsed_requests_reach_the_backend_alike(tmp_path: Path)
         finally:
             writer.close()
 
-    (port, lb_port, admin_port) = free_ports(3)
-    server = await asyncio.start_server(backend, "127.0.0.1", port)
-    lb = Lb(lb_port, admin_port, tmp_path / "lb.toml", tmp_path / "lb.log")
-    write_config(lb.config, lb.port, lb.admin_port, [Upstream("a", port, tmp_path / "a.log")])
-    try:
-        await asyncio.to_thread(lb.start)
+    async with lb_in_front_of(backend, tmp_path) as lb:
         reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
         try:
             sent = [request for pair in SAME for request in pair]
@@ -393,10 +387,6 @@ async def test_plain_and_parsed_requests_reach_the_backend_alike(tmp_path: Path)
         forwarded = [_without_request_id(r) for r in received]
         assert forwarded[0] == forwarded[1] and forwarded[2] == forwarded[3] == forwarded[4]
         assert forwarded[2].endswith(b"\r\n\r\nhello") and b"Content-Length: 5\r\n" in forwarded[2]
-    finally:
-        lb.stop()
-        server.close()
-        await server.wait_closed()
 
 
 def test_the_request_scan_is_used_exactly_when_the_hot_path_is_compiled() -> None:
