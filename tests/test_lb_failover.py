@@ -168,8 +168,11 @@ fail_timeout = "1s"
             seen = set()
             for _ in range(6):
                 async with http.get(lb.url + "/") as r:
+                    assert r.status == 200
                     seen.add(r.headers["X-Upstream"])
-            assert seen == {"a", "b"}
+            # b takes requests again; how many of the six is the balancer's call
+            # (peak EWMA: one back with no latency history may take them all)
+            assert "b" in seen
 
 
 async def test_configured_statuses_count_as_failures(tmp_path: Path) -> None:
