@@ -68,7 +68,8 @@ def test_idle_connections_are_measured_and_the_proxy_stopped(tmp_path: Path) -> 
         port = free_port()
         argv = proxy_argv("lb", tmp_path, port, up1, up2)
         row = measure_idle("lb", argv, port, None, tmp_path, base=20, more=300)
-    assert row["connections"] == 300 and row["rss_after_kib"] > row["rss_before_kib"] > 0
+    # (300 more may fit in memory the process had already: no growth is a fair answer)
+    assert row["connections"] == 300 and row["rss_after_kib"] >= row["rss_before_kib"] > 0
     assert row["kib_per_connection"] == round(
         (row["rss_after_kib"] - row["rss_before_kib"]) / 300, 2
     )
