@@ -30,7 +30,7 @@ from proxycore.tlsmetrics import TlsCollector
 from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
 
 from . import routing
-from .cancels import Cancels
+from .cancels import Cancels, in_workers
 from .checks import pg_probe
 from .choice import Choice
 from .credentials import Secrets
@@ -124,11 +124,12 @@ class DbProxy:
                 self.servers,
                 self.counters,
                 placement.stop,
-                self._from_supervisor,
+                self.cancels.if_mine,
                 self._return_to_replica,
             )
             await self._worker.start()
-            self.cancels.elsewhere = self._cancel_elsewhere
+            assert self._worker.channel is not None
+            self.cancels.ask_supervisor(self._worker.channel)
             self.pools.start()
             for name, listener in self.listeners.items():
                 listener.server = await self.loop.create_server(
@@ -213,36 +214,9 @@ class DbProxy:
         op = message.get("op")
         if self._stalls.from_worker(message, self.servers.get):
             return None
-        if op == "cancel":
-            return self._cancel_anywhere(message["pid"], message["key"])
+        if op == "cancel" and self._supervisor is not None:
+            return in_workers(self._supervisor.workers, message)
         return None
-
-    async def _cancel_anywhere(self, pid: int, key: int) -> Message:
-        """A CancelRequest a worker did not know the key of: the worker holding that
-        session delivers it (and counts it); ``delivered`` False if none did."""
-        assert self._supervisor is not None
-        answers = await self._supervisor.workers.gather(
-            {"op": "cancel_if_yours", "pid": pid, "key": key}
-        )
-        return {"delivered": any(a.get("delivered") for a in answers)}
-
-    def _from_supervisor(self, message: Message) -> Any:
-        """What a worker's supervisor asks of it, but the servers' state and counters."""
-        if message.get("op") == "cancel_if_yours":
-            return {"delivered": self.cancels.mine((message["pid"], message["key"]))}
-        return None
-
-    def _cancel_elsewhere(self, pid: int, key: int, listener: str) -> None:
-        self.loop.create_task(self._cancel_via_supervisor(pid, key, listener))
-
-    async def _cancel_via_supervisor(self, pid: int, key: int, listener: str) -> None:
-        assert self._worker is not None and self._worker.channel is not None
-        try:
-            answer = await self._worker.channel.request({"op": "cancel", "pid": pid, "key": key})
-        except (ConnectionError, TimeoutError):
-            answer = {}
-        if not answer.get("delivered") and listener:
-            self.cancels.to_all(pid, key, listener)
 
     async def new_generation(self) -> None:
         if self._supervisor is not None:
@@ -394,29 +368,18 @@ class DbProxy:
             self._stalls.ask(server, f"a check got no answer ({record.detail})")
 
     def _return_to_replica(self) -> None:
-        """Close the ro sessions parked on the primary once a replica fits ro again,
-        relayed or session-pooled (a transaction-pooled client's next transaction
-        goes where ro fits)."""
+        """Close the ro sessions parked on the primary once a replica fits ro again
+        (HAProxy's on-marked-up shutdown-backup-sessions)."""
         limits = self.config.ro
         if not limits.return_to_replica or "ro" not in self.listeners:
             return
         replica = self.choice.fitting_replica()
         if replica is None:
             return
-        parked: list[ClientSession | PooledSession] = [
-            session
-            for server in self.servers
-            if routing.is_primary(server)
-            for session in self.by_server.get(server, ())
-            if session.listener.name == "ro" and not session.closed
-        ]
-        parked += [
+        parked = [
             session
             for session in self.sessions
-            if isinstance(session, PooledSession)
-            and session.listener.name == "ro"
-            and not session.closed
-            and session.parked_on_primary()
+            if session.listener.name == "ro" and not session.closed and session.parked_on_primary()
         ]
         if parked:
             log.warning(

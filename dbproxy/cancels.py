@@ -18,7 +18,9 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
+from proxycore.channel import Channel, Message
 from proxycore.servers import Server
+from proxycore.workers import Workers
 
 from .pgwire import CancelRequest, cancel_request
 
@@ -54,6 +56,7 @@ class Cancels:
         self.broadcast = 0
         self.idle = 0  # cancels for a pooled session that held no server connection
         self.elsewhere: Elsewhere | None = None  # set in a worker: ask the supervisor
+        self._supervisor: Channel | None = None  # (the worker's channel to it)
         self.targets: Targets = lambda name: ()
         self._random = b""
         self._drawn = 0
@@ -108,6 +111,33 @@ class Cancels:
         self.loop.create_task(self._send(server, cancel_request(*server_key)))
         return True
 
+    # -- across workers ---------------------------------------------------------------
+    def ask_supervisor(self, channel: Channel) -> None:
+        """In a worker: a key this process does not know is asked of the others
+        through the supervisor (``channel``); a relayed one no worker holds goes
+        to every server of its listener."""
+
+        self._supervisor = channel
+        self.elsewhere = self._ask_supervisor
+
+    def _ask_supervisor(self, pid: int, key: int, listener: str) -> None:
+        self.loop.create_task(self._via_supervisor(pid, key, listener))
+
+    async def _via_supervisor(self, pid: int, key: int, listener: str) -> None:
+        assert self._supervisor is not None
+        try:
+            answer = await self._supervisor.request({"op": "cancel", "pid": pid, "key": key})
+        except (ConnectionError, TimeoutError):
+            answer = {}
+        if not answer.get("delivered") and listener:
+            self.to_all(pid, key, listener)
+
+    def if_mine(self, message: Message) -> Message | None:
+        """A worker asked by its supervisor whether it holds a key: delivered if so."""
+        if message.get("op") != "cancel_if_yours":
+            return None
+        return {"delivered": self.mine((message["pid"], message["key"]))}
+
     def to_all(self, pid: int, key: int, listener: str) -> None:
         """A relayed key no one knows: to every server the listener may route to."""
         self.broadcast += 1
@@ -129,3 +159,13 @@ class Cancels:
             await writer.drain()
         finally:
             writer.close()
+
+
+async def in_workers(workers: Workers, message: Message) -> Message:
+    """The supervisor's part: a worker's "cancel" of a key it did not know goes to
+    every worker; the one holding that session delivers it (and counts it);
+    ``delivered`` False if none did."""
+    answers = await workers.gather(
+        {"op": "cancel_if_yours", "pid": message["pid"], "key": message["key"]}
+    )
+    return {"delivered": any(a.get("delivered") for a in answers)}

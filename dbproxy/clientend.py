@@ -132,6 +132,11 @@ class ClientEnd:
             self.closed = True
             self.transport.close()
 
+    def parked_on_primary(self) -> bool:
+        """Held on the primary, where ro's sessions go only while no replica fits
+        (so closed when one fits again: DbProxy._return_to_replica)."""
+        return False  # (not yet on any server)
+
     def abort(self) -> None:
         """Closed at once (its server went down: the client reconnects now)."""
         if self.transport is not None and not self.closed:

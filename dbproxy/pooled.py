@@ -114,8 +114,8 @@ class PooledSession(PooledLogin):
         proxy.session_closed()
 
     def parked_on_primary(self) -> bool:
-        """Session-pooled on a connection to the primary (relayed unread, so
-        closed as a relayed session is: HAProxy's shutdown-backup-sessions)."""
+        # session-pooled: its connection's bytes go unread, as a relayed session's
+        # (a transaction-pooled client chooses again at each transaction)
         conn = self.conn
         return not self.transaction_mode and conn is not None and routing.is_primary(conn.server)
 

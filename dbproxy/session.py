@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from proxycore.flow import Reason
 from proxycore.servers import Server
 
+from . import routing
 from .dialing import Dialing
 from .pgwire import (
     GSSENC_REQUEST,
@@ -297,6 +298,9 @@ class ClientSession(Dialing):
             why = f"no answer to a first packet within {self.proxy.config.timeouts.startup:g}s"
             side.server.record_failure(why)
             self._redial(side, why)
+
+    def parked_on_primary(self) -> bool:
+        return self.server is not None and routing.is_primary(self.server)
 
     def server_down(self) -> None:
         """The server of this session was marked down: a session it has not answered
