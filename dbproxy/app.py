@@ -80,7 +80,7 @@ class DbProxy:
         self.secrets = Secrets(config.auth, loop)
         self.tls = None
         if config.ssl == "terminate" and config.tls is not None:
-            self.tls = TlsEnd("dbproxy", config.tls)
+            self.tls = TlsEnd("dbproxy", config.tls, self.placement.tickets)
         self._pool_totals: list[dict[str, Any]] = []  # a supervisor's: its workers' pools
         self.redials = 0  # sessions sent on to another server: the first never answered
         self.ssl_answers = SslAnswers(loop.time, lambda: self.config.ssl_refusal_memory)
@@ -157,7 +157,7 @@ class DbProxy:
         self._checker.sync()
         if placement.role == SUPERVISOR:
             self._supervisor = SupervisorSide(
-                self.servers, sockets, placement.workers, self._from_worker
+                self.servers, sockets, placement.workers, self._from_worker, placement.tickets
             )
         else:
             self._stalls.start()

@@ -69,7 +69,8 @@ class Balancer:
         self.routes: list[Route] = []
         self.started = time.time()
         self.listeners = [
-            Listener(lc, self.state, self._redirect(lc, config)) for lc in config.all_listeners
+            Listener(lc, self.state, self._redirect(lc, config), self.placement.tickets)
+            for lc in config.all_listeners
         ]
         self._admin: web.AppRunner | None = None
         self._idle = asyncio.Event()
@@ -143,7 +144,7 @@ class Balancer:
             for sock in socks.values():
                 sock.listen(4096)
             self._supervisor = SupervisorSide(
-                self.groups, socks, placement.workers, self._from_worker
+                self.groups, socks, placement.workers, self._from_worker, placement.tickets
             )
         else:
             for listener in self.listeners:

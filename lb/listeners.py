@@ -48,12 +48,16 @@ def plain_http_answer(raw: asyncio.Transport, data: bytes) -> None:
 
 class Listener:
     def __init__(
-        self, config: ListenerConfig, state: LbState, redirect: Route | None = None
+        self,
+        config: ListenerConfig,
+        state: LbState,
+        redirect: Route | None = None,
+        tickets: bytes | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.state = state
-        self.tls = None if config.tls is None else TlsEnd(config.name, config.tls)
+        self.tls = None if config.tls is None else TlsEnd(config.name, config.tls, tickets)
         self.side = ClientSide(config.tls is not None, config.hsts, redirect)
         self.sock: socket.socket | None = None
         self.server: asyncio.Server | None = None

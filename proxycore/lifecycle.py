@@ -31,6 +31,7 @@ from typing import Final, Generic, Protocol, TypeVar
 import uvloop
 
 from .config import ConfigError
+from .tickets import new_keys
 from .workers import ENV, Inherited
 
 log = logging.getLogger("balance.lifecycle")
@@ -52,13 +53,18 @@ class Placement:
     inherited: Inherited | None = None  # a worker's
     # A worker calls it when its supervisor is gone: it then stops as on SIGTERM.
     stop: Callable[[], None] = lambda: None
+    # TLS session tickets sealed alike in a supervisor and all its workers
+    # (proxycore/tickets.py); one process keeps OpenSSL's own key.
+    tickets: bytes | None = None
 
     @classmethod
     def of(cls, workers: int, stop: Callable[[], None]) -> Placement:
         inherited = Inherited.from_env()
         if inherited is not None:
-            return cls(WORKER, 1, inherited, stop)
-        return cls(SUPERVISOR if workers > 1 else SINGLE, workers, None, stop)
+            return cls(WORKER, 1, inherited, stop, inherited.tickets)
+        if workers > 1:
+            return cls(SUPERVISOR, workers, None, stop, new_keys())
+        return cls(SINGLE, workers, None, stop)
 
 
 class Service(Protocol[C_contra]):

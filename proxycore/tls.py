@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from . import tickets as ticket_keys
 from .config import ConfigError, Section
 from .tlslayer import TlsCounters
 
@@ -137,6 +138,7 @@ class CertSet:
     contexts: list[tuple[CertInfo, ssl.SSLContext]]
     reject_unknown: bool
     infos: tuple[CertInfo, ...] = field(default=())
+    tickets_shared: bool = False  # sealed with the supervisor's key (proxycore/tickets.py)
 
     def for_name(self, name: str) -> ssl.SSLContext | None:
         for info, ctx in self.contexts:
@@ -145,7 +147,7 @@ class CertSet:
         return None
 
 
-def _load(settings: TlsSettings) -> CertSet:
+def _load(settings: TlsSettings, tickets: bytes | None = None) -> CertSet:
     if not settings.certificates:
         raise TlsError("a TLS listener needs at least one certificate and key")
     contexts = []
@@ -159,6 +161,9 @@ def _load(settings: TlsSettings) -> CertSet:
         settings.reject_unknown_sni,
         tuple(info for info, _ in contexts),
     )
+    if tickets is not None and settings.session_tickets:
+        # every context, though tickets are sealed with the one a handshake began on
+        certs.tickets_shared = all(ticket_keys.share(ctx, tickets) for _, ctx in contexts)
 
     def choose(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> int | None:
         chosen = certs.for_name(name.lower()) if name else None
@@ -180,9 +185,10 @@ def _load(settings: TlsSettings) -> CertSet:
 class Certificates:
     """A listener's current certificate set; ``reload`` swaps it whole or not at all."""
 
-    def __init__(self, settings: TlsSettings) -> None:
+    def __init__(self, settings: TlsSettings, tickets: bytes | None = None) -> None:
         self.settings = settings
-        self.current = _load(settings)  # TlsError on a bad first set
+        self.tickets = tickets
+        self.current = _load(settings, tickets)  # TlsError on a bad first set
         self.reloads = 0
         self.reload_failures = 0
 
@@ -199,7 +205,7 @@ class Certificates:
         """Read the files again (or a new list); open connections keep theirs."""
         settings = settings or self.settings
         try:
-            fresh = _load(settings)
+            fresh = _load(settings, self.tickets)
         except TlsError as exc:
             self.reload_failures += 1
             log.error("TLS reload refused, the certificates before stay: %s", exc)
@@ -214,9 +220,11 @@ class TlsEnd:
     """A proxy's TLS termination on one listener (or all of dbproxy's): its
     certificates, its handshake counters, and what /status says of them."""
 
-    def __init__(self, name: str, settings: TlsSettings) -> None:
+    def __init__(self, name: str, settings: TlsSettings, tickets: bytes | None = None) -> None:
+        """``tickets``: the session ticket key this process shares with its
+        supervisor's other workers (None: OpenSSL's own, for one process)."""
         self.name = name
-        self.certs = Certificates(settings)
+        self.certs = Certificates(settings, tickets)
         self.counters = TlsCounters()
 
     @property
@@ -238,6 +246,7 @@ class TlsEnd:
                 {"file": i.file, "names": list(i.names), "not_after": i.not_after}
                 for i in self.certs.infos
             ],
+            "tickets_shared": self.certs.current.tickets_shared,
             "reloads": self.certs.reloads,
             "reload_failures": self.certs.reload_failures,
         }

@@ -71,6 +71,7 @@ class Inherited:
 
     channel: socket.socket
     listeners: dict[str, socket.socket]
+    tickets: bytes | None = None  # the TLS session ticket key (proxycore/tickets.py)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Inherited | None:
@@ -83,7 +84,11 @@ class Inherited:
             for name, fd in fds.items()
             if name.startswith("listen.")
         }
-        return cls(socket.socket(fileno=int(fds["channel"])), listeners)
+        tickets = None
+        if "tickets" in fds:
+            with os.fdopen(int(fds["tickets"]), "rb") as pipe:
+                tickets = pipe.read()
+        return cls(socket.socket(fileno=int(fds["channel"])), listeners, tickets)
 
 
 @dataclass(eq=False)
@@ -122,9 +127,11 @@ class Workers:
         size: int,
         handler: WorkerHandler,
         welcome: Callable[[], Message],
+        tickets: bytes | None = None,
     ) -> None:
         self._argv = list(argv)
         self._listeners = listeners
+        self._tickets = tickets
         self.size = size
         self._handler = handler
         self._welcome = welcome  # the first message of every new worker (the servers' state)
@@ -149,6 +156,13 @@ class Workers:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = {"channel": theirs.fileno()}
         fds.update({f"listen.{n}": s.fileno() for n, s in self._listeners.items()})
+        pipe = None
+        if self._tickets is not None:
+            # a secret: through a pipe the worker reads at its start, not its environment
+            pipe = os.pipe()
+            os.write(pipe[1], self._tickets)  # 80 bytes, far within a pipe's buffer
+            os.close(pipe[1])
+            fds["tickets"] = pipe[0]
         env = {**os.environ, ENV: ",".join(f"{k}={v}" for k, v in fds.items())}
         try:
             process = await asyncio.create_subprocess_exec(
@@ -156,6 +170,8 @@ class Workers:
             )
         finally:
             theirs.close()
+            if pipe is not None:
+                os.close(pipe[0])
         worker: Worker | None = None
 
         def handle(message: Message) -> Any:
@@ -347,10 +363,13 @@ class SupervisorSide:
         listeners: dict[str, socket.socket],
         size: int,
         handler: WorkerHandler | None = None,
+        tickets: bytes | None = None,
     ) -> None:
         self.servers = servers
         self._handler = handler
-        self.workers = Workers(worker_argv(), listeners, size, self._from_worker, self._state)
+        self.workers = Workers(
+            worker_argv(), listeners, size, self._from_worker, self._state, tickets
+        )
         self._ticker: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:

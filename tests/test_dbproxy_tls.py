@@ -149,6 +149,8 @@ def test_a_cancel_of_a_tls_session_reaches_its_own_server_connection(
         # (which a TLS session passed through gets: its key is unseen)
         assert status["cancels_to_session_server"] == 2
         assert status["cancels_to_every_server"] == 0
+        # and the workers seal session tickets with one key (proxycore/tickets.py)
+        assert status["tls"]["tickets_shared"]
 
 
 def _ssl_request() -> bytes:

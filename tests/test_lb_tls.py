@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from proxycore import tickets
+from proxycore.tls import Certificates, CertPair, TlsSettings
 from stack.pki import Authority, Issued, authority
 from tests.browser import page_text
 from tests.lbctl import FAST_CHECKS, Lb, Upstream, lb_with
@@ -396,7 +398,7 @@ def test_reload_swaps_certificates_under_load_and_refuses_a_bad_pair(tmp_path: P
         assert code == 200 and body["reloaded"] == {"https": True, "strict": True}
 
 
-def test_workers_each_serve_tls(tmp_path: Path) -> None:
+def test_workers_each_serve_tls_and_resume_each_other_s_sessions(tmp_path: Path) -> None:
     with tls_site(tmp_path, "workers = 2\n") as s:
         port = s.ports["https"]
         for _ in range(20):
@@ -404,6 +406,26 @@ def test_workers_each_serve_tls(tmp_path: Path) -> None:
             assert data.startswith(b"HTTP/1.1 200")
         # the supervisor's /status sums its workers' handshakes
         assert tls_status(s.lb)["handshakes"]["handshakes"] >= 20
+        assert tls_status(s.lb)["tickets_shared"]
+
+        # A ticket sealed by one worker opens a session on the other: with a key
+        # for each, about half of these would be full handshakes. Ten at once,
+        # so that both workers take some.
+        _, first = fetch(port, s.context)
+        resumed: list[bool] = []
+
+        def again() -> None:
+            data, handshake = fetch(port, s.context, session=first.session)
+            assert data.startswith(b"HTTP/1.1 200")
+            resumed.append(handshake.session_reused)
+
+        for _ in range(4):
+            threads = [threading.Thread(target=again) for _ in range(10)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert resumed == [True] * 40
 
 
 def test_bad_tls_configuration_is_refused_naming_the_file(tmp_path: Path) -> None:
@@ -504,3 +526,20 @@ def test_listener_tables_are_checked_naming_the_key(
     with pytest.raises(ConfigError, match=expected) as raised:
         load(config)
     assert str(config) in str(raised.value)
+
+
+def test_ticket_keys_reach_every_context_and_stay_over_a_reload(tmp_path: Path) -> None:
+    ca = authority(tmp_path / "ca")
+    pairs = tuple(
+        CertPair(i.cert, i.key)
+        for i in (ca.issue(tmp_path, "site", ["localhost"]), ca.issue(tmp_path, "api", ["api"]))
+    )
+    keys = tickets.new_keys()
+    certs = Certificates(TlsSettings(certificates=pairs), keys)
+    assert certs.current.tickets_shared
+    assert [tickets.keys_of(ctx) for _, ctx in certs.current.contexts] == [keys, keys]
+    assert certs.reload() and tickets.keys_of(certs.context) == keys
+    own = Certificates(TlsSettings(certificates=pairs))  # one process: OpenSSL's own key
+    assert not own.current.tickets_shared and tickets.keys_of(own.context) not in (None, keys)
+    with pytest.raises(ValueError):
+        tickets.share(own.context, b"short")
