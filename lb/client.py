@@ -225,7 +225,7 @@ class ClientConnection(RequestReader):
             self.close()
             return
         if not keep_alive or (not self.queue and (self.lb.draining or self.done_sending)):
-            self.close()
+            self.close(linger=self._may_send_more(cast(Exchange, ex)))
             return
         if self.queue:
             nxt = self.queue[0]
@@ -241,6 +241,21 @@ class ClientConnection(RequestReader):
             self._wait_until(WAIT_IDLE, now + timeouts.client_keepalive)
         if held:
             self.data_received(held)
+
+    def _may_send_more(self, ex: Exchange) -> bool:
+        """Whether the client may still be sending as lb closes, so the close
+        lingers (nginx's ``lingering_close on``, by its heuristics): not when it
+        asked to close itself and all it sent was read: its body whole, nothing
+        behind it. Then lb closes at once, as nginx does, and saves the
+        wait for the client's FIN (a shutdown, a read and a timer a connection)."""
+        return (
+            not ex.info.close
+            or not ex.body_done
+            or bool(self.queue)
+            or self._in_head
+            or self._dropped
+            or self.valve.paused
+        )
 
     def _upgrade_refused(self, ex: Exchange) -> bytes:
         """The upstream answered an upgrade request without switching: the

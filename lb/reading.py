@@ -79,6 +79,7 @@ class RequestReader(Downstream):
         self._head_tail = b""
         self._starting: Exchange | None = None  # its head is read; it begins once checked
         self._last = False  # a request that ends the connection has been read
+        self._dropped = False  # bytes came after it, unread: the close lingers
         # The body being read belongs to a head lb/plain_request.py read: it goes
         # to the exchange directly (llhttp never saw the head).
         self._scanned = False
@@ -97,7 +98,9 @@ class RequestReader(Downstream):
             self.tunnel.tunnel_from_client(data)
             return
         if self._rejected is not None or self.closed or (self._last and self._at_start):
-            return  # (after a request that ends the connection, nothing more is read)
+            # (after a request that ends the connection, nothing more is read)
+            self._dropped = True
+            return
         if self._reading_body:
             self._wait(WAIT_BODY, self.lb.config.timeouts.client_body)
         if self._line:
@@ -134,6 +137,7 @@ class RequestReader(Downstream):
                 self.tunnel.tunnel_from_client(data[pos:])
                 return
             if self._rejected is not None or self.closed or (self._last and self._at_start):
+                self._dropped = True
                 return
             chunks = self._chunks
             if chunks is not None:

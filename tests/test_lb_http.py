@@ -327,3 +327,44 @@ async def test_raw_utf8_in_the_target_is_passed_on_escaped(
             assert json.loads(r.body)["path"] == "/echo/%D0%98%D0%B2?q=%D0%9F%D0%B5"
     finally:
         writer.close()
+
+
+async def _client_connections(lb: Lb, expected: int) -> int:
+    """lb's open client connections, once they are ``expected`` (or after 3 s)."""
+    for _ in range(30):
+        now = (await asyncio.to_thread(lb.status))["client_connections"]
+        if now == expected:
+            break
+        await asyncio.sleep(0.1)
+    return now
+
+
+async def test_a_close_asked_for_closes_at_once_and_one_with_more_behind_lingers(
+    tmp_path: Path,
+) -> None:
+    """nginx's lingering_close on: lb waits for the client's FIN only when the
+    client may still be sending; a client that asked to close and sent nothing
+    more is closed at once (its connection gone from lb while it still holds
+    its own end open)."""
+    with lb_with(tmp_path, names=("a",)) as (lb, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await read_response(reader)).status == 200
+        assert await reader.read() == b""  # lb's FIN, no reset
+        assert await _client_connections(lb, 0) == 0  # not waiting for ours
+        writer.close()
+
+        # A request pipelined behind the one that asked to close: lb answers the
+        # first and lingers, reading what else comes, until the client closes.
+        reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
+        writer.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert (await read_response(reader)).status == 200
+        assert await reader.read() == b""
+        writer.write(b"more bytes lb reads and drops")
+        await asyncio.sleep(0.3)
+        assert await _client_connections(lb, 1) == 1
+        writer.close()
+        assert await _client_connections(lb, 0) == 0
