@@ -58,7 +58,7 @@ down: setup
 	$(PY) -m stack down
 
 # docker-compose-balance.yml for real: Docker where there is one, else podman with
-# local stand-in images (stack/containers.py; the first run builds them, a few minutes).
+# local stand-in images (stack/standins.py; the first run builds them, a few minutes).
 compose-up: setup
 	$(PY) -m stack.containers up --profile $(PROFILE)
 

@@ -26,6 +26,14 @@ import pytest
 
 from bench.drill import READS, SEARCH_PREFIXES, Step, format_table, run_drill
 from stack import containers
+from stack.engine import (
+    Engine,
+    docker_engine,
+    podman_engine,
+    start_podman_service,
+    stop_podman_service,
+    why_no_engine,
+)
 from stack.topology import BACKENDS, REPLICA
 from tests.stackctl import REPO
 
@@ -43,14 +51,12 @@ STEPS = (
     Step("backend started again", "start", BACKENDS[0]),
 )
 
-pytestmark = pytest.mark.skipif(
-    (reason := containers.why_no_engine()) is not None, reason=reason or ""
-)
+pytestmark = pytest.mark.skipif((reason := why_no_engine()) is not None, reason=reason or "")
 
 
 @dataclass
 class Running:
-    engine: containers.Engine
+    engine: Engine
     profile: str
 
 
@@ -62,13 +68,13 @@ def compose(request: pytest.FixtureRequest) -> Iterator[Running]:
         yield Running(engine, profile)
     finally:
         containers.down(say=print)
-    engine = containers.docker_engine() or containers.podman_engine()
+    engine = docker_engine() or podman_engine()
     if engine.kind == "podman":
-        containers.start_podman_service(engine, lambda _: None)
+        start_podman_service(engine, lambda _: None)
         try:
             left = containers.leftovers(engine)
         finally:
-            containers.stop_podman_service()
+            stop_podman_service()
     else:
         left = containers.leftovers(engine)
     assert not left, f"compose down left {left}"
