@@ -16,11 +16,14 @@ declared past what the body may still hold is refused before a byte of it
 arrives. llhttp stays the judge of what it reads (a chunk extension, say): an
 input one accepts and the other does not is refused either way, and where the
 two would end a body apart the request is refused (client.py checks that
-llhttp ended the message where this did).
+llhttp ended the message where this did). ``escape_request_line`` and
+``as_http11`` make a request line llhttp would refuse for its bytes alone one
+it reads as nginx does.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from mypy_extensions import i64
@@ -167,3 +170,40 @@ class ChunkedBody:
         else:
             self._left = size
             self._state = _DATA
+
+
+_HIGH_BYTE: Final = re.compile(rb"[\x80-\xff]")
+
+
+def escape_request_line(data: bytes) -> bytes:
+    """Percent-encode bytes >= 0x80 in the first line (the request line) of ``data``.
+
+    `curl 'host/search?first_name=Ив'` sends the target as raw UTF-8, which
+    nginx accepts and the strict parser (llhttp) refuses. Escaped, it means the
+    same to any server; header values and bodies are left as they are.
+    """
+    end = data.find(b"\n")
+    line, rest = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
+    return _HIGH_BYTE.sub(lambda m: b"%%%02X" % m.group()[0], line) + rest
+
+
+def as_http11(data: bytes) -> bytes | None:
+    """``data`` with its first line's version made HTTP/1.1 when it is a higher
+    HTTP/1.x (RFC 9112 2.3: a recipient treats it as the highest 1.x it knows);
+    None when the line is not of that shape. Another major version is refused
+    with 505, as nginx does (HTTP/2 and 3 do not travel in an HTTP/1 request line)."""
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    line_end = end - 1 if end and data[end - 1] == 13 else end
+    start, sep, version = data[:line_end].rpartition(b" HTTP/")
+    major, dot, minor = version.partition(b".")
+    if not sep or not dot or len(major) != 1 or len(minor) != 1:
+        return None
+    if not (major.isdigit() and minor.isdigit()):
+        return None
+    if major != b"1":
+        raise BadRequest(
+            505, "http_version_not_supported", f"HTTP/{version.decode()}: lb speaks HTTP/1.x"
+        )
+    return start + b" HTTP/1.1" + data[line_end:]

@@ -4,19 +4,22 @@ What a client sends is where request smuggling lives, so llhttp stays the
 judge of every request this scan is not sure of. It takes only the plainest
 head: a common method, an origin-form target of URI characters, `HTTP/1.1`,
 header lines each written `Name: value` (one space, no trailing whitespace),
-exactly one valid Host, at most one Content-Length of digits, and no other
-header lb rebuilds or frames by (Connection, Transfer-Encoding, Expect,
-Upgrade, X-Forwarded-*, X-Request-ID, the hop-by-hop ones), the whole head in
-this read and within the head limits. Everything else, and anything llhttp
-or RequestInfo would refuse, is -1 and goes to llhttp exactly as before: the
-scan can only say yes to a request llhttp also accepts, never no to one.
+exactly one valid Host, at most one Content-Length of digits, at most one
+Connection that says just `close` or `keep-alive` (as curl, browsers and most
+libraries write it), and no other header lb rebuilds or frames by
+(Transfer-Encoding, Expect, Upgrade, X-Forwarded-*, X-Request-ID, the
+hop-by-hop ones), the whole head in this read and within the head limits.
+Everything else, and anything llhttp or RequestInfo would refuse, is -1 and
+goes to llhttp exactly as before: the scan can only say yes to a request
+llhttp also accepts, never no to one.
 
 What it saves is llhttp's callbacks into Python (a new bytes object, an
 argument parse and a call each: the target, every header, the head's end, the
 message's end) and the head's lines rebuilt one by one: in the canonical form
 the lines lb forwards are the client's bytes, so they are one slice of the
-read. tests/test_lb_plain_request.py holds it to llhttp on the edge corpus and
-on a hundred thousand mutations of it; docs/lb.md says why the subset is safe.
+read (three at most: lb writes its own Content-Length and Connection).
+tests/test_lb_plain_request.py holds it to llhttp on the edge corpus and on a
+hundred thousand mutations of it; docs/lb.md says why the subset is safe.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ _TARGET_CHARS: Final = (
 _TARGET: Final = bytes(1 if c in _TARGET_CHARS else 0 for c in range(256))
 _MAX_LENGTH_DIGITS: Final = 18
 _NOTHING: Final = (-1, b"", b"")
+# The Connection values taken here (in any case): lowercase.
+_CONNECTION_WORDS: Final = (b"close", b"keep-alive")
 
 
 def _method(data: bytes, start: i64, end: i64) -> bytes:
@@ -57,6 +62,36 @@ def _method(data: bytes, start: i64, end: i64) -> bytes:
             if k == size:
                 return method
     return b""
+
+
+def _plain_connection(data: bytes, start: i64, end: i64) -> bool:
+    """Whether a Connection value is just `close` or `keep-alive`, in any case."""
+    size = end - start
+    for word in _CONNECTION_WORDS:
+        if len(word) == size:
+            k: i64 = 0
+            while k < size:
+                c = data[start + k]
+                if 65 <= c <= 90:  # "A".."Z"
+                    c += 32
+                if c != word[k]:
+                    break
+                k += 1
+            if k == size:
+                return True
+    return False
+
+
+def _without(data: bytes, start: i64, end: i64, a0: i64, a1: i64, b0: i64, b1: i64) -> bytes:
+    """``data[start:end]`` less the lines ``[a0, a1)`` and ``[b0, b1)`` (either
+    absent when its start is -1)."""
+    if a0 < 0 and b0 < 0:
+        return data[start:end]
+    if a0 < 0 or (b0 >= 0 and b0 < a0):
+        a0, a1, b0, b1 = b0, b1, a0, a1
+    if b0 < 0:
+        return data[start:a0] + data[a1:end]
+    return data[start:a0] + data[a1:b0] + data[b1:end]
 
 
 def scan(
@@ -100,6 +135,8 @@ def scan(
     cut_start: i64 = -1  # the Content-Length line: lb writes its own
     cut_end: i64 = -1
     length: i64 = -1
+    conn_start: i64 = -1  # and the Connection line, the same
+    conn_end: i64 = -1
     while True:
         if i >= n:
             return _NOTHING
@@ -146,6 +183,12 @@ def scan(
                 length = length * 10 + c - 48
                 k += 1
             cut_start, cut_end = start, i
+        elif lname == b"connection":
+            if conn_start >= 0:
+                return _NOTHING
+            if not _plain_connection(data, value_start, value_end):
+                return _NOTHING  # a list, or a header it names: RequestInfo's way
+            conn_start, conn_end = start, i
         elif lname:
             return _NOTHING  # a header lb rebuilds or frames by: RequestInfo's way
     if host_start < 0 or headers > max_headers or size > max_head or length > max_body:
@@ -153,13 +196,12 @@ def scan(
     host = data[host_start:host_end]
     if host != info.known_host and not valid_host(host):
         return _NOTHING
-    if cut_start < 0:
-        forwarded = data[lines_start:i] + _XFF_NAME
-    else:
-        forwarded = data[lines_start:cut_start] + data[cut_end:i] + _XFF_NAME
+    forwarded = _without(data, lines_start, i, cut_start, cut_end, conn_start, conn_end)
     if info.watch is not None:
         _capture(data, target_end + 11, i, info)
-    info.settle(host, forwarded, length)
+    # (the value after "Connection: ", before its CRLF)
+    value = data[conn_start + 12 : conn_end - 2] if conn_start >= 0 else b""
+    info.settle(host, forwarded + _XFF_NAME, length, value)
     return i + 2, method, data[target_start:target_end]
 
 

@@ -21,10 +21,10 @@ from proxycore.deadline import Deadline
 from . import plain_request
 from .downstream import Downstream
 from .exchange import Exchange
-from .framing import ChunkedBody, head_end
+from .framing import ChunkedBody, as_http11, escape_request_line, head_end
 from .heads import BadRequest
 from .plain_request import scan
-from .request_head import RequestInfo, as_http11, escape_request_line, new_request_id
+from .request_head import RequestInfo, new_request_id
 from .response_head import error_response
 from .state import PLAIN, ClientSide, LbState
 

@@ -59,6 +59,8 @@ _HOST_CHARS: Final = (
 # no sub-delims (`http://a;b/` is refused by nginx and HAProxy alike).
 _AUTHORITY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~:[]"
 _NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+_CLOSE_TOKENS: Final[frozenset[bytes]] = frozenset({b"close"})
+_KEEP_ALIVE_TOKENS: Final[frozenset[bytes]] = frozenset({b"keep-alive"})
 
 
 def valid_host(value: bytes, chars: bytes = _HOST_CHARS) -> bool:
@@ -82,43 +84,6 @@ def valid_host(value: bytes, chars: bytes = _HOST_CHARS) -> bool:
 
 # A client's X-Request-ID is kept when it is visible ASCII and not too long.
 _REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,200}")
-
-
-_HIGH_BYTE: Final = re.compile(rb"[\x80-\xff]")
-
-
-def escape_request_line(data: bytes) -> bytes:
-    """Percent-encode bytes >= 0x80 in the first line (the request line) of ``data``.
-
-    `curl 'host/search?first_name=Ив'` sends the target as raw UTF-8, which
-    nginx accepts and the strict parser (llhttp) refuses. Escaped, it means the
-    same to any server; header values and bodies are left as they are.
-    """
-    end = data.find(b"\n")
-    line, rest = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
-    return _HIGH_BYTE.sub(lambda m: b"%%%02X" % m.group()[0], line) + rest
-
-
-def as_http11(data: bytes) -> bytes | None:
-    """``data`` with its first line's version made HTTP/1.1 when it is a higher
-    HTTP/1.x (RFC 9112 2.3: a recipient treats it as the highest 1.x it knows);
-    None when the line is not of that shape. Another major version is refused
-    with 505, as nginx does (HTTP/2 and 3 do not travel in an HTTP/1 request line)."""
-    end = data.find(b"\n")
-    if end < 0:
-        return None
-    line_end = end - 1 if end and data[end - 1] == 13 else end
-    start, sep, version = data[:line_end].rpartition(b" HTTP/")
-    major, dot, minor = version.partition(b".")
-    if not sep or not dot or len(major) != 1 or len(minor) != 1:
-        return None
-    if not (major.isdigit() and minor.isdigit()):
-        return None
-    if major != b"1":
-        raise BadRequest(
-            505, "http_version_not_supported", f"HTTP/{version.decode()}: lb speaks HTTP/1.x"
-        )
-    return start + b" HTTP/1.1" + data[line_end:]
 
 
 # "00".."ff": the last two hex digits of a request id, looked up, not formatted
@@ -286,14 +251,21 @@ class RequestInfo:
         """The target was absolute-form: its authority goes upstream as Host."""
         self._authority = authority
 
-    def settle(self, host: bytes, forwarded: bytes, content_length: int) -> None:
+    def settle(
+        self, host: bytes, forwarded: bytes, content_length: int, connection: bytes = b""
+    ) -> None:
         """``finish`` for a plain head, checked by lb/plain_request.py: HTTP/1.1, one
-        Host, no rebuilt header but Content-Length (-1: none), lines as they came."""
+        Host, no rebuilt header but Content-Length (-1: none) and a Connection of
+        ``close`` or ``keep-alive`` alone (b"": none), lines as they came."""
         self.host = host
         self._hosts = 1
         self.forwarded = forwarded
         if content_length >= 0:
             self.content_length = content_length
+        if connection:
+            self._connection = [connection]
+            self.close = connection.lower() == b"close"
+            self.connection_tokens = _CLOSE_TOKENS if self.close else _KEEP_ALIVE_TOKENS
 
     def finish(self, http11: bool, max_body: int) -> None:
         """The head is whole: the checks that need all of it."""

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from lb.config import from_section, load
-from lb.framing import ChunkedBody, head_end
+from lb.framing import ChunkedBody, as_http11, head_end
 from lb.heads import BadRequest, rule_name
 from lb.request_head import (
     RequestInfo,
-    as_http11,
     origin_form,
     upstream_request_head,
     valid_host,
@@ -342,7 +341,7 @@ def test_request_head_gathered_header_by_header() -> None:
 
 
 def test_escape_request_line_only_touches_the_first_line() -> None:
-    from lb.request_head import escape_request_line
+    from lb.framing import escape_request_line
 
     raw = "GET /s?n=Ив HTTP/1.1\r\nX-Name: Иван\r\n\r\n".encode()
     escaped = escape_request_line(raw)
