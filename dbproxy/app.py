@@ -24,10 +24,11 @@ from proxycore.deadline import Expiries
 from proxycore.health import HealthChecker
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import CheckRecord, Server, ServerSet
+from proxycore.sides import SupervisorSide, WorkersCollector, WorkerSide
 from proxycore.silence import StallWatch
 from proxycore.tls import TlsEnd, TlsSettings
 from proxycore.tlsmetrics import TlsCollector
-from proxycore.workers import SupervisorSide, Worker, WorkersCollector, WorkerSide
+from proxycore.workers import Worker
 
 from . import routing
 from .cancels import Cancels, in_workers

@@ -33,8 +33,6 @@ class Cancellable(Protocol):
         ...
 
 
-# what a process that does not know a key does with it: (pid, key, listener name) -> None
-Elsewhere = Callable[[int, int, str], None]
 # the servers a broadcast cancel of a listener goes to
 Targets = Callable[[str], Iterable[Server]]
 
@@ -55,8 +53,8 @@ class Cancels:
         self.routed = 0
         self.broadcast = 0
         self.idle = 0  # cancels for a pooled session that held no server connection
-        self.elsewhere: Elsewhere | None = None  # set in a worker: ask the supervisor
-        self._supervisor: Channel | None = None  # (the worker's channel to it)
+        # in a worker, its channel to the supervisor: a key unknown here is asked there
+        self._supervisor: Channel | None = None
         self.targets: Targets = lambda name: ()
         self._random = b""
         self._drawn = 0
@@ -91,8 +89,9 @@ class Cancels:
         key = (request.pid, request.key)
         if self.mine(key):
             return
-        if self.elsewhere is not None:
-            self.elsewhere(request.pid, request.key, "" if pooled else listener)
+        if self._supervisor is not None:
+            relayed = "" if pooled else listener
+            self.loop.create_task(self._via_supervisor(request.pid, request.key, relayed))
             return
         if not pooled:
             self.to_all(request.pid, request.key, listener)
@@ -116,12 +115,7 @@ class Cancels:
         """In a worker: a key this process does not know is asked of the others
         through the supervisor (``channel``); a relayed one no worker holds goes
         to every server of its listener."""
-
         self._supervisor = channel
-        self.elsewhere = self._ask_supervisor
-
-    def _ask_supervisor(self, pid: int, key: int, listener: str) -> None:
-        self.loop.create_task(self._via_supervisor(pid, key, listener))
 
     async def _via_supervisor(self, pid: int, key: int, listener: str) -> None:
         assert self._supervisor is not None

@@ -25,10 +25,10 @@ from proxycore.channel import Message
 from proxycore.compiled import hot_path
 from proxycore.lifecycle import SUPERVISOR, WORKER, Placement, log_reloaded
 from proxycore.servers import Server, ServerGroups
+from proxycore.sides import SupervisorSide, WorkersCollector, WorkerSide
 from proxycore.silence import StallWatch
 from proxycore.tls import TlsEnd
 from proxycore.tlsmetrics import TlsCollector
-from proxycore.workers import SupervisorSide, WorkersCollector, WorkerSide
 
 from .accesslog import AccessLog
 from .checks import http_answers

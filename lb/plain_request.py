@@ -83,12 +83,10 @@ def _plain_connection(data: bytes, start: i64, end: i64) -> bool:
 
 
 def _without(data: bytes, start: i64, end: i64, a0: i64, a1: i64, b0: i64, b1: i64) -> bytes:
-    """``data[start:end]`` less the lines ``[a0, a1)`` and ``[b0, b1)`` (either
-    absent when its start is -1)."""
-    if a0 < 0 and b0 < 0:
+    """``data[start:end]`` less the lines ``[a0, a1)`` and then ``[b0, b1)``, each
+    absent when its start is -1 (the second only when the first is)."""
+    if a0 < 0:
         return data[start:end]
-    if a0 < 0 or (b0 >= 0 and b0 < a0):
-        a0, a1, b0, b1 = b0, b1, a0, a1
     if b0 < 0:
         return data[start:a0] + data[a1:end]
     return data[start:a0] + data[a1:b0] + data[b1:end]
@@ -132,11 +130,13 @@ def scan(
     headers: i64 = 0
     host_start: i64 = -1
     host_end: i64 = -1
-    cut_start: i64 = -1  # the Content-Length line: lb writes its own
+    # The Content-Length and Connection lines, in the order they came: lb writes its own.
+    cut_start: i64 = -1
     cut_end: i64 = -1
+    cut2_start: i64 = -1
+    cut2_end: i64 = -1
     length: i64 = -1
-    conn_start: i64 = -1  # and the Connection line, the same
-    conn_end: i64 = -1
+    connection = b""
     while True:
         if i >= n:
             return _NOTHING
@@ -169,7 +169,8 @@ def scan(
             if host_start >= 0:
                 return _NOTHING
             host_start, host_end = value_start, value_end
-        elif lname == b"content-length":
+            continue
+        if lname == b"content-length":
             if length >= 0 or value_end == value_start:
                 return _NOTHING
             if value_end - value_start > _MAX_LENGTH_DIGITS:
@@ -182,26 +183,27 @@ def scan(
                     return _NOTHING
                 length = length * 10 + c - 48
                 k += 1
-            cut_start, cut_end = start, i
         elif lname == b"connection":
-            if conn_start >= 0:
-                return _NOTHING
-            if not _plain_connection(data, value_start, value_end):
-                return _NOTHING  # a list, or a header it names: RequestInfo's way
-            conn_start, conn_end = start, i
+            if connection or not _plain_connection(data, value_start, value_end):
+                return _NOTHING  # a second, a list, a header it names: RequestInfo's way
+            connection = data[value_start:value_end]
         elif lname:
             return _NOTHING  # a header lb rebuilds or frames by: RequestInfo's way
+        else:
+            continue
+        if cut_start < 0:  # (a Content-Length or Connection line)
+            cut_start, cut_end = start, i
+        else:
+            cut2_start, cut2_end = start, i
     if host_start < 0 or headers > max_headers or size > max_head or length > max_body:
         return _NOTHING
     host = data[host_start:host_end]
     if host != info.known_host and not valid_host(host):
         return _NOTHING
-    forwarded = _without(data, lines_start, i, cut_start, cut_end, conn_start, conn_end)
+    forwarded = _without(data, lines_start, i, cut_start, cut_end, cut2_start, cut2_end)
     if info.watch is not None:
         _capture(data, target_end + 11, i, info)
-    # (the value after "Connection: ", before its CRLF)
-    value = data[conn_start + 12 : conn_end - 2] if conn_start >= 0 else b""
-    info.settle(host, forwarded + _XFF_NAME, length, value)
+    info.settle(host, forwarded + _XFF_NAME, length, connection)
     return i + 2, method, data[target_start:target_end]
 
 

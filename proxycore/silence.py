@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from .channel import Message
 from .servers import Server
-from .workers import WorkerSide
+from .sides import WorkerSide
 
 log = logging.getLogger("balance.silence")
 
