@@ -84,6 +84,9 @@ class DbProxy:
             self.tls = TlsEnd("dbproxy", config.tls, self.placement.tickets)
         self._pool_totals: list[dict[str, Any]] = []  # a supervisor's: its workers' pools
         self.redials = 0  # sessions sent on to another server: the first never answered
+        # first packets a server answered late while it answered others (swamped):
+        # the session waited on for it (ClientSession.startup_late)
+        self.startups_waited_on = 0
         self.ssl_answers = SslAnswers(loop.time, lambda: self.config.ssl_refusal_memory)
         self.draining = False
         self.started = time.time()
@@ -313,6 +316,9 @@ class DbProxy:
     def fits(self, server: Server, listener: Listener) -> bool:
         return self.choice.fits(server, listener.name)
 
+    def fitting(self, listener: Listener) -> list[Server]:
+        return self.choice.fitting(listener.name)
+
     def attach(self, session: ClientSession, server: Server) -> None:
         """``session`` relays to ``server`` (its slot was taken when it was dialled)."""
         server.total += 1
@@ -415,6 +421,7 @@ class DbProxy:
             "cancels_to_every_server": self.cancels.broadcast,
             "cancels_with_nothing_running": self.cancels.idle,
             "sessions_redialed": self.redials,
+            "startups_waited_on": self.startups_waited_on,
             "queue": {
                 "waiting": self.queue.lengths(),
                 "timeouts": self.queue.timeouts,

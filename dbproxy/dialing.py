@@ -50,6 +50,7 @@ class Dialing(ClientEnd):
         # What the server was sent and has not answered yet (the first packet):
         # sent again to the next server if this one never answers (startup_late).
         self._unanswered: bytes | None = None
+        self._heard_mark = 0  # the server's bytes_in when it was sent it
         # The server whose session slot this one holds (counted in its active
         # sessions) from the dial on; and whether it waits in the queue for one.
         self._slot: Server | None = None
@@ -144,17 +145,16 @@ class Dialing(ClientEnd):
         except (OSError, ServerTlsRefused) as exc:  # (ssl.SSLError is an OSError)
             if side is not None:
                 side.abort()
-                self._dial_failed(server, f"TLS to the server failed: {exc}")
+                self._dial_failed(server, exc, "TLS to the server")
                 return
-            refused = isinstance(exc, ConnectionRefusedError)
-            self._dial_failed(server, f"connect failed: {exc}", at_once=refused)
+            self._dial_failed(server, exc)
             return
         except asyncio.CancelledError:
             if side is not None:
                 side.abort()
             if not self._dial_timed_out:
                 raise  # the session ended first
-            self._dial_failed(server, "connect timed out", timed_out=True)
+            self._dial_failed(server, TimeoutError())
             return
         self._dial_done()
         if self.closed:
@@ -171,17 +171,12 @@ class Dialing(ClientEnd):
         if self._target is not None:
             self._target.connecting -= 1
 
-    def _dial_failed(
-        self, server: Server, why: str, *, at_once: bool = False, timed_out: bool = False
-    ) -> None:
+    def _dial_failed(self, server: Server, exc: BaseException, what: str = "connect") -> None:
         self._dial_done()
         self._free_slot()
-        server.connect_errors += 1
-        # A timed-out connect counts only when it was the server's only one in
-        # flight: with others it may be our own burst, not a dead server.
-        if not timed_out or server.connecting == 0:
-            server.record_failure(why, at_once=at_once)
+        server.connect_failed(exc, what)
         self.failed.append(server)
+        why = f"{what} failed: {exc}" if str(exc) else f"{what} timed out"
         log.info(
             "session on %s: %s to %s; trying the next server", self.listener.name, why, server.name
         )

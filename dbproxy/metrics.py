@@ -145,6 +145,12 @@ class DbProxyCollector(Collector):
             "Sessions sent on to another server: the first said nothing to the first packet",
             value=self._proxy.redials,
         )
+        yield CounterMetricFamily(
+            "dbproxy_startups_waited_on",
+            "First packets a server answered past timeouts.startup while it answered other "
+            "sessions (swamped, not frozen): waited on, not sent elsewhere nor counted as failures",
+            value=self._proxy.startups_waited_on,
+        )
         queue = self._proxy.queue
         waiting, timeouts, refused = queue.lengths(), queue.timeouts, queue.refused
         abandoned, wait = queue.abandoned, queue.wait

@@ -234,8 +234,7 @@ class Pool:
             self.opening -= 1
             server.connecting -= 1
             server.active -= 1
-            server.connect_errors += 1
-            server.record_failure(f"pooled connect failed: {exc}", at_once=True)
+            server.connect_failed(exc)
             log.info("pool %s: connect failed: %s", self.name, exc)
             # those waiting go to the next fitting server, as a relayed session does
             self.redirect_waiters(failed=server)

@@ -197,6 +197,7 @@ class ClientSession(Dialing):
     def _to_server(self, side: ServerSide, data: bytes, probe: bool) -> None:
         # The server must answer within timeouts.startup (see startup_late).
         self._unanswered = data
+        self._heard_mark = side.server.bytes_in
         proxy = self.proxy
         proxy.startup_limits.set(self, proxy.loop.time() + proxy.config.timeouts.startup)
         side.expect_answer()
@@ -271,6 +272,7 @@ class ClientSession(Dialing):
             return
         self._unanswered = None
         self.proxy.startup_limits.clear(self)
+        side.server.fails_in_a_row = 0  # an answer: failures are counted in a row
         if side is self.server_side:
             self._open_relay(side)
 
@@ -291,13 +293,35 @@ class ClientSession(Dialing):
     def startup_late(self) -> None:
         """A server that connected said nothing to the first packet within
         timeouts.startup: frozen (a stopped process's kernel still accepts), or
-        swamped. Nothing has gone to the client yet, so, as for a refused connect,
-        the next fitting server is dialled with the same packet."""
+        swamped. Nothing has gone to the client yet, so the next fitting server
+        may be dialled with the same packet.
+
+        Which of the two it is, the server's other sessions tell: a frozen one
+        sends nothing to anyone; a swamped one (a burst of logins queued behind
+        its postmaster's forks) goes on answering them. Only silence counts as
+        its failure: a burst must not take the primary out, and with it every
+        session. A swamped server with no other to go to keeps the session
+        another period, and again while it is heard from, as a client connected
+        straight to it would wait."""
         side = self._probing or self.server_side
-        if side is not None and self._unanswered is not None and not self.closed:
-            why = f"no answer to a first packet within {self.proxy.config.timeouts.startup:g}s"
-            side.server.record_failure(why)
-            self._redial(side, why)
+        if side is None or self._unanswered is None or self.closed:
+            return
+        server, proxy = side.server, self.proxy
+        limit = proxy.config.timeouts.startup
+        heard = server.bytes_in != self._heard_mark
+        if heard and not any(
+            s is not server and s not in self.failed for s in proxy.fitting(self.listener)
+        ):
+            self._heard_mark = server.bytes_in
+            proxy.startups_waited_on += 1
+            proxy.startup_limits.set(self, proxy.loop.time() + limit)
+            return
+        why = f"no answer to a first packet within {limit:g}s"
+        if heard:
+            why += f" ({server.name} answers others: swamped, not counted as its failure)"
+        else:
+            server.record_failure(why)
+        self._redial(side, why)
 
     def parked_on_primary(self) -> bool:
         return self.server is not None and routing.is_primary(self.server)

@@ -20,7 +20,7 @@ from .pool import Pools
 from .sessionqueue import SessionQueue
 from .sslanswers import SslAnswers
 
-_PROXY = ("redials",)
+_PROXY = ("redials", "startups_waited_on")
 _SSL = ("forwarded", "answered_for_server")
 _QUEUE = ("queued", "timeouts", "refused", "abandoned", "wait")
 _CANCELS = ("routed", "broadcast", "idle")
@@ -39,6 +39,7 @@ class Counted(Protocol):
     ssl_answers: SslAnswers
     tls: TlsEnd | None
     redials: int
+    startups_waited_on: int
 
 
 def worker_counters(proxy: Counted) -> Message:

@@ -215,7 +215,6 @@ class Attempts(Waiter):
             conn = await self.pool.conns.connect(server, self.timeouts.connect)
         except (OSError, TimeoutError) as exc:
             self._connected(server)
-            server.connect_errors += 1
             self._connect_failed(server, exc)
             # another dial of this request may still make it (connect_slow)
             if not self.finished and self.upstream is None and not self.connecting:
@@ -253,18 +252,10 @@ class Attempts(Waiter):
         self.pool.slot_freed()
 
     def _connect_failed(self, server: Server, exc: BaseException) -> None:
-        """Passive evidence from a failed connect: a refused one (nothing listens)
-        takes the server out at once; a timed-out one counts only when it was
-        the server's only connect in flight (with others it may be lb's own
-        burst, not a dead server: the checks settle that). Each costs the
-        server in the balancing (a failure counts as slow)."""
+        """Passive evidence (Server.connect_failed), and a cost in the balancing
+        (a failure counts as slow)."""
         failed(server, self.lb.clock())
-        if isinstance(exc, ConnectionRefusedError):
-            server.record_failure(f"connect refused: {exc}", at_once=True)
-        elif not isinstance(exc, TimeoutError):
-            server.record_failure(f"connect failed: {exc}")
-        elif server.connecting == 0:
-            server.record_failure("connect timed out")
+        server.connect_failed(exc)
 
     def _attach(self, conn: UpstreamConnection, now: float) -> None:
         """Send the request on ``conn``, the attempt whose answer the client gets

@@ -79,7 +79,6 @@ class Hedging(Attempts):
             self.hedging = False
             server.connecting -= 1
             self.pool.slot_freed()
-            server.connect_errors += 1
             self._connect_failed(server, exc)
             if self.upstream is None and not self.finished:
                 # the first attempt failed meanwhile and was waiting for this one

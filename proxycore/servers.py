@@ -249,6 +249,20 @@ class Server:
         self._rise_count = 0
         self._changed(f"{count} failure(s) in a row: {why}")
 
+    def connect_failed(self, exc: BaseException, what: str = "connect") -> None:
+        """Passive evidence from a failed connect (``what``: or the TLS after it),
+        its ``connecting`` count already taken back: a refused one (nothing
+        listens) takes the server out at once; a timed-out one counts only when it
+        was the server's only connect in flight (with others it may be the proxy's
+        own burst, not a dead server: the checks settle that); any other counts."""
+        self.connect_errors += 1
+        if isinstance(exc, ConnectionRefusedError):
+            self.record_failure(f"{what} refused: {exc}", at_once=True)
+        elif not isinstance(exc, TimeoutError):
+            self.record_failure(f"{what} failed: {exc}")
+        elif self.connecting == 0:
+            self.record_failure(f"{what} timed out")
+
     def record_success(self) -> None:
         """An answer: failures are counted in a row, so the count starts again."""
         self.fails_in_a_row = 0

@@ -130,7 +130,20 @@ def test_passive_failures_eject_when_in_a_row_until_checks_bring_back() -> None:
 
 def test_a_refused_connect_ejects_at_once() -> None:
     s = server("a", params=HealthParams(max_fails=5))
-    s.record_failure("connect refused", at_once=True)
+    s.connect_failed(ConnectionRefusedError(111, "Connection refused"))
+    assert not s.takes_traffic() and s.connect_errors == 1
+
+
+def test_a_timed_out_connect_counts_only_when_it_was_the_only_one() -> None:
+    """Timed-out connects with others in flight may be the proxy's own burst;
+    the last of them (none left connecting) counts, as any other error does."""
+    s = server("a", params=HealthParams(max_fails=2))
+    s.connecting = 3
+    for _ in range(3):
+        s.connecting -= 1
+        s.connect_failed(TimeoutError())
+    assert s.fails_in_a_row == 1 and s.connect_errors == 3
+    s.connect_failed(ConnectionResetError(104, "reset"), "TLS to the server")
     assert not s.takes_traffic()
 
 
