@@ -84,8 +84,8 @@ class DbProxy:
             self.tls = TlsEnd("dbproxy", config.tls, self.placement.tickets)
         self._pool_totals: list[dict[str, Any]] = []  # a supervisor's: its workers' pools
         self.redials = 0  # sessions sent on to another server: the first never answered
-        # first packets a server answered late while it answered others (swamped):
-        # the session waited on for it (ClientSession.startup_late)
+        # sessions whose server answered their first packet late, with no other
+        # server to go to: waited on (ClientSession.startup_late)
         self.startups_waited_on = 0
         self.ssl_answers = SslAnswers(loop.time, lambda: self.config.ssl_refusal_memory)
         self.draining = False

@@ -50,7 +50,6 @@ class Dialing(ClientEnd):
         # What the server was sent and has not answered yet (the first packet):
         # sent again to the next server if this one never answers (startup_late).
         self._unanswered: bytes | None = None
-        self._heard_mark = 0  # the server's bytes_in when it was sent it
         # The server whose session slot this one holds (counted in its active
         # sessions) from the dial on; and whether it waits in the queue for one.
         self._slot: Server | None = None

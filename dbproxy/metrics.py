@@ -147,8 +147,8 @@ class DbProxyCollector(Collector):
         )
         yield CounterMetricFamily(
             "dbproxy_startups_waited_on",
-            "First packets a server answered past timeouts.startup while it answered other "
-            "sessions (swamped, not frozen): waited on, not sent elsewhere nor counted as failures",
+            "Sessions whose server said nothing to their first packet within timeouts.startup, "
+            "with no other server to go to: waited on until it answers or is marked down",
             value=self._proxy.startups_waited_on,
         )
         queue = self._proxy.queue

@@ -197,7 +197,6 @@ class ClientSession(Dialing):
     def _to_server(self, side: ServerSide, data: bytes, probe: bool) -> None:
         # The server must answer within timeouts.startup (see startup_late).
         self._unanswered = data
-        self._heard_mark = side.server.bytes_in
         proxy = self.proxy
         proxy.startup_limits.set(self, proxy.loop.time() + proxy.config.timeouts.startup)
         side.expect_answer()
@@ -207,6 +206,7 @@ class ClientSession(Dialing):
             side.expect_ssl_answer()
             assert side.transport is not None
             side.transport.write(data)  # the SSLRequest; its answer comes to ssl_answer()
+            side.server.bytes_out += len(data)  # owed an answer: the stall watch sees it
         else:
             self._connecting = True  # what the client sends waits for the answer
             self._relay(side, data, answered=False)
@@ -293,35 +293,25 @@ class ClientSession(Dialing):
     def startup_late(self) -> None:
         """A server that connected said nothing to the first packet within
         timeouts.startup: frozen (a stopped process's kernel still accepts), or
-        swamped. Nothing has gone to the client yet, so the next fitting server
-        may be dialled with the same packet.
+        swamped (a burst of logins queued behind its postmaster's forks). Nothing
+        has gone to the client yet, so the next fitting server, if there is one,
+        is dialled with the same packet.
 
-        Which of the two it is, the server's other sessions tell: a frozen one
-        sends nothing to anyone; a swamped one (a burst of logins queued behind
-        its postmaster's forks) goes on answering them. Only silence counts as
-        its failure: a burst must not take the primary out, and with it every
-        session. A swamped server with no other to go to keeps the session
-        another period, and again while it is heard from, as a client connected
-        straight to it would wait."""
+        Which of the two it is, the stall watch judges, once for the server and
+        with a question to confirm it (proxycore/silence.py: the first packet
+        is a byte owed like any other), and the checks; not each session on its
+        own clock, unconfirmed: a burst of late logins counted as failures took
+        the primary out, and every session with it. So a session with no other
+        server to go to (rw's primary) waits on its own, as a client connected
+        straight to it would, until it answers or is marked down."""
         side = self._probing or self.server_side
         if side is None or self._unanswered is None or self.closed:
             return
         server, proxy = side.server, self.proxy
-        limit = proxy.config.timeouts.startup
-        heard = server.bytes_in != self._heard_mark
-        if heard and not any(
-            s is not server and s not in self.failed for s in proxy.fitting(self.listener)
-        ):
-            self._heard_mark = server.bytes_in
+        if not any(s is not server and s not in self.failed for s in proxy.fitting(self.listener)):
             proxy.startups_waited_on += 1
-            proxy.startup_limits.set(self, proxy.loop.time() + limit)
             return
-        why = f"no answer to a first packet within {limit:g}s"
-        if heard:
-            why += f" ({server.name} answers others: swamped, not counted as its failure)"
-        else:
-            server.record_failure(why)
-        self._redial(side, why)
+        self._redial(side, f"no answer to a first packet within {proxy.config.timeouts.startup:g}s")
 
     def parked_on_primary(self) -> bool:
         return self.server is not None and routing.is_primary(self.server)

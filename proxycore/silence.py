@@ -50,13 +50,17 @@ class Silence:
         self._heard: dict[Server, tuple[int, int, float]] = {}
 
     def suspects(self, servers: Iterable[Server], now: float) -> list[Server]:
-        """Servers taking traffic, owed an answer and silent for ``after``."""
+        """Servers taking traffic, owed an answer and silent for ``after``.
+
+        Silence is counted from the last sweep that found the server owing
+        nothing (or since it was last heard), so the first bytes sent to a
+        server idle for an hour are not an hour of silence."""
         found = []
         for server in servers:
             heard = self._heard.get(server)
-            if heard is None or server.bytes_in != heard[0]:
+            if heard is None or server.bytes_in != heard[0] or server.bytes_out == heard[1]:
                 self._heard[server] = (server.bytes_in, server.bytes_out, now)
-            elif server.bytes_out != heard[1] and now - heard[2] >= self.after and server.open:
+            elif now - heard[2] >= self.after and server.open:
                 found.append(server)
         return found
 
@@ -151,11 +155,15 @@ class StallWatch:
     async def _confirm(self, server: Server, why: str) -> None:
         wait = self.silence.after or self.check_timeout
         self.asked += 1
+        heard = server.bytes_in
         try:
             alive = await self._answers(server, wait)
         finally:
             self._asking.discard(server)
-        if alive:
+        # A question waits behind every login the server has yet to fork for, so
+        # in a burst it may go unanswered while the sessions are answered: that
+        # is a swamped server, not a frozen one.
+        if alive or server.bytes_in != heard:
             self.silence.cleared(server, self.loop.time())
             return
         if server.may_eject is not None and not server.may_eject(server):

@@ -358,10 +358,11 @@ async def test_three_times_max_connections_of_short_sessions_all_get_through(
 
     Such a burst queues logins behind the postmaster's forks, so first packets
     are answered late; with timeouts.startup far below what a login takes then
-    (20ms), nearly every one is. The primary answers its other sessions all the
-    while (a session open throughout queries it): swamped, not frozen, so the
-    late ones wait on it (it is rw's only server) and it is never taken out.
-    Counted as failures, five of them took it out and every session with it."""
+    (20ms), nearly every one is. rw has no other server to send them to, so
+    they wait on the primary, which is never taken out: the stall watch judges
+    silence, for the server as a whole (a session open throughout queries it
+    and must not notice). Counted as failures, five late answers took the
+    primary out, and every session with it."""
     script = tmp_path / "select1.sql"
     script.write_text("SELECT 1;\n")
     settings = (

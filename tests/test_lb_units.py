@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from lb.settings import RetryBudgetSettings
 from proxycore.balancing import LeastConn, SmoothWeightedRoundRobin, pick
 from proxycore.config import Address, ConfigError, Section, parse_duration, parse_size
 from proxycore.servers import CheckRecord, HealthParams, Server, ServerSet, ServerSpec
+from proxycore.silence import Silence, StallWatch
 
 
 def server(
@@ -579,3 +581,44 @@ def test_two_hosts_are_refused_in_http10_too() -> None:
     with pytest.raises(BadRequest):
         RequestInfo([(b"Host", b"a"), (b"Host", b"b")], http11=False, max_body=0)
     assert RequestInfo([], http11=False, max_body=0).host == b""
+
+
+def test_silence_counts_from_when_something_was_owed() -> None:
+    """An hour idle, then a request: not an hour of silence, but from the last
+    sweep that found nothing owed; an answer starts it again."""
+    s = server("a")
+    silence = Silence(after=0.5)
+    assert silence.suspects([s], now=0.0) == []
+    assert silence.suspects([s], now=3600.0) == []  # idle: owes nothing
+    s.bytes_out += 100
+    assert silence.suspects([s], now=3600.1) == []
+    assert silence.suspects([s], now=3600.5) == [s]  # owed since 3600.0, for 0.5 s
+    s.bytes_in += 10
+    assert silence.suspects([s], now=3600.6) == []  # heard
+    s.bytes_out += 100
+    assert silence.suspects([s], now=3601.0) == []
+    assert silence.suspects([s], now=3601.1) == [s]
+
+
+def test_a_question_unanswered_while_the_sessions_are_answered_marks_nothing_down() -> None:
+    """The question waits behind every login a swamped server has to fork for;
+    bytes from its sessions meanwhile say it lives. Silence everywhere: down."""
+    s = server("a")
+
+    async def main() -> None:
+        async def busy(srv: Server, wait: float) -> bool:
+            srv.bytes_in += 1  # its sessions are answered meanwhile
+            return False
+
+        async def frozen(srv: Server, wait: float) -> bool:
+            return False
+
+        loop = asyncio.get_running_loop()
+        for answers, up in ((busy, True), (frozen, False)):
+            watch = StallWatch(loop, lambda: [s], 0.05, answers, "requests", 1.0, "a GET")
+            watch.ask(s, "requests waited")
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert s.takes_traffic() is up
+
+    asyncio.run(main())
