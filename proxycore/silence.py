@@ -29,6 +29,7 @@ from .sides import WorkerSide
 log = logging.getLogger("balance.silence")
 
 SUSPECT = "suspect"  # a worker's message to its supervisor
+HEARD = "heard"  # ... and that a server it told of has been heard from since
 SWEEP = 0.1  # seconds between two looks at the byte counters
 
 # Whether the server answers a question within the time given (any answer: a
@@ -94,8 +95,13 @@ class StallWatch:
         self._question = question  # what ``answers`` asks, for the log: "an SSLRequest"
         self._asking: set[Server] = set()
         self._sweeper: asyncio.TimerHandle | None = None
-        # In a worker: suspicions go to the supervisor (report_to).
+        # In a worker: suspicions go to the supervisor (report_to), and when each
+        # server told of is next heard from (its bytes_in when told).
         self._worker: WorkerSide | None = None
+        self._told: dict[Server, int] = {}
+        # In a supervisor: when a worker last said it heard from each server.
+        self._news: dict[Server, float] = {}
+        self._supervising = False  # workers tell this one what they see
         self.asked = 0  # questions asked
         self.marked_down = 0  # servers marked down for want of an answer
 
@@ -113,11 +119,18 @@ class StallWatch:
         self._worker = worker
 
     def from_worker(self, message: Message, find: Callable[[str], Server | None]) -> bool:
-        """In a supervisor: whether ``message`` was a worker's suspicion (then asked)."""
-        if message.get("op") != SUSPECT:
+        """In a supervisor: whether ``message`` was a worker's suspicion (then
+        asked) or news that a server was heard from."""
+        op = message.get("op")
+        if op != SUSPECT and op != HEARD:
             return False
+        self._supervising = True
         server = find(message.get("server", ""))
-        if server is not None:
+        if server is None:
+            return True
+        if op == HEARD:
+            self._news[server] = self.loop.time()
+        else:
             self.ask(server, message["why"])
         return True
 
@@ -135,7 +148,19 @@ class StallWatch:
         if after > 0:
             for server in self.silence.suspects(self._servers(), self.loop.time()):
                 self.ask(server, f"{self._what} waited {after:g}s with no byte from it")
+        if self._told:
+            self._tell_heard()
         self._sweeper = self.loop.call_later(SWEEP, self._sweep)
+
+    def _tell_heard(self) -> None:
+        """In a worker: the servers it told of that have been heard from since
+        (the supervisor's question may go unanswered only for want of a fork)."""
+        worker = self._worker
+        for server, mark in list(self._told.items()):
+            if server.bytes_in != mark:
+                del self._told[server]
+                if worker is not None and worker.channel is not None:
+                    worker.channel.send({"op": HEARD, "server": server.key})
 
     def ask(self, server: Server, why: str) -> None:
         """Settle a suspicion of ``server`` (here: a sweep's, a check that timed
@@ -144,6 +169,7 @@ class StallWatch:
         if worker is not None:
             if worker.channel is not None:
                 worker.channel.send({"op": SUSPECT, "server": server.key, "why": why})
+                self._told[server] = server.bytes_in
             # told once a window: the supervisor asks (and its answer reaches
             # every worker); a server still silent a window later is told again
             self.silence.cleared(server, self.loop.time())
@@ -155,15 +181,19 @@ class StallWatch:
     async def _confirm(self, server: Server, why: str) -> None:
         wait = self.silence.after or self.check_timeout
         self.asked += 1
-        heard = server.bytes_in
+        heard, asked_at = server.bytes_in, self.loop.time()
         try:
             alive = await self._answers(server, wait)
+            if not alive and self._supervising:
+                # workers tell what they hear at their sweeps: a sweep's worth of
+                # news may still be on its way
+                await asyncio.sleep(2 * SWEEP)
         finally:
             self._asking.discard(server)
         # A question waits behind every login the server has yet to fork for, so
         # in a burst it may go unanswered while the sessions are answered: that
         # is a swamped server, not a frozen one.
-        if alive or server.bytes_in != heard:
+        if alive or server.bytes_in != heard or self._news.get(server, -1.0) >= asked_at:
             self.silence.cleared(server, self.loop.time())
             return
         if server.may_eject is not None and not server.may_eject(server):

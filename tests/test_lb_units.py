@@ -622,3 +622,47 @@ def test_a_question_unanswered_while_the_sessions_are_answered_marks_nothing_dow
             assert s.takes_traffic() is up
 
     asyncio.run(main())
+
+
+def test_workers_tell_their_supervisor_a_suspect_was_heard_from() -> None:
+    """With workers the supervisor asks, but the workers hear the sessions: one
+    that told of a silent server tells again when it next hears from it, and
+    the supervisor's unanswered question then marks nothing down."""
+    s, own = server("a"), server("a")  # a worker's, and the supervisor's
+    sent: list[dict[str, str]] = []
+
+    class Channel:
+        def send(self, message: dict[str, str]) -> None:
+            sent.append(message)
+
+    class Worker:
+        channel = Channel()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def unanswered(srv: Server, wait: float) -> bool:
+            await asyncio.sleep(wait)
+            return False
+
+        worker = StallWatch(loop, lambda: [s], 0.05, unanswered, "requests", 1.0, "a GET")
+        worker.report_to(Worker())  # type: ignore[arg-type]
+        supervisor = StallWatch(loop, lambda: [own], 0.05, unanswered, "requests", 1.0, "a GET")
+        worker.ask(s, "requests waited")
+        assert [m["op"] for m in sent] == ["suspect"]
+        assert supervisor.from_worker(sent[0], lambda key: own)
+        worker.start()
+        await asyncio.sleep(0.02)
+        s.bytes_in += 1  # the worker's sessions are answered
+        await asyncio.sleep(0.15)  # its next sweep tells
+        assert [m["op"] for m in sent] == ["suspect", "heard"]
+        assert supervisor.from_worker(sent[1], lambda key: own)
+        await asyncio.sleep(0.3)  # the question's wait, and the news's grace
+        worker.stop()
+        assert own.takes_traffic() and supervisor.asked == 1 and supervisor.marked_down == 0
+        # silent everywhere: the same question marks it down
+        assert supervisor.from_worker(sent[0], lambda key: own)
+        await asyncio.sleep(0.4)
+        assert not own.takes_traffic() and supervisor.marked_down == 1
+
+    asyncio.run(main())
