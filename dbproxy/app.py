@@ -161,7 +161,12 @@ class DbProxy:
         self._checker.sync()
         if placement.role == SUPERVISOR:
             self._supervisor = SupervisorSide(
-                self.servers, sockets, placement.workers, self._from_worker, placement.tickets
+                self.servers,
+                sockets,
+                placement.workers,
+                self._from_worker,
+                placement.tickets,
+                share_limits=True,
             )
         else:
             self._stalls.start()

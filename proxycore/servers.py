@@ -280,16 +280,19 @@ class Server:
             "info": self.info,
         }
 
-    def adopt(self, state: dict[str, Any]) -> None:
+    def adopt(self, state: dict[str, Any], share: int = 1) -> None:
         """A worker takes the supervisor's view; a change of state reaches on_change
         (lb moves the requests waiting on a server gone down; dbproxy closes its
-        sessions) as it would where the change was made. Logged there, not here."""
+        sessions) as it would where the change was made. Logged there, not here.
+        ``share``: the limit is the server's, held by that many workers, each
+        its part (at least one)."""
         before = (self.state, self.open)
         self.healthy = state["healthy"]
         self.admin = state["admin"]
         self.passive_out = state["passive_out"]
         self.passive_until = state["passive_until"]
-        self.limit = state["limit"]
+        limit = state["limit"]
+        self.limit = limit if share <= 1 or limit >= _NO_LIMIT else max(1, limit // share)
         self.state_since = state["state_since"]
         check = state["last_check"]
         self.last_check = None if check is None else CheckRecord(**check)
@@ -380,11 +383,11 @@ class ServerSet:
         for server in self._order:
             server.report = report
 
-    def adopt(self, states: dict[str, dict[str, Any]]) -> None:
+    def adopt(self, states: dict[str, dict[str, Any]], share: int = 1) -> None:
         for name, state in states.items():
             server = self._servers.get(name)
             if server is not None:  # one this worker does not know yet: its reload is due
-                server.adopt(state)
+                server.adopt(state, share)
 
     def update(
         self, specs: Iterable[ServerSpec], params: HealthParams
@@ -445,11 +448,11 @@ class ServerGroups:
     def shared(self) -> dict[str, dict[str, Any]]:
         return {server.key: server.shared() for server in self}
 
-    def adopt(self, states: dict[str, dict[str, Any]]) -> None:
+    def adopt(self, states: dict[str, dict[str, Any]], share: int = 1) -> None:
         for key, state in states.items():
             server = self.get(key)
             if server is not None:  # one this worker does not know yet: its reload is due
-                server.adopt(state)
+                server.adopt(state, share)
 
     def get(self, key: str) -> Server | None:
         pool, _, name = key.partition("/")

@@ -33,7 +33,12 @@ class SupervisorSide:
     """A proxy app's part as a supervisor, the same for lb and dbproxy: its
     ServerSet is the one view of the servers (checks, ejections, admin changes),
     sent to every worker on each change and every second; failure patterns the
-    workers report are decided here, against the panic threshold, once."""
+    workers report are decided here, against the panic threshold, once.
+
+    ``share_limits``: each server's limit is divided among the workers (dbproxy:
+    max_sessions guards the server's own max_connections, which the workers'
+    sessions share); else each worker holds the whole limit (lb's max_conns, as
+    nginx's max_conns without a shared zone)."""
 
     def __init__(
         self,
@@ -42,9 +47,11 @@ class SupervisorSide:
         size: int,
         handler: WorkerHandler | None = None,
         tickets: bytes | None = None,
+        share_limits: bool = False,
     ) -> None:
         self.servers = servers
         self._handler = handler
+        self._share = size if share_limits else 1
         self.workers = Workers(
             worker_argv(), listeners, size, self._from_worker, self._state, tickets
         )
@@ -55,7 +62,7 @@ class SupervisorSide:
         self._tick()
 
     def _state(self) -> Message:
-        return {"op": "state", "servers": self.servers.shared()}
+        return {"op": "state", "servers": self.servers.shared(), "share": self._share}
 
     def broadcast_state(self) -> None:
         self.workers.broadcast(self._state())
@@ -128,7 +135,7 @@ class WorkerSide:
     def _from_supervisor(self, message: Message) -> Any:
         op = message.get("op")
         if op == "state":
-            self.servers.adopt(message["servers"])
+            self.servers.adopt(message["servers"], message.get("share", 1))
             if self._adopted is not None:
                 self._adopted()
             return None

@@ -344,9 +344,9 @@ async def test_max_sessions_auto_is_the_servers_own_limit(
 
 
 @pytest.mark.skipif(shutil.which("pgbench") is None, reason="postgresql-client has pgbench")
-@pytest.mark.parametrize("startup", ["1s", "20ms"])
+@pytest.mark.parametrize(("startup", "workers"), [("1s", 1), ("20ms", 1), ("20ms", 2)])
 async def test_three_times_max_connections_of_short_sessions_all_get_through(
-    pystack: StackHandle, tmp_path: Path, startup: str
+    pystack: StackHandle, tmp_path: Path, startup: str, workers: int
 ) -> None:
     """pgbench -C (a new session per transaction, as short-lived clients open them)
     with 3 x the master's max_connections clients through rw: every session
@@ -362,7 +362,8 @@ async def test_three_times_max_connections_of_short_sessions_all_get_through(
     they wait on the primary, which is never taken out: the stall watch judges
     silence, for the server as a whole (a session open throughout queries it
     and must not notice). Counted as failures, five late answers took the
-    primary out, and every session with it."""
+    primary out, and every session with it. With workers, each judges its own
+    sessions and its supervisor the server, on what the workers tell it."""
     script = tmp_path / "select1.sql"
     script.write_text("SELECT 1;\n")
     settings = (
@@ -370,7 +371,8 @@ async def test_three_times_max_connections_of_short_sessions_all_get_through(
         + f'\n[timeouts]\nstartup = "{startup}"\n'
         + "\n[queue]\nmax_sessions = 150\n"  # the stack's own proxies hold some
     )
-    with dbproxy_for(pystack, tmp_path, settings) as proxy:
+    top = f"workers = {workers}\n" if workers > 1 else ""
+    with dbproxy_for(pystack, tmp_path, settings, top=top) as proxy:
         steady = await connect(pystack, proxy.ports["rw"])
         bench = await asyncio.create_subprocess_exec(
             *("pgbench", "-n", "-C", "-c", "600", "-j", "600", "-T", "4"),

@@ -666,3 +666,23 @@ def test_workers_tell_their_supervisor_a_suspect_was_heard_from() -> None:
         assert not own.takes_traffic() and supervisor.marked_down == 1
 
     asyncio.run(main())
+
+
+def test_a_limit_shared_by_workers_is_divided_among_them() -> None:
+    """dbproxy's max_sessions guards the server's max_connections, which every
+    worker's sessions take from: each of N workers holds its part."""
+    own = server("a")
+    own.limit = 192
+    state = own.shared()
+    worker = server("a")
+    worker.adopt(state, share=2)
+    assert worker.limit == 96
+    worker.adopt(state)  # lb's max_conns: each worker its own, as nginx's
+    assert worker.limit == 192
+    own.limit = 1
+    worker.adopt(own.shared(), share=2)
+    assert worker.limit == 1  # never none: a worker's sessions would only wait
+    unlimited = server("b")
+    worker_b = server("b")
+    worker_b.adopt(unlimited.shared(), share=2)
+    assert worker_b.limit == unlimited.limit
