@@ -168,6 +168,7 @@ class DbProxy:
                 placement.tickets,
                 share_limits=True,
             )
+            self._stalls.supervise()
         else:
             self._stalls.start()
             self.pools.start()

@@ -146,6 +146,7 @@ class Balancer:
             self._supervisor = SupervisorSide(
                 self.groups, socks, placement.workers, self._from_worker, placement.tickets
             )
+            self._stalls.supervise()
         else:
             for listener in self.listeners:
                 await listener.serve(self.loop, socks[listener.name])

@@ -101,7 +101,7 @@ class StallWatch:
         self._told: dict[Server, int] = {}
         # In a supervisor: when a worker last said it heard from each server.
         self._news: dict[Server, float] = {}
-        self._supervising = False  # workers tell this one what they see
+        self._supervising = False  # workers tell this one what they see (supervise)
         self.asked = 0  # questions asked
         self.marked_down = 0  # servers marked down for want of an answer
 
@@ -118,13 +118,18 @@ class StallWatch:
         and marks down for every worker alike."""
         self._worker = worker
 
+    def supervise(self) -> None:
+        """In a supervisor: its workers see the traffic, and say what they hear
+        (``from_worker``); its own byte counters are their sums at the last
+        scrape, which are no news of the server now."""
+        self._supervising = True
+
     def from_worker(self, message: Message, find: Callable[[str], Server | None]) -> bool:
         """In a supervisor: whether ``message`` was a worker's suspicion (then
         asked) or news that a server was heard from."""
         op = message.get("op")
         if op != SUSPECT and op != HEARD:
             return False
-        self._supervising = True
         server = find(message.get("server", ""))
         if server is None:
             return True
@@ -193,7 +198,11 @@ class StallWatch:
         # A question waits behind every login the server has yet to fork for, so
         # in a burst it may go unanswered while the sessions are answered: that
         # is a swamped server, not a frozen one.
-        if alive or server.bytes_in != heard or self._news.get(server, -1.0) >= asked_at:
+        if self._supervising:
+            lives = self._news.get(server, -1.0) >= asked_at
+        else:
+            lives = server.bytes_in != heard
+        if alive or lives:
             self.silence.cleared(server, self.loop.time())
             return
         if server.may_eject is not None and not server.may_eject(server):
